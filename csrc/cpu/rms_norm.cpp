@@ -1,0 +1,145 @@
+// RMSNorm on the CPU: one pass per row, rows split across threads.
+//   forward : y = x * r * w,            r = rsqrt(mean(x^2) + eps)
+//   backward: dx = r * (dy*w - xhat * mean(dy*w*xhat)),  dw = sum_rows(dy * xhat),
+//             xhat = x * r (recomputed from x: cheaper than storing r and re-reading it).
+// x, dy: (rows, H) contiguous; w: (H,). Work is done in float (double for float64).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "fastllm/checks.h"
+#include "fastllm/cpu_vec.h"
+
+namespace fastllm::cpu {
+namespace {
+
+// Rows per task: enough work per thread to amortise the scheduling cost.
+inline int64_t grain_for(int64_t hidden) { return std::max<int64_t>(1, 16384 / hidden); }
+
+template <typename scalar_t>
+void rms_norm_fwd_rows(const scalar_t* x, const acc_type_t<scalar_t>* w, scalar_t* y,
+                       int64_t rows, int64_t H, double eps) {
+  using acc_t = acc_type_t<scalar_t>;
+  at::parallel_for(0, rows, grain_for(H), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xs, ys(H);
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t* xr = widen<scalar_t, acc_t>(x + row * H, H, xs);
+      const acc_t r = acc_t(1) / std::sqrt(dot(xr, xr, H) / acc_t(H) + acc_t(eps));
+      const Vec<acc_t> rv(r);
+      int64_t i = 0;
+      for (; i + Vec<acc_t>::size() <= H; i += Vec<acc_t>::size()) {
+        (Vec<acc_t>::loadu(xr + i) * rv * Vec<acc_t>::loadu(w + i)).store(ys.data() + i);
+      }
+      for (; i < H; ++i) ys[i] = xr[i] * r * w[i];
+      narrow<scalar_t, acc_t>(ys.data(), y + row * H, H);
+    }
+  });
+}
+
+template <typename scalar_t>
+void rms_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const acc_type_t<scalar_t>* w,
+                       scalar_t* dx, acc_type_t<scalar_t>* dw_partial, int64_t rows, int64_t H,
+                       double eps) {
+  using acc_t = acc_type_t<scalar_t>;
+  // dw_partial: (num_threads, H); each thread sums its own rows, then they are added up.
+  at::parallel_for(0, rows, grain_for(H), [&](int64_t begin, int64_t end) {
+    acc_t* dw = dw_partial + at::get_thread_num() * H;
+    std::vector<acc_t> xs, dys, gw(H), out(H);
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t* xr = widen<scalar_t, acc_t>(x + row * H, H, xs);
+      const acc_t* dyr = widen<scalar_t, acc_t>(dy + row * H, H, dys);
+      const acc_t r = acc_t(1) / std::sqrt(dot(xr, xr, H) / acc_t(H) + acc_t(eps));
+      for (int64_t i = 0; i < H; ++i) gw[i] = dyr[i] * w[i];  // dy * w
+      // mean(dy*w*xhat) = r * mean(dy*w*x)
+      const acc_t c = r * dot(gw.data(), xr, H) / acc_t(H);
+      const Vec<acc_t> rv(r), rcv(r * c);
+      int64_t i = 0;
+      for (; i + Vec<acc_t>::size() <= H; i += Vec<acc_t>::size()) {
+        const auto xv = Vec<acc_t>::loadu(xr + i);
+        const auto dyv = Vec<acc_t>::loadu(dyr + i);
+        (rv * Vec<acc_t>::loadu(gw.data() + i) - rv * rcv * xv).store(out.data() + i);
+        at::vec::fmadd(dyv, xv * rv, Vec<acc_t>::loadu(dw + i)).store(dw + i);
+      }
+      for (; i < H; ++i) {
+        out[i] = r * gw[i] - r * r * c * xr[i];
+        dw[i] += dyr[i] * xr[i] * r;
+      }
+      narrow<scalar_t, acc_t>(out.data(), dx + row * H, H);
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_dtype(x, "x", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  check_dtype(weight, "weight", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  check_same_device(x, "x", weight, "weight");
+  TORCH_CHECK(x.dim() >= 1, "x: expected at least 1 dimension, got shape ", x.sizes());
+  check_dim(weight, "weight", 1);
+  TORCH_CHECK(weight.size(0) == x.size(-1), "weight: expected shape [", x.size(-1),
+              "] (the last dimension of x), got ", weight.sizes());
+  check_contiguous(x, "x");
+  TORCH_CHECK(eps > 0, "eps: expected a positive value, got ", eps);
+}
+
+at::Tensor new_output(const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options());
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+at::Tensor rms_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_inputs(x, weight, eps);
+  const int64_t H = x.size(-1);
+  const int64_t rows = H == 0 ? 0 : x.numel() / H;
+  at::Tensor y = new_output(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_fwd", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const at::Tensor w = weight.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    rms_norm_fwd_rows<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+                                y.mutable_data_ptr<scalar_t>(), rows, H, eps);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_out,
+                                                    const at::Tensor& x,
+                                                    const at::Tensor& weight, double eps) {
+  check_inputs(x, weight, eps);
+  check_contiguous(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out: expected shape ", x.sizes(),
+              " (same as x), got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out: expected dtype ",
+              x.scalar_type(), " (same as x), got ", grad_out.scalar_type());
+  const int64_t H = x.size(-1);
+  const int64_t rows = H == 0 ? 0 : x.numel() / H;
+  at::Tensor dx = new_output(x);
+  at::Tensor dw;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_bwd", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor w = weight.to(acc_dtype).contiguous();
+    at::Tensor partial = at::zeros({at::get_num_threads(), H}, x.options().dtype(acc_dtype));
+    rms_norm_bwd_rows<scalar_t>(grad_out.const_data_ptr<scalar_t>(),
+                                x.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+                                dx.mutable_data_ptr<scalar_t>(),
+                                partial.mutable_data_ptr<acc_t>(), rows, H, eps);
+    dw = partial.sum(0).to(weight.scalar_type());
+  });
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastllm, CPU, m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_cpu);
+}
+
+}  // namespace fastllm::cpu
