@@ -34,6 +34,18 @@
 #include "fastllm/checks.h"
 #include "fastllm/cpu_vec.h"
 
+// Without this GCC keeps the clamps and floor of exp_f scalar (they could raise FP
+// exceptions, which no code here inspects), and none of the loops below vectorise.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTLLM_FLOORF __builtin_floorf
+#else
+#define FASTLLM_FLOORF std::floor
+#endif
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(_WIN32)
 #define FASTLLM_VEC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
@@ -50,8 +62,11 @@ namespace {
 // Inputs are clamped to [-87.3, 88.7]: below, exp is under the smallest normal float and
 // is returned as ~1e-38 (softmax probabilities that small do not change any sum).
 inline float exp_f(float x) {
-  x = std::min(std::max(x, -87.3f), 88.7f);
-  const float k = std::floor(x * 1.44269504f + 0.5f);
+  // ternaries and the builtin floor, not std::min/max/floor: functions from the headers
+  // were compiled without the pragma above, so GCC would not inline them here.
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  const float k = FASTLLM_FLOORF(x * 1.44269504f + 0.5f);
   const float r = x - k * 0.693145752f - k * 1.42860677e-6f;
   float p = 1.3981999e-3f;
   p = p * r + 8.3334519e-3f;
@@ -77,7 +92,7 @@ template <typename T>
 inline T row_max_t(const T* z, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, z[j]);
+  for (int64_t j = 0; j < n; ++j) m = z[j] > m ? z[j] : m;
   return m;
 }
 

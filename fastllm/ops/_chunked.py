@@ -29,16 +29,18 @@ from torch import Tensor
 from ._backend import new_output
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+MIN_CHUNK = 256
 
 
 def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
     """Rows per chunk: a power of two near N / ceil(V / H), so chunk * V ~ N * H (the
-    logits block is about as large as the hidden states), at least 16 rows (small chunks
-    starve the matmul) and at most N."""
+    logits block is about as large as the hidden states; Liger-Kernel's rule), but at
+    least 256 rows: every chunk re-reads and re-writes the whole (V, H) grad_weight, which
+    small chunks turn into the bottleneck. At most N."""
     ratio = max(1, -(-vocab // max(hidden, 1)))
     target = max(1, -(-n_rows // ratio))
     chunk = 1 << (target - 1).bit_length()
-    return max(1, min(max(chunk, 16), n_rows))
+    return max(1, min(max(chunk, MIN_CHUNK), n_rows))
 
 
 def run_chunks(

@@ -106,19 +106,34 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(gh, gw, gb)
     ctx.save_for_backward(gh, gw, gb)
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, None if inputs[3] is None else inputs[3].dtype)
+    ctx.computed = inputs[10:13]  # need_hidden, need_weight, need_bias
 
 
 def _fused_backward(ctx, grad_loss, *_):
+    # The gradients were computed for d loss = 1; scale them by the incoming gradient. The
+    # first call scales in place (a copy would hold a second (V, H) grad_weight at the
+    # peak); a later call on a retained graph (gradcheck, retain_graph=True) rescales a copy
+    # by new / first.
     gh, gw, gb = ctx.saved_tensors
     dh, dw, db = ctx.dtypes
-    # The gradients were computed for d loss = 1; scale them by the incoming gradient.
+    first = getattr(ctx, "first_scale", None)
+    if first is None:
+        ctx.first_scale = grad_loss.detach().clone()
+        # eager tensors only: under torch.compile / AOT tracing (tensor subclasses) the
+        # functional form is traced and the compiler plans the memory
+        factor, inplace = grad_loss, type(gw) is Tensor and type(gh) is Tensor
+    else:
+        if bool(first == 0):
+            raise RuntimeError("linear_cross_entropy: a second backward through the fused path after a "
+                               "zero gradient; use reduction='none' and reduce the rows yourself")
+        factor, inplace = grad_loss / first, False
     out = [None] * 14
-    if ctx.needs_input_grad[0]:
-        out[0] = (gh * grad_loss).to(dh)
-    if ctx.needs_input_grad[1]:
-        out[1] = (gw * grad_loss).to(dw)
-    if ctx.needs_input_grad[3]:
-        out[3] = (gb * grad_loss).to(db)
+    for i, grad, dtype, computed in zip((0, 1, 3), (gh, gw, gb), (dh, dw, db), ctx.computed):
+        if ctx.needs_input_grad[i] and computed:
+            f = factor.to(grad.dtype)
+            # .data: scaling the saved tensor must not bump its version (a retained graph
+            # unpacks it again; the rescaling above accounts for the change)
+            out[i] = (grad.data.mul_(f) if inplace else grad * f).to(dtype)
     return tuple(out)
 
 

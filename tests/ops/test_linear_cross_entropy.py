@@ -264,3 +264,17 @@ def test_argument_errors():
         linear_cross_entropy(hidden, weight.double(), labels)
     with pytest.raises(ValueError, match="bias: expected shape \\[11\\]"):
         linear_cross_entropy(hidden, weight, labels, bias[:3])
+
+
+def test_fused_backward_twice_on_a_retained_graph():
+    hidden, weight, bias, labels = _inputs(37, 24, 101)
+    h, w = _req(hidden, weight)
+    loss = linear_cross_entropy(h, w, labels, backend="native" if "native" in BACKENDS else None)
+    first = torch.autograd.grad(loss, (h, w), torch.tensor(0.5), retain_graph=True)
+    first = [g.clone() for g in first]
+    second = torch.autograd.grad(loss, (h, w), torch.tensor(2.0))
+    h2, w2 = _req(hidden, weight)
+    ref = torch.autograd.grad(linear_cross_entropy_reference(h2, w2, labels), (h2, w2))
+    for a, b, e in zip(first, second, ref):
+        assert_close(a, 0.5 * e)
+        assert_close(b, 2.0 * e)
