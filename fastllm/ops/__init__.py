@@ -7,7 +7,7 @@ against.
 
 from ._backend import BACKENDS, choose
 from .cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy_reference
-from .linear_cross_entropy import linear_cross_entropy, mlm_loss, mlm_loss_reference
+from .linear_cross_entropy import causal_lm_loss, linear_cross_entropy, mlm_loss, mlm_loss_reference
 from .logprobs import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
 
@@ -20,6 +20,7 @@ __all__ = [
     "rms_norm_backward_reference",
     "cross_entropy",
     "cross_entropy_reference",
+    "causal_lm_loss",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "mlm_loss",

@@ -29,18 +29,18 @@ from torch import Tensor
 from ._backend import new_output
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-MIN_CHUNK = 256
 
 
-def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
+def default_chunk_size(n_rows: int, hidden: int, vocab: int, min_rows: int = 128) -> int:
     """Rows per chunk: a power of two near N / ceil(V / H), so chunk * V ~ N * H (the
     logits block is about as large as the hidden states; Liger-Kernel's rule), but at
-    least 256 rows: every chunk re-reads and re-writes the whole (V, H) grad_weight, which
-    small chunks turn into the bottleneck. At most N."""
+    least min_rows: every chunk re-reads and re-writes the whole (V, H) grad_weight, which
+    small chunks turn into the bottleneck (a GPU needs more rows per byte of grad_weight
+    than a CPU: 256 there, 128 on the CPU). At most N."""
     ratio = max(1, -(-vocab // max(hidden, 1)))
     target = max(1, -(-n_rows // ratio))
     chunk = 1 << (target - 1).bit_length()
-    return max(1, min(max(chunk, MIN_CHUNK), n_rows))
+    return max(1, min(max(chunk, min_rows), n_rows))
 
 
 def run_chunks(
@@ -52,7 +52,7 @@ def run_chunks(
     (0,) tensor when not needed (or when compute_grad is False)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    chunk = chunk_size if chunk_size > 0 else default_chunk_size(N, H, V)
+    chunk = chunk_size if chunk_size > 0 else default_chunk_size(N, H, V, 256 if hidden.is_cuda else 128)
     need_hidden, need_weight = compute_grad and need_hidden, compute_grad and need_weight
     need_bias = compute_grad and need_bias and bias is not None
     grad_hidden = new_output(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else hidden.new_empty(0)

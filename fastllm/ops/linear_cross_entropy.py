@@ -104,6 +104,9 @@ def _(hidden, weight, labels, bias, row_scale, ignore_index, label_smoothing, z_
 def _fused_setup_context(ctx, inputs, output):
     _, gh, gw, gb = output
     ctx.mark_non_differentiable(gh, gw, gb)
+    # autograd would otherwise hand the backward zero-filled (V, H) and (N, H) gradients
+    # for the gradient outputs, which nothing reads
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(gh, gw, gb)
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, None if inputs[3] is None else inputs[3].dtype)
     ctx.computed = inputs[10:13]  # need_hidden, need_weight, need_bias
@@ -114,6 +117,8 @@ def _fused_backward(ctx, grad_loss, *_):
     # first call scales in place (a copy would hold a second (V, H) grad_weight at the
     # peak); a later call on a retained graph (gradcheck, retain_graph=True) rescales a copy
     # by new / first.
+    if grad_loss is None:  # the loss itself was not used
+        return (None,) * 14
     gh, gw, gb = ctx.saved_tensors
     dh, dw, db = ctx.dtypes
     first = getattr(ctx, "first_scale", None)
@@ -235,6 +240,23 @@ def linear_cross_entropy(
     if reduction == "none":
         return rows.view(labels.shape)
     return reduce_loss(rows, valid, reduction, num_tokens)
+
+
+def causal_lm_loss(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+    ignore_index: int = -100, **kwargs,
+) -> Tensor:
+    """Next-token loss of a decoder: position t predicts labels[..., t + 1].
+
+    hidden: (B, T, H) final hidden states (after the last norm); weight: (V, H) the LM head;
+    labels: (B, T) usually the input ids with padding / prompt set to ignore_index. The
+    labels are shifted (the last position gets ignore_index) instead of slicing hidden, so
+    hidden is never copied. Other keyword arguments go to linear_cross_entropy.
+    """
+    if labels.dim() < 1 or labels.shape[-1] < 1:
+        raise ValueError(f"labels: expected shape [..., T] with T >= 1, got {list(labels.shape)}")
+    shifted = torch.cat([labels[..., 1:], labels.new_full(labels.shape[:-1] + (1,), ignore_index)], dim=-1)
+    return linear_cross_entropy(hidden, weight, shifted, bias, ignore_index=ignore_index, **kwargs)
 
 
 def mlm_loss(

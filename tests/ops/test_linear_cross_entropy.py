@@ -278,3 +278,50 @@ def test_fused_backward_twice_on_a_retained_graph():
     for a, b, e in zip(first, second, ref):
         assert_close(a, 0.5 * e)
         assert_close(b, 2.0 * e)
+
+
+def test_causal_lm_loss_shifts_labels():
+    B, T, H, V = 2, 9, 16, 53
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    weight = torch.randn(V, H) * H ** -0.5
+    ids = torch.randint(0, V, (B, T))
+    ids[0, :3] = -100  # a masked prompt
+    from fastllm.ops import causal_lm_loss
+
+    ours = causal_lm_loss(hidden, weight, ids)
+    logits = hidden @ weight.t()
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    assert_close(ours, expected)
+    assert_close(torch.autograd.grad(ours, hidden)[0], torch.autograd.grad(expected, hidden)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_matches_reference(dtype):
+    from fastllm.ops import token_logprobs_and_entropy, token_logprobs_and_entropy_reference
+
+    hidden, weight, bias, labels = [t.cuda() if t is not None else None for t in _inputs(1000, 256, 50257)]
+    hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+    h, w, b = _req(hidden, weight, bias)
+    ours = linear_cross_entropy(h, w, labels, b, label_smoothing=0.1, softcap=30.0, backend="triton")
+    g_ours = _grads(ours, (h, w, b))
+    h2, w2, b2 = _req(hidden.float(), weight.float(), bias.float())
+    ref = linear_cross_entropy_reference(h2, w2, labels, b2, label_smoothing=0.1, softcap=30.0)
+    g_ref = _grads(ref, (h2, w2, b2))
+    if dtype == torch.float32:
+        # TF32 may be on for matmuls; the rows themselves are exact float32
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+        for a, e in zip(g_ours, g_ref):
+            torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-5)
+    else:
+        hl, wl, bl = _req(hidden, weight, bias)
+        low = linear_cross_entropy_reference(hl, wl, labels, bl, label_smoothing=0.1, softcap=30.0, upcast=False)
+        assert_lowp_rule(ours.to(dtype), low, ref, "loss")
+        for name, a, lo, e in zip(("hidden", "weight", "bias"), g_ours, _grads(low, (hl, wl, bl)), g_ref):
+            assert_lowp_rule(a, lo, e, f"grad {name}")
+    lp, ent = token_logprobs_and_entropy(hidden, weight, labels, temperature=0.9, bias=bias, backend="triton")
+    lp_ref, ent_ref = token_logprobs_and_entropy_reference(hidden.float(), weight.float(), labels, temperature=0.9,
+                                                           bias=bias.float())
+    tol = 1e-3 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(lp, lp_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(ent, ent_ref, rtol=tol, atol=tol)
