@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_close
+from tests.conftest import assert_close
 from safetensors.torch import load_file, save_file
 
 from fastllm.models import (PRESETS, BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM, build_model,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, compiled_backends
+from tests.conftest import assert_close, compiled_backends
 
 import fastllm.ops
 from fastllm.models import KVCache, build_model, preset

@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_lowp_rule
+from tests.conftest import assert_lowp_rule
 
 transformers = pytest.importorskip("transformers")
 

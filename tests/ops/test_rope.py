@@ -7,29 +7,31 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, assert_lowp_rule, compiled_backends
+from tests.conftest import DEVICES, assert_close, assert_lowp_rule, compiled_backends
 
 from fastllm.ops import apply_rope, rope_cos_sin, rope_inv_freq, rope_reference
 from fastllm.ops.rope import rope_backward_reference
 
 BACKENDS = compiled_backends("cpu")
+BACKEND_DEVICE = [pytest.param(b, d, marks=[pytest.mark.gpu] if d == "cuda" else [])
+                  for d in DEVICES for b in compiled_backends(d)]
 # (B, T, Hq, Hkv, D): odd token counts, GQA, head_dim 80 (half 40: not a power of two)
 SHAPES = [(1, 1, 1, 1, 2), (2, 5, 4, 2, 16), (1, 123, 3, 1, 80), (3, 7, 8, 8, 64)]
 
 
-def _inputs(B, T, Hq, Hkv, D, dtype, positions=None):
-    q = torch.randn(B, T, Hq, D, dtype=dtype)
-    k = torch.randn(B, T, Hkv, D, dtype=dtype)
-    pos = positions if positions is not None else torch.randint(0, 4096, (B, T))
+def _inputs(B, T, Hq, Hkv, D, dtype, device="cpu"):
+    q = torch.randn(B, T, Hq, D, dtype=dtype, device=device)
+    k = torch.randn(B, T, Hkv, D, dtype=dtype, device=device)
+    pos = torch.randint(0, 4096, (B, T), device=device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     cos, sin = rope_cos_sin(rope_inv_freq(D, 10000.0), pos, acc)
     return q, k, cos, sin
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_backward_float32(backend, shape):
-    q, k, cos, sin = _inputs(*shape, torch.float32)
+def test_forward_backward_float32(backend, device, shape):
+    q, k, cos, sin = _inputs(*shape, torch.float32, device)
     q.requires_grad_(True)
     k.requires_grad_(True)
     qo, ko = apply_rope(q, k, cos, sin, backend=backend)
@@ -58,10 +60,10 @@ def test_gradient_matches_autograd_of_reference(backend):
     assert_close(ak, ek)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_rule(backend, dtype):
-    q, k, cos, sin = _inputs(2, 33, 4, 2, 80, torch.float32)
+def test_low_precision_rule(backend, device, dtype):
+    q, k, cos, sin = _inputs(2, 33, 4, 2, 80, torch.float32, device)
     rq, rk = rope_reference(q, k, cos, sin)  # float32 reference
     ql, kl = q.to(dtype), k.to(dtype)
     tq, tk = rope_reference(ql, kl, cos.to(dtype), sin.to(dtype), upcast=False)  # torch in low precision
@@ -142,12 +144,38 @@ def test_poisoned_outputs_fully_written(backend, monkeypatch):
     assert torch.isfinite(qo).all() and torch.isfinite(ko).all()
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
     q, k, cos, sin = _inputs(2, 5, 4, 2, 16, torch.float32)
     q.requires_grad_(True)
     k.requires_grad_(True)
-    for backend in BACKENDS:
-        torch.library.opcheck(torch.ops.fastllm.rope.default, (q, k, cos, sin, backend))
+    torch.library.opcheck(torch.ops.fastllm.rope.default, (q, k, cos, sin, backend))
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    torch.library.opcheck(torch.ops.fastllm.rope_backward.default, (dq, dk, cos, sin, backend))
+
+
+def test_opcheck_native_kernel():
+    if "native" not in BACKENDS:
+        pytest.fail("the compiled extension should be built for the tests")
+    q, k, cos, sin = _inputs(1, 6, 3, 1, 10, torch.float32)
+    torch.library.opcheck(torch.ops.fastllm.rope_fwd.default, (q.view(6, 3, 10), k.view(6, 1, 10),
+                                                             cos.view(6, 5), sin.view(6, 5), True))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    q, k, cos, sin = _inputs(2, 5, 4, 2, 16, torch.float32)
+
+    def f(a, b):
+        qa, kb = apply_rope(a * 2, b, cos, sin, backend="native")
+        return (qa.sum(-1) ** 2).sum() + (kb ** 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    a, b = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    ga = torch.autograd.grad(compiled(a, b), (a, b))
+    ea = torch.autograd.grad(f(a, b), (a, b))
+    for x, y in zip(ga, ea):
+        assert_close(x, y)
 
 
 def test_errors_name_the_argument():
