@@ -200,3 +200,18 @@ def test_mistral_sliding_window_limit():
     model(torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="sliding_window=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama"])
+def test_torch_compile_fullgraph_loss_and_gradients(name):
+    torch._dynamo.reset()
+    model = _model(name)
+    ids = torch.randint(0, 128, (2, 9))
+    compiled = torch.compile(lambda i: model.loss(i, i), fullgraph=True, backend="aot_eager")
+    loss = compiled(ids)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = model.loss(ids, ids)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r)
