@@ -1,7 +1,7 @@
 """Model definitions, configs with named presets, and Hugging Face checkpoint load/save.
 
     cfg = preset("tiny-llama")                 # or LlamaConfig(...), GPT2Config, BertConfig
-    model = build_model(cfg)                   # LlamaForCausalLM / GPT2LMHeadModel / BertForMaskedLM
+    model = build_model(cfg)                   # LlamaForCausalLM, GPT2LMHeadModel, ...
     model = from_pretrained("path/to/hf_dir", dtype=torch.bfloat16)
     model.save_pretrained("out_dir")
 
@@ -27,11 +27,23 @@ def build_model(config):
         return GPT2LMHeadModel(config)
     if isinstance(config, BertConfig):
         return BertForMaskedLM(config)
-    raise TypeError(f"config: expected LlamaConfig, GPT2Config or BertConfig, got {type(config).__name__}")
+    raise TypeError(
+        f"config: expected LlamaConfig, GPT2Config or BertConfig, got {type(config).__name__}"
+    )
 
 
 __all__ = [
-    "BertConfig", "BertForMaskedLM", "GPT2Config", "GPT2LMHeadModel", "KVCache", "LlamaConfig",
-    "LlamaForCausalLM", "PRESETS", "build_model", "config_from_hf_dict", "from_pretrained", "preset",
+    "BertConfig",
+    "BertForMaskedLM",
+    "GPT2Config",
+    "GPT2LMHeadModel",
+    "KVCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "PRESETS",
+    "build_model",
+    "config_from_hf_dict",
+    "from_pretrained",
+    "preset",
     "save_pretrained",
 ]

@@ -34,8 +34,11 @@ class BertEmbeddings(nn.Module):
     def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None] + \
-            self.token_type_embeddings(token_type_ids)  # (B, T, H)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(pos)[None]
+            + self.token_type_embeddings(token_type_ids)
+        )  # (B, T, H)
         return self.LayerNorm(x)
 
 
@@ -184,8 +187,12 @@ class BertForMaskedLM(HFCheckpointMixin, nn.Module):
         bert.embeddings.word_embeddings."""
         return self.cls.predictions
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
         """input_ids (B, T) in [0, vocab_size); token_type_ids (B, T) in [0, type_vocab_size)
         (default 0); attention_mask (B, T), 1 for real tokens. Returns (B, T, hidden)."""
         cfg = self.config
@@ -194,30 +201,46 @@ class BertForMaskedLM(HFCheckpointMixin, nn.Module):
         check_token_ids(input_ids, cfg.vocab_size)
         B, T = input_ids.shape
         if T > cfg.max_position_embeddings:
-            raise ValueError(f"input_ids: sequence length {T} exceeds the context of "
-                             f"{cfg.max_position_embeddings} positions (max_position_embeddings)")
+            raise ValueError(
+                f"input_ids: sequence length {T} exceeds the context of "
+                f"{cfg.max_position_embeddings} positions (max_position_embeddings)"
+            )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         elif tuple(token_type_ids.shape) != (B, T):
-            raise ValueError(f"token_type_ids: expected shape {[B, T]} (as input_ids), got {list(token_type_ids.shape)}")
+            raise ValueError(
+                f"token_type_ids: expected shape {[B, T]} (as input_ids), "
+                f"got {list(token_type_ids.shape)}"
+            )
         else:
             check_token_ids(token_type_ids, cfg.type_vocab_size, "token_type_ids")
         key_padding_mask = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (B, T):
-                raise ValueError(f"attention_mask: expected shape {[B, T]} (as input_ids), got {list(attention_mask.shape)}")
+                raise ValueError(
+                    f"attention_mask: expected shape {[B, T]} (as input_ids), "
+                    f"got {list(attention_mask.shape)}"
+                )
             key_padding_mask = attention_mask.bool()
         x = self.bert.embeddings(input_ids, token_type_ids)
         for layer in self.bert.encoder.layer:
             x = layer(x, key_padding_mask)
         return x
 
-    def mlm_loss(self, input_ids: Tensor, labels: Tensor, token_type_ids: Tensor | None = None,
-                 attention_mask: Tensor | None = None) -> Tensor:
+    def mlm_loss(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
         """Mean cross-entropy of the MLM head over positions whose label is not -100 (no shift).
         Only those rows go through the head."""
         if labels.shape != input_ids.shape:
-            raise ValueError(f"labels: expected shape {list(input_ids.shape)} (as input_ids), got {list(labels.shape)}")
+            raise ValueError(
+                f"labels: expected shape {list(input_ids.shape)} (as input_ids), "
+                f"got {list(labels.shape)}"
+            )
         hidden = self(input_ids, token_type_ids, attention_mask)
         keep = labels != IGNORE_INDEX
         logits = self.mlm_head(hidden[keep]).float()  # (n_masked, V)
@@ -225,13 +248,17 @@ class BertForMaskedLM(HFCheckpointMixin, nn.Module):
 
     # -- Hugging Face names ------------------------------------------------------------
     @classmethod
-    def _from_hf(cls, name, tensor, raw):
-        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    def _from_hf(cls, name, tensor, raw, config):
+        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+            "LayerNorm.beta", "LayerNorm.bias"
+        )
         if name == "cls.predictions.decoder.weight":
             emb = raw.get("bert.embeddings.word_embeddings.weight")
             if emb is not None and not torch.equal(emb, tensor):
-                raise ValueError("cls.predictions.decoder.weight: the MLM decoder is tied to "
-                                 "bert.embeddings.word_embeddings.weight, but the checkpoint's differs")
+                raise ValueError(
+                    "cls.predictions.decoder.weight: the MLM decoder is tied to "
+                    "bert.embeddings.word_embeddings.weight, but the checkpoint's differs"
+                )
             return None
         if name == "cls.predictions.decoder.bias":
             if "cls.predictions.bias" in raw:

@@ -4,7 +4,7 @@ model-0000i-of-0000n.safetensors with model.safetensors.index.json. Never pickle
     from_pretrained(path, dtype=None, device=None)  -> the model class named by config.json
     save_pretrained(model, path, max_shard_size=...)  writes config.json and the weights
 
-Each model class maps names between its state dict and the file (`_from_hf(name, tensor)`,
+Each model class maps names between its state dict and the file (`_from_hf(name, tensor, ...)`,
 `_to_hf(name, tensor)`: GPT-2 transposes its Conv1D weights, BERT renames old LayerNorm
 gamma/beta) and lists file tensors it may ignore (`_ignored_hf`, e.g. GPT-2's causal-mask
 buffers). Any other missing, unexpected or wrongly shaped tensor fails with an error that
@@ -28,8 +28,12 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:
@@ -41,7 +45,10 @@ def _parse_dtype(dtype) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPES:
         return _DTYPES[dtype.replace("torch.", "")]
-    raise ValueError(f"dtype: expected None, 'auto', a torch floating dtype or one of {list(_DTYPES)}, got {dtype!r}")
+    raise ValueError(
+        f"dtype: expected None, 'auto', a torch floating dtype or one of {list(_DTYPES)}, "
+        f"got {dtype!r}"
+    )
 
 
 def _parse_size(size) -> int:
@@ -49,7 +56,9 @@ def _parse_size(size) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B\s*", str(size).upper())
     if not m:
-        raise ValueError(f"max_shard_size: expected bytes or a string like '5GB' / '200MB', got {size!r}")
+        raise ValueError(
+            f"max_shard_size: expected bytes or a string like '5GB' / '200MB', got {size!r}"
+        )
     return int(float(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2)])
 
 
@@ -65,7 +74,9 @@ def read_config(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_safetensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory (single file or shards listed by the index)."""
     path = Path(path)
     if (path / INDEX_NAME).is_file():
@@ -81,15 +92,19 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         with safe_open(str(path / name), framework="pt", device=str(device)) as f:
             for key in f.keys():
                 if weight_map is not None and weight_map.get(key) != name:
-                    raise ValueError(f"{INDEX_NAME}: tensor {key!r} is in {name} but the index maps it to "
-                                     f"{weight_map.get(key)!r}")
+                    raise ValueError(
+                        f"{INDEX_NAME}: tensor {key!r} is in {name} but the index maps it to "
+                        f"{weight_map.get(key)!r}"
+                    )
                 if key in state:
                     raise ValueError(f"checkpoint: tensor {key!r} appears in more than one file")
                 state[key] = f.get_tensor(key)
     if weight_map is not None:
         absent = sorted(set(weight_map) - set(state))
         if absent:
-            raise ValueError(f"{INDEX_NAME}: tensors listed but not found in the shards: {absent[:5]}")
+            raise ValueError(
+                f"{INDEX_NAME}: tensors listed but not found in the shards: {absent[:5]}"
+            )
     return state
 
 
@@ -107,7 +122,9 @@ def _atomic_json(obj: dict, file: Path) -> None:
     os.replace(tmp, file)
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, max_shard_size="5GB") -> list[str]:
+def save_safetensors(
+    state: dict[str, torch.Tensor], path: str | os.PathLike, max_shard_size="5GB"
+) -> list[str]:
     """Write `state` as model.safetensors, or as shards of at most max_shard_size bytes (a
     tensor larger than that gets a shard of its own) plus the index. Weight files of an
     earlier save in `path` that this one does not rewrite are removed. Returns file names."""
@@ -127,15 +144,19 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, ma
         names = [WEIGHTS_NAME]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         _atomic_save(shard, path / name)
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
-        weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
-        _atomic_json({"metadata": {"total_size": total}, "weight_map": weight_map}, path / INDEX_NAME)
+        weight_map = {k: n for n, shard in zip(names, shards, strict=True) for k in shard}
+        _atomic_json(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, path / INDEX_NAME
+        )
     keep = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
     for stale in path.iterdir():
-        if stale.name not in keep and (stale.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(stale.name)):
+        if stale.name not in keep and (
+            stale.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(stale.name)
+        ):
             stale.unlink()
     return names
 
@@ -148,10 +169,17 @@ def _model_class(model_type: str):
     from .gpt2 import GPT2LMHeadModel
     from .llama import LlamaForCausalLM
 
-    classes = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
-               "gpt2": GPT2LMHeadModel, "bert": BertForMaskedLM}
+    classes = {
+        "llama": LlamaForCausalLM,
+        "mistral": LlamaForCausalLM,
+        "qwen2": LlamaForCausalLM,
+        "gpt2": GPT2LMHeadModel,
+        "bert": BertForMaskedLM,
+    }
     if model_type not in classes:
-        raise ValueError(f"config.json model_type: expected one of {list(classes)}, got {model_type!r}")
+        raise ValueError(
+            f"config.json model_type: expected one of {list(classes)}, got {model_type!r}"
+        )
     return classes[model_type]
 
 
@@ -165,7 +193,9 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device=None, cls=None):
     hf_config = read_config(path)
     model_cls = _model_class(hf_config.get("model_type"))
     if cls is not None and not issubclass(model_cls, cls):
-        raise ValueError(f"path: config.json describes a {model_cls.__name__}, not a {cls.__name__}")
+        raise ValueError(
+            f"path: config.json describes a {model_cls.__name__}, not a {cls.__name__}"
+        )
     config = model_cls.config_class.from_hf_dict(hf_config)
     target = _parse_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -180,7 +210,7 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device=None, cls=None):
     for name, tensor in raw.items():
         if any(re.search(p, name) for p in model_cls._ignored_hf):
             continue
-        mapped = model_cls._from_hf(name, tensor, raw)
+        mapped = model_cls._from_hf(name, tensor, raw, config)
         if mapped is None:
             continue
         our_name, value = mapped
@@ -189,17 +219,25 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device=None, cls=None):
             continue
         ours[our_name], file_name[our_name] = value, name
     if unexpected:
-        raise ValueError(f"checkpoint {str(path)!r}: unexpected tensor(s) {unexpected} "
-                         f"(not part of {model_cls.__name__} for this config.json)")
+        raise ValueError(
+            f"checkpoint {str(path)!r}: unexpected tensor(s) {unexpected} "
+            f"(not part of {model_cls.__name__} for this config.json)"
+        )
     missing = [model_cls._hf_name(n) for n in expected if n not in ours]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r}: missing tensor(s) {missing}")
     for name, value in ours.items():
         if tuple(value.shape) != tuple(expected[name].shape):
             stored = tuple(raw[file_name[name]].shape)
-            note = "" if stored == tuple(value.shape) else f" (stored as {list(stored)}, transposed on load)"
-            raise ValueError(f"checkpoint {str(path)!r}: tensor {file_name[name]!r}: expected shape "
-                             f"{list(expected[name].shape)}, got {list(value.shape)}{note}")
+            note = (
+                ""
+                if stored == tuple(value.shape)
+                else f" (stored as {list(stored)}, transposed on load)"
+            )
+            raise ValueError(
+                f"checkpoint {str(path)!r}: tensor {file_name[name]!r}: expected shape "
+                f"{list(expected[name].shape)}, got {list(value.shape)}{note}"
+            )
     for name, value in ours.items():
         dt = target if (target is not None and value.is_floating_point()) else value.dtype
         ours[name] = value.to(device=device, dtype=dt)
@@ -232,7 +270,9 @@ class HFCheckpointMixin:
     _ignored_hf: tuple[str, ...] = ()
 
     @classmethod
-    def _from_hf(cls, name: str, tensor: torch.Tensor, raw: dict) -> tuple[str, torch.Tensor] | None:
+    def _from_hf(
+        cls, name: str, tensor: torch.Tensor, raw: dict, config
+    ) -> tuple[str, torch.Tensor] | None:
         """File tensor -> (state-dict name, tensor), or None to drop it after checking."""
         return name, tensor
 

@@ -37,7 +37,9 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: Tensor, step: _decoder.Step) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, H, D)
+        q, k, v = (
+            self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        )  # each (B, T, H, D)
         out = _decoder.self_attention(q, k, v, self.layer_idx, step)  # (B, T, H, D)
         return self.c_proj(out.reshape(B, T, C))
 
@@ -111,8 +113,15 @@ class GPT2LMHeadModel(HFCheckpointMixin, nn.Module):
     def new_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         w = self.transformer.wte.weight
         cfg = self.config
-        return KVCache(cfg.n_layer, batch, max_len, cfg.n_head, cfg.n_embd // cfg.n_head,
-                       dtype=dtype or w.dtype, device=device or w.device)
+        return KVCache(
+            cfg.n_layer,
+            batch,
+            max_len,
+            cfg.n_head,
+            cfg.n_embd // cfg.n_head,
+            dtype=dtype or w.dtype,
+            device=device or w.device,
+        )
 
     def forward(
         self,
@@ -130,9 +139,17 @@ class GPT2LMHeadModel(HFCheckpointMixin, nn.Module):
         inputs_embeds are token embeddings (position embeddings are still added)."""
         cfg = self.config
         input_ids, step = _decoder.prepare(
-            cfg, input_ids, inputs_embeds, position_ids=position_ids, cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen, attention_mask=attention_mask, prefix_kv=prefix_kv, kv_cache=kv_cache,
-            max_positions=cfg.n_positions)
+            cfg,
+            input_ids,
+            inputs_embeds,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            attention_mask=attention_mask,
+            prefix_kv=prefix_kv,
+            kv_cache=kv_cache,
+            max_positions=cfg.n_positions,
+        )
         tok = self.transformer.wte(input_ids) if input_ids is not None else inputs_embeds
         x = tok + self.transformer.wpe(step.position_ids)  # (B, T, C)
         for block in self.transformer.h:
@@ -143,19 +160,29 @@ class GPT2LMHeadModel(HFCheckpointMixin, nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.lm_head_weight)
 
-    def loss(self, input_ids: Tensor, labels: Tensor, *, num_tokens: int | None = None, **kwargs) -> Tensor:
+    def loss(
+        self, input_ids: Tensor, labels: Tensor, *, num_tokens: int | None = None, **kwargs
+    ) -> Tensor:
         """Mean next-token cross-entropy, as LlamaForCausalLM.loss."""
         hidden = self(input_ids, **kwargs)
-        return _decoder.causal_lm_loss(hidden, self.lm_head_weight, labels, cu_seqlens=kwargs.get("cu_seqlens"),
-                                       num_tokens=num_tokens)
+        return _decoder.causal_lm_loss(
+            hidden,
+            self.lm_head_weight,
+            labels,
+            cu_seqlens=kwargs.get("cu_seqlens"),
+            num_tokens=num_tokens,
+        )
 
     # -- Hugging Face names: optional `transformer.` prefix, Conv1D (in, out) weights ------
     @classmethod
-    def _from_hf(cls, name, tensor, raw):
+    def _from_hf(cls, name, tensor, raw, config):
         if name == "lm_head.weight":
             wte = raw.get("transformer.wte.weight", raw.get("wte.weight"))
             if wte is not None and not torch.equal(wte, tensor):
-                raise ValueError("lm_head.weight: GPT-2's head is tied to wte.weight, but the checkpoint's differs")
+                raise ValueError(
+                    "lm_head.weight: GPT-2's head is tied to wte.weight, "
+                    "but the checkpoint's differs"
+                )
             return None
         if not name.startswith("transformer."):
             name = "transformer." + name

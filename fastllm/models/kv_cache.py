@@ -20,10 +20,23 @@ from torch import Tensor
 class KVCache:
     """Per-layer key/value storage with per-sequence lengths (see module docstring)."""
 
-    def __init__(self, num_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        for name, value in (("num_layers", num_layers), ("batch", batch), ("max_len", max_len),
-                            ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        for name, value in (
+            ("num_layers", num_layers),
+            ("batch", batch),
+            ("max_len", max_len),
+            ("n_kv_heads", n_kv_heads),
+            ("head_dim", head_dim),
+        ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         shape = (num_layers, batch, max_len, n_kv_heads, head_dim)
@@ -52,11 +65,15 @@ class KVCache:
     def check_append(self, num_new: int) -> None:
         """Raise unless a step of num_new tokens per sequence can be appended."""
         if self._max_length + num_new > self.max_len:
-            raise ValueError(f"kv_cache: {num_new} new positions after {self._max_length} exceed "
-                             f"max_len={self.max_len}")
+            raise ValueError(
+                f"kv_cache: {num_new} new positions after {self._max_length} exceed "
+                f"max_len={self.max_len}"
+            )
         if num_new > 1 and not self._equal:
-            raise ValueError(f"kv_cache: a step of {num_new} tokens needs equal cached lengths; with "
-                             "different lengths append one token per step")
+            raise ValueError(
+                f"kv_cache: a step of {num_new} tokens needs equal cached lengths; with "
+                "different lengths append one token per step"
+            )
 
     def positions(self, num_new: int) -> Tensor:
         """Position ids of the next num_new tokens of each sequence: (B, num_new)."""
@@ -68,13 +85,15 @@ class KVCache:
         True for filled positions j < lengths[b] + T. The lengths move only in `advance`."""
         B, T = k.shape[0], k.shape[1]
         if tuple(k.shape) != (self.batch, T) + tuple(self.k.shape[3:]):
-            raise ValueError(f"k: expected shape {[self.batch, T] + list(self.k.shape[3:])}, got {list(k.shape)}")
+            raise ValueError(
+                f"k: expected shape {[self.batch, T] + list(self.k.shape[3:])}, got {list(k.shape)}"
+            )
         if v.shape != k.shape:
             raise ValueError(f"v: expected shape {list(k.shape)} (same as k), got {list(v.shape)}")
         if self._equal:
             start = self._max_length
-            self.k[layer_idx, :, start:start + T] = k.to(self.k.dtype)
-            self.v[layer_idx, :, start:start + T] = v.to(self.v.dtype)
+            self.k[layer_idx, :, start : start + T] = k.to(self.k.dtype)
+            self.v[layer_idx, :, start : start + T] = v.to(self.v.dtype)
         else:
             rows = torch.arange(B, device=k.device)[:, None]
             cols = self.positions(T)  # (B, T)

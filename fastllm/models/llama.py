@@ -35,8 +35,11 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                        config.head_dim)
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         H, D = config.hidden_size, config.head_dim
         self.q_proj = nn.Linear(H, self.n_heads * D, bias=config.qkv_bias)
         self.k_proj = nn.Linear(H, self.n_kv_heads * D, bias=config.qkv_bias)
@@ -85,7 +88,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self._inv_freq: dict[torch.device, Tensor] = {}  # per device; not a buffer (never saved)
 
@@ -93,7 +98,9 @@ class LlamaModel(nn.Module):
         """RoPE inverse frequencies (head_dim/2,) float32, with the config's scaling."""
         if device not in self._inv_freq:
             cfg = self.config
-            self._inv_freq[device] = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+            self._inv_freq[device] = rope_inv_freq(
+                cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
+            ).to(device)
         return self._inv_freq[device]
 
 
@@ -108,12 +115,16 @@ class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
-                                                                         bias=False)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for linear and embedding weights, zero biases, unit norms."""
+        """Normal(0, initializer_range) for linear and embedding weights, zero biases and
+        unit norms."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -122,6 +133,19 @@ class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    @classmethod
+    def _from_hf(cls, name, tensor, raw, config):
+        # Some tied checkpoints also store the head: accept it only as a copy of the embeddings.
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            emb = raw.get("model.embed_tokens.weight")
+            if emb is not None and not torch.equal(tensor, emb):
+                raise ValueError(
+                    "lm_head.weight: config.json ties it to model.embed_tokens.weight, "
+                    "but the checkpoint's differs"
+                )
+            return None
+        return name, tensor
 
     @property
     def lm_head_weight(self) -> Tensor:
@@ -132,8 +156,15 @@ class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
         """An empty KVCache sized for this model."""
         w = self.model.embed_tokens.weight
         cfg = self.config
-        return KVCache(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim,
-                       dtype=dtype or w.dtype, device=device or w.device)
+        return KVCache(
+            cfg.num_hidden_layers,
+            batch,
+            max_len,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype=dtype or w.dtype,
+            device=device or w.device,
+        )
 
     def forward(
         self,
@@ -162,10 +193,21 @@ class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
         """
         cfg = self.config
         input_ids, step = _decoder.prepare(
-            cfg, input_ids, inputs_embeds, position_ids=position_ids, cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen, attention_mask=attention_mask, prefix_kv=prefix_kv, kv_cache=kv_cache,
-            max_positions=cfg.max_position_embeddings, window=cfg.sliding_window)
-        x = self.model.embed_tokens(input_ids) if input_ids is not None else inputs_embeds  # (B, T, H)
+            cfg,
+            input_ids,
+            inputs_embeds,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            attention_mask=attention_mask,
+            prefix_kv=prefix_kv,
+            kv_cache=kv_cache,
+            max_positions=cfg.max_position_embeddings,
+            window=cfg.sliding_window,
+        )
+        x = (
+            self.model.embed_tokens(input_ids) if input_ids is not None else inputs_embeds
+        )  # (B, T, H)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         # cos/sin once per forward, shared by every layer: (B, T, D/2)
         cos, sin = rope_cos_sin(self.model.inv_freq(x.device), step.position_ids, acc)
@@ -178,9 +220,16 @@ class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
         """hidden (..., hidden) -> logits (..., V) in hidden's dtype."""
         return F.linear(hidden, self.lm_head_weight)
 
-    def loss(self, input_ids: Tensor, labels: Tensor, *, num_tokens: int | None = None, **kwargs) -> Tensor:
+    def loss(
+        self, input_ids: Tensor, labels: Tensor, *, num_tokens: int | None = None, **kwargs
+    ) -> Tensor:
         """Mean next-token cross-entropy (labels aligned with input_ids, shifted inside; -100
         ignored; packed-sequence starts ignored). kwargs go to forward."""
         hidden = self(input_ids, **kwargs)
-        return _decoder.causal_lm_loss(hidden, self.lm_head_weight, labels, cu_seqlens=kwargs.get("cu_seqlens"),
-                                       num_tokens=num_tokens)
+        return _decoder.causal_lm_loss(
+            hidden,
+            self.lm_head_weight,
+            labels,
+            cu_seqlens=kwargs.get("cu_seqlens"),
+            num_tokens=num_tokens,
+        )

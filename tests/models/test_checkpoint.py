@@ -7,12 +7,20 @@ import json
 
 import pytest
 import torch
-from tests.conftest import assert_close
 from safetensors.torch import load_file, save_file
 
-from fastllm.models import (PRESETS, BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM, build_model,
-                            config_from_hf_dict, from_pretrained, preset)
+from fastllm.models import (
+    PRESETS,
+    BertForMaskedLM,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    build_model,
+    config_from_hf_dict,
+    from_pretrained,
+    preset,
+)
 from fastllm.models.checkpoint import INDEX_NAME, WEIGHTS_NAME
+from tests.conftest import assert_close
 
 
 def _same_weights(a, b):
@@ -22,7 +30,9 @@ def _same_weights(a, b):
         assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama3", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-bert"])
+@pytest.mark.parametrize(
+    "name", ["tiny-llama", "tiny-llama3", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-bert"]
+)
 def test_round_trip(name, tmp_path):
     model = build_model(preset(name))
     model.save_pretrained(tmp_path)
@@ -34,7 +44,9 @@ def test_round_trip(name, tmp_path):
 
 def test_sharded_save_and_load(tmp_path):
     model = build_model(preset("tiny-llama"))
-    files = model.save_pretrained(tmp_path, max_shard_size="40KB") or sorted(p.name for p in tmp_path.glob("model-*"))
+    files = model.save_pretrained(tmp_path, max_shard_size="40KB") or sorted(
+        p.name for p in tmp_path.glob("model-*")
+    )
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and not (tmp_path / WEIGHTS_NAME).exists()
@@ -72,7 +84,9 @@ def _edit(tmp_path, fn):
 def test_missing_tensor_is_named(tmp_path):
     build_model(preset("tiny-llama")).save_pretrained(tmp_path)
     _edit(tmp_path, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model.layers.1.mlp.up_proj.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing tensor\(s\) \['model.layers.1.mlp.up_proj.weight'\]"
+    ):
         from_pretrained(tmp_path)
 
 
@@ -86,13 +100,17 @@ def test_unexpected_tensor_is_named(tmp_path):
 def test_wrong_shape_is_named(tmp_path):
     build_model(preset("tiny-llama")).save_pretrained(tmp_path)
     _edit(tmp_path, lambda s: s.__setitem__("model.norm.weight", torch.ones(65)))
-    with pytest.raises(ValueError, match=r"tensor 'model.norm.weight': expected shape \[64\], got \[65\]"):
+    with pytest.raises(
+        ValueError, match=r"tensor 'model.norm.weight': expected shape \[64\], got \[65\]"
+    ):
         from_pretrained(tmp_path)
 
 
 def test_gpt2_conv1d_shape_error_mentions_the_transpose(tmp_path):
     build_model(preset("tiny-gpt2")).save_pretrained(tmp_path)
-    _edit(tmp_path, lambda s: s.__setitem__("transformer.h.0.mlp.c_fc.weight", torch.zeros(64, 200)))
+    _edit(
+        tmp_path, lambda s: s.__setitem__("transformer.h.0.mlp.c_fc.weight", torch.zeros(64, 200))
+    )
     with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.c_fc.weight'.*transposed on load"):
         from_pretrained(tmp_path)
 
@@ -107,6 +125,7 @@ def test_gpt2_original_layout_loads(tmp_path):
             s[k.removeprefix("transformer.")] = s.pop(k)
         s["h.0.attn.bias"] = torch.ones(1, 1, 128, 128)
         s["lm_head.weight"] = s["wte.weight"].clone()
+
     _edit(tmp_path, old_style)
     _same_weights(model, GPT2LMHeadModel.from_pretrained(tmp_path))
     _edit(tmp_path, lambda s: s.__setitem__("lm_head.weight", torch.zeros_like(s["wte.weight"])))
@@ -124,6 +143,7 @@ def test_bert_legacy_names_and_ignored_heads(tmp_path):
         s["bert.pooler.dense.weight"] = torch.zeros(64, 64)
         s["cls.seq_relationship.weight"] = torch.zeros(2, 64)
         s["cls.predictions.decoder.weight"] = s["bert.embeddings.word_embeddings.weight"].clone()
+
     _edit(tmp_path, legacy)
     _same_weights(model, BertForMaskedLM.from_pretrained(tmp_path))
 
@@ -159,8 +179,15 @@ def test_presets_round_trip_through_hf_config(name):
     assert config_from_hf_dict(cfg.to_hf_dict()) == cfg
 
 
-@pytest.mark.parametrize("name, params", [("smollm2-135m", 134_515_008), ("llama-3.2-1b", 1_235_814_400),
-                                          ("gpt2", 124_439_808), ("qwen2.5-0.5b", 494_032_768)])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("smollm2-135m", 134_515_008),
+        ("llama-3.2-1b", 1_235_814_400),
+        ("gpt2", 124_439_808),
+        ("qwen2.5-0.5b", 494_032_768),
+    ],
+)
 def test_published_sizes(name, params):
     with torch.device("meta"):
         model = build_model(preset(name))
@@ -174,3 +201,15 @@ def test_preset_errors():
         preset("tiny-llama", num_key_value_heads=3)
     with pytest.raises(ValueError, match="hidden_size: expected a positive integer"):
         preset("tiny-bert", hidden_size=0)
+
+
+def test_tied_llama_file_with_a_head_copy(tmp_path):
+    model = build_model(preset("tiny-qwen2"))  # tied
+    model.save_pretrained(tmp_path)
+    _edit(
+        tmp_path, lambda s: s.__setitem__("lm_head.weight", s["model.embed_tokens.weight"].clone())
+    )
+    _same_weights(model, from_pretrained(tmp_path))
+    _edit(tmp_path, lambda s: s.__setitem__("lm_head.weight", torch.zeros(128, 64)))
+    with pytest.raises(ValueError, match="lm_head.weight: config.json ties it"):
+        from_pretrained(tmp_path)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import assert_close, compiled_backends
 
 import fastllm.ops
 from fastllm.models import KVCache, build_model, preset
+from tests.conftest import assert_close, compiled_backends
 
 DECODERS = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
 
@@ -18,7 +18,7 @@ def _model(name, **overrides):
     torch.manual_seed(3)
     model = build_model(preset(name, **overrides)).eval()
     with torch.no_grad():  # non-trivial norms and biases
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
@@ -34,7 +34,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(name):
         steps = [model.logits(model(ids[:, :6], kv_cache=cache))]
         steps.append(model.logits(model(ids[:, 6:8], kv_cache=cache)))  # a 2-token chunk
         for t in range(8, 11):
-            steps.append(model.logits(model(ids[:, t:t + 1], kv_cache=cache)))
+            steps.append(model.logits(model(ids[:, t : t + 1], kv_cache=cache)))
     assert cache.lengths.tolist() == [11, 11]
     assert_close(torch.cat(steps, dim=1), full)
 
@@ -85,7 +85,7 @@ def test_packed_sequences_equal_separate_forwards(name):
     hidden = model(packed, cu_seqlens=cu)
     start = 0
     for s in seqs:
-        assert_close(hidden[0, start:start + s.numel()], model(s[None])[0])
+        assert_close(hidden[0, start : start + s.numel()], model(s[None])[0])
         start += s.numel()
     # the loss over the pack equals the token-weighted mean of the separate losses
     loss = model.loss(packed, packed, cu_seqlens=cu)
@@ -144,7 +144,9 @@ def test_loss_uses_fused_linear_cross_entropy_when_present(monkeypatch):
 
     def fake_lce(hidden2d, weight, labels1d, ignore_index=-100, reduction="mean", num_tokens=None):
         calls.append((hidden2d.shape, weight.shape, labels1d.shape, ignore_index, reduction))
-        return F.cross_entropy(F.linear(hidden2d, weight).float(), labels1d, ignore_index=ignore_index)
+        return F.cross_entropy(
+            F.linear(hidden2d, weight).float(), labels1d, ignore_index=ignore_index
+        )
 
     monkeypatch.setattr(fastllm.ops, "linear_cross_entropy", fake_lce, raising=False)
     fused = model.loss(ids, labels)
@@ -170,7 +172,7 @@ def test_every_op_backend_gives_the_same_model(backend, monkeypatch):
     loss = model.loss(ids, ids)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert_close(loss, ref_loss)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r)
 
 
@@ -181,7 +183,9 @@ def test_bad_inputs_name_the_argument(name):
         model(torch.tensor([[1, 128]]))
     with pytest.raises(ValueError, match=r"input_ids: token ids must be in \[0, 128\).*got -1"):
         model(torch.tensor([[-1, 3]]))
-    with pytest.raises(ValueError, match="input_ids: sequence length 129 exceeds the context of 128"):
+    with pytest.raises(
+        ValueError, match="input_ids: sequence length 129 exceeds the context of 128"
+    ):
         model(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(TypeError, match="input_ids: expected an integer tensor"):
         model(torch.zeros(1, 3))
@@ -192,7 +196,10 @@ def test_bad_inputs_name_the_argument(name):
     with pytest.raises(ValueError, match="labels: expected shape"):
         model.loss(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="cu_seqlens: expected increasing offsets"):
-        model(torch.zeros(1, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 3, 4], dtype=torch.int32))
+        model(
+            torch.zeros(1, 5, dtype=torch.long),
+            cu_seqlens=torch.tensor([0, 3, 4], dtype=torch.int32),
+        )
 
 
 def test_mistral_sliding_window_limit():
@@ -213,5 +220,5 @@ def test_torch_compile_fullgraph_loss_and_gradients(name):
     ref = model.loss(ids, ids)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     assert_close(loss, ref)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r)

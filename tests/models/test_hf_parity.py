@@ -1,12 +1,12 @@
 """Parity with Hugging Face transformers, in both directions, for every architecture:
 
-  HF -> fastllm: a randomly initialised transformers model (small config) is saved, loaded
-      with fastllm.models.from_pretrained and both give the same logits (float32: max abs
-      diff <= 1e-4; bfloat16: our error against the float32 logits is at most 2x that of
-      transformers run in bfloat16, plus 1e-2), and for Llama and GPT-2 the same loss and
-      parameter gradients (float32, max abs diff <= 1e-4 relative to the gradient's scale).
-  fastllm -> HF: a fastllm model is saved with save_pretrained, loaded by transformers,
-      and gives the same logits.
+HF -> fastllm: a randomly initialised transformers model (small config) is saved, loaded
+    with fastllm.models.from_pretrained and both give the same logits (float32: max abs
+    diff <= 1e-4; bfloat16: our error against the float32 logits is at most 2x that of
+    transformers run in bfloat16, plus 1e-2), and for Llama and GPT-2 the same loss and
+    parameter gradients (float32, max abs diff <= 1e-4 relative to the gradient's scale).
+fastllm -> HF: a fastllm model is saved with save_pretrained, loaded by transformers,
+    and gives the same logits.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 
 import pytest
 import torch
+
 from tests.conftest import assert_lowp_rule
 
 transformers = pytest.importorskip("transformers")
@@ -27,7 +28,11 @@ ALL = CAUSAL + ["tiny-bert"]
 
 
 def _hf_class(name):
-    return transformers.AutoModelForMaskedLM if name == "tiny-bert" else transformers.AutoModelForCausalLM
+    return (
+        transformers.AutoModelForMaskedLM
+        if name == "tiny-bert"
+        else transformers.AutoModelForCausalLM
+    )
 
 
 def _hf_model(name, dtype=torch.float32):
