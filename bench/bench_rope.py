@@ -52,7 +52,9 @@ def _step(fn):
         def run():
             qo, ko = fn(q, k, cos, sin)
             torch.autograd.grad((qo, ko), (q, k), (dq, dk))
+
         return run
+
     return factory
 
 
@@ -70,7 +72,9 @@ def providers(device: str) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default=default_device())
     p.add_argument("--tokens", type=int, nargs="*", default=None)
     p.add_argument("--heads", type=int, nargs=2, default=None, metavar=("HQ", "HKV"))
@@ -88,17 +92,43 @@ def main(argv=None):
         for n in tokens:
             for backward in (False, True):
                 mode = "fwd+bwd" if backward else "fwd"
-                params = {"tokens": n, "hq": hq, "hkv": hkv, "head_dim": d, "dtype": dt, "mode": mode}
-                cases.append(Case(f"{n}x({hq}+{hkv})x{d} {dt} {mode}", params,
-                                  lambda n=n, dt=dt, b=backward: _inputs(n, hq, hkv, d, getattr(torch, dt),
-                                                                         args.device, b)))
+                params = {
+                    "tokens": n,
+                    "hq": hq,
+                    "hkv": hkv,
+                    "head_dim": d,
+                    "dtype": dt,
+                    "mode": mode,
+                }
+                cases.append(
+                    Case(
+                        f"{n}x({hq}+{hkv})x{d} {dt} {mode}",
+                        params,
+                        lambda n=n, dt=dt, b=backward: _inputs(
+                            n, hq, hkv, d, getattr(torch, dt), args.device, b
+                        ),
+                    )
+                )
 
     def bytes_moved(pr):
         elt = torch.finfo(getattr(torch, pr["dtype"])).bits // 8
-        return (4 if pr["mode"] == "fwd+bwd" else 2) * pr["tokens"] * (pr["hq"] + pr["hkv"]) * pr["head_dim"] * elt
+        return (
+            (4 if pr["mode"] == "fwd+bwd" else 2)
+            * pr["tokens"]
+            * (pr["hq"] + pr["hkv"])
+            * pr["head_dim"]
+            * elt
+        )
 
-    return run_cases("rope", cases, providers(args.device), args.device, bytes_fn=bytes_moved,
-                     baseline="torch_eager", reps=args.reps)
+    return run_cases(
+        "rope",
+        cases,
+        providers(args.device),
+        args.device,
+        bytes_fn=bytes_moved,
+        baseline="torch_eager",
+        reps=args.reps,
+    )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ def _step(fn):
 
         def run():
             torch.autograd.grad(fn(g, u), (g, u), dy)
+
         return run
+
     return factory
 
 
@@ -61,7 +63,9 @@ def providers(device: str) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default=default_device())
     p.add_argument("--rows", type=int, nargs="*", default=None)
     p.add_argument("--inter", type=int, nargs="*", default=None)
@@ -79,16 +83,29 @@ def main(argv=None):
                 for backward in (False, True):
                     mode = "fwd+bwd" if backward else "fwd"
                     params = {"rows": r, "inter": i, "dtype": dt, "mode": mode}
-                    cases.append(Case(f"{r}x{i} {dt} {mode}", params,
-                                      lambda r=r, i=i, dt=dt, b=backward: _inputs(r, i, getattr(torch, dt),
-                                                                                  args.device, b)))
+                    cases.append(
+                        Case(
+                            f"{r}x{i} {dt} {mode}",
+                            params,
+                            lambda r=r, i=i, dt=dt, b=backward: _inputs(
+                                r, i, getattr(torch, dt), args.device, b
+                            ),
+                        )
+                    )
 
     def bytes_moved(pr):
         elt = torch.finfo(getattr(torch, pr["dtype"])).bits // 8
         return (8 if pr["mode"] == "fwd+bwd" else 3) * pr["rows"] * pr["inter"] * elt
 
-    return run_cases("swiglu", cases, providers(args.device), args.device, bytes_fn=bytes_moved,
-                     baseline="torch_eager", reps=args.reps)
+    return run_cases(
+        "swiglu",
+        cases,
+        providers(args.device),
+        args.device,
+        bytes_fn=bytes_moved,
+        baseline="torch_eager",
+        reps=args.reps,
+    )
 
 
 if __name__ == "__main__":

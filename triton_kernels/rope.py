@@ -17,8 +17,18 @@ from .utils import acc_dtype, row_warps
 
 
 @triton.jit
-def _rotate_heads(X, Y, row, n_heads, half, c, s, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                  ACC: tl.constexpr):
+def _rotate_heads(
+    X,
+    Y,
+    row,
+    n_heads,
+    half,
+    c,
+    s,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    ACC: tl.constexpr,
+):
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < n_heads) & (cols < half)
@@ -31,11 +41,20 @@ def _rotate_heads(X, Y, row, n_heads, half, c, s, BLOCK_H: tl.constexpr, BLOCK_H
 
 @triton.jit
 def _rope_kernel(
-    Q, K, QO, KO,  # Q, QO: (n_tokens, n_q_heads, 2*half); K, KO: (n_tokens, n_k_heads, 2*half)
-    COS, SIN,  # (n_tokens, half), float32 (float64 for float64 inputs)
-    n_q_heads, n_k_heads, half,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    INVERSE: tl.constexpr, ACC: tl.constexpr,
+    Q,
+    K,
+    QO,
+    KO,  # Q, QO: (n_tokens, n_q_heads, 2*half); K, KO: (n_tokens, n_k_heads, 2*half)
+    COS,
+    SIN,  # (n_tokens, half), float32 (float64 for float64 inputs)
+    n_q_heads,
+    n_k_heads,
+    half,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    INVERSE: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
@@ -48,8 +67,15 @@ def _rope_kernel(
     _rotate_heads(K, KO, row, n_k_heads, half, c, s, BLOCK_HK, BLOCK_HALF, ACC)
 
 
-def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             q_out: torch.Tensor, k_out: torch.Tensor, inverse: bool = False) -> None:
+def rope_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    inverse: bool = False,
+) -> None:
     """q, q_out: (N, Hq, D); k, k_out: (N, Hkv, D); cos, sin: (N, D/2); all contiguous.
     Writes the rotated q and k (inverse=True: rotated back) into q_out and k_out."""
     n_tokens, n_q_heads, head_dim = q.shape
@@ -61,7 +87,19 @@ def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     if n_tokens == 0:
         return
     _rope_kernel[(n_tokens,)](
-        q, k, q_out, k_out, cos, sin, n_q_heads, n_k_heads, half,
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
-        INVERSE=inverse, ACC=acc_dtype(q.dtype), num_warps=row_warps(block_hq * block_half),
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        n_q_heads,
+        n_k_heads,
+        half,
+        BLOCK_HQ=block_hq,
+        BLOCK_HK=block_hk,
+        BLOCK_HALF=block_half,
+        INVERSE=inverse,
+        ACC=acc_dtype(q.dtype),
+        num_warps=row_warps(block_hq * block_half),
     )

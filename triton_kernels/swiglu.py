@@ -43,14 +43,18 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> torch
     """gate, up, out: same shape, contiguous. Writes silu(gate) * up into out and returns it."""
     n = gate.numel()
     if n > 0:
-        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, ACC=acc_dtype(gate.dtype))
+        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+            gate, up, out, n, BLOCK=BLOCK, ACC=acc_dtype(gate.dtype)
+        )
     return out
 
 
-def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-               d_gate: torch.Tensor, d_up: torch.Tensor) -> None:
+def swiglu_bwd(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, d_gate: torch.Tensor, d_up: torch.Tensor
+) -> None:
     """All five tensors: same shape, contiguous. Writes the gradients of gate and up."""
     n = gate.numel()
     if n > 0:
-        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, gate, up, d_gate, d_up, n, BLOCK=BLOCK,
-                                                     ACC=acc_dtype(gate.dtype))
+        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+            dy, gate, up, d_gate, d_up, n, BLOCK=BLOCK, ACC=acc_dtype(gate.dtype)
+        )

@@ -49,7 +49,9 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = 
     if kind == "default":
         return inv_freq
     if kind != "llama3":
-        raise NotImplementedError(f"rope scaling: rope_type {kind!r} is not supported (default, llama3)")
+        raise NotImplementedError(
+            f"rope scaling: rope_type {kind!r} is not supported (default, llama3)"
+        )
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_len = float(scaling["original_max_position_embeddings"])
@@ -62,7 +64,9 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = 
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """cos and sin of position * inv_freq: position_ids (...,) -> two (..., D/2) tensors.
 
     The angle is formed in float32 (float64 when dtype is float64), as Hugging Face does."""
@@ -83,12 +87,16 @@ def _rotate_reference(x: Tensor, cos: Tensor, sin: Tensor, upcast: bool) -> Tens
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(dtype)
 
 
-def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, upcast: bool = True) -> tuple[Tensor, Tensor]:
+def rope_reference(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, upcast: bool = True
+) -> tuple[Tensor, Tensor]:
     """Plain PyTorch RoPE on q and k (see module docstring); upcast=False runs in q's dtype."""
     return _rotate_reference(q, cos, sin, upcast), _rotate_reference(k, cos, sin, upcast)
 
 
-def rope_backward_reference(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+def rope_backward_reference(
+    dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor]:
     """Gradients of rope_reference: the inverse rotation of the output gradients."""
     return _rotate_reference(dq, cos, -sin, True), _rotate_reference(dk, cos, -sin, True)
 
@@ -108,15 +116,19 @@ def _check(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
     if q.dim() not in (3, 4):
         raise ValueError(f"q: expected shape (B, T, H, D) or (N, H, D), got {list(q.shape)}")
     if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k: expected shape {list(q.shape[:-2])} + [Hkv, {q.shape[-1]}] (as q), "
-                         f"got {list(k.shape)}")
+        raise ValueError(
+            f"k: expected shape {list(q.shape[:-2])} + [Hkv, {q.shape[-1]}] (as q), "
+            f"got {list(k.shape)}"
+        )
     D = q.shape[-1]
     if D % 2:
         raise ValueError(f"q: expected an even head dimension, got {D}")
     expected = list(q.shape[:-2]) + [D // 2]
     for t, name in ((cos, "cos"), (sin, "sin")):
         if list(t.shape) != expected:
-            raise ValueError(f"{name}: expected shape {expected} (tokens of q, head_dim/2), got {list(t.shape)}")
+            raise ValueError(
+                f"{name}: expected shape {expected} (tokens of q, head_dim/2), got {list(t.shape)}"
+            )
 
 
 def _choose(q: Tensor, backend: str) -> str:
@@ -149,7 +161,9 @@ def _rope_dispatch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backend: str,
 
 
 @torch.library.custom_op("fastllm::rope", mutates_args=())
-def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def _rope_op(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
     _check(q, k, cos, sin)
     return _rope_dispatch(q, k, cos, sin, backend, inverse=False)
 
@@ -157,19 +171,25 @@ def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backend: str = "aut
 @_rope_op.register_fake
 def _(q, k, cos, sin, backend="auto"):
     _check(q, k, cos, sin)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+    )
 
 
 @torch.library.custom_op("fastllm::rope_backward", mutates_args=())
-def _rope_backward_op(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def _rope_backward_op(
+    dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
     return _rope_dispatch(dq, dk, cos, sin, backend, inverse=True)
 
 
 @_rope_backward_op.register_fake
 def _(dq, dk, cos, sin, backend="auto"):
-    return (torch.empty_like(dq, memory_format=torch.contiguous_format),
-            torch.empty_like(dk, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(dq, memory_format=torch.contiguous_format),
+        torch.empty_like(dk, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -181,7 +201,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq, dk = torch.ops.fastllm.rope_backward(dq.to(ctx.q_dtype), dk.to(ctx.k_dtype), cos, sin, ctx.backend)
+    dq, dk = torch.ops.fastllm.rope_backward(
+        dq.to(ctx.q_dtype), dk.to(ctx.k_dtype), cos, sin, ctx.backend
+    )
     return dq, dk, None, None, None  # cos and sin are constants (functions of positions)
 
 
@@ -204,7 +226,9 @@ _register_native_fakes()
 # --------------------------------------------------------------------------- public API
 
 
-def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+def apply_rope(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
     """Rotate q (B, T, Hq, D) / (N, Hq, D) and k (same leading dims, Hkv heads) by per-token
     cos, sin (B, T, D/2) / (N, D/2). Returns (q_rot, k_rot) in q's dtype; q and k are read
     in one kernel launch. backend: None (auto, or FASTLLM_BACKEND), "reference", "triton"
@@ -212,7 +236,9 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, backend: str |
     return torch.ops.fastllm.rope(q, k, cos, sin, backend or "auto")
 
 
-def rope(q: Tensor, k: Tensor, inv_freq: Tensor, position_ids: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+def rope(
+    q: Tensor, k: Tensor, inv_freq: Tensor, position_ids: Tensor, *, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
     """apply_rope with cos/sin formed from position_ids (q's leading dims, any integers)."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     cos, sin = rope_cos_sin(inv_freq, position_ids, dtype)

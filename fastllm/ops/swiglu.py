@@ -53,7 +53,9 @@ def _check(gate: Tensor, up: Tensor) -> None:
     check_dtype(up, "up")
     check_same_device(gate, "gate", up, "up")
     if up.shape != gate.shape:
-        raise ValueError(f"up: expected shape {list(gate.shape)} (same as gate), got {list(up.shape)}")
+        raise ValueError(
+            f"up: expected shape {list(gate.shape)} (same as gate), got {list(up.shape)}"
+        )
     if up.dtype != gate.dtype:
         raise TypeError(f"up: expected dtype {gate.dtype} (same as gate), got {up.dtype}")
 
@@ -87,7 +89,9 @@ def _(gate, up, backend="auto"):
 
 
 @torch.library.custom_op("fastllm::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(grad_out: Tensor, gate: Tensor, up: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def _swiglu_backward_op(
+    grad_out: Tensor, gate: Tensor, up: Tensor, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
     chosen = _choose(gate, backend)
     if chosen == "reference":
         return swiglu_backward_reference(grad_out, gate, up)
@@ -104,8 +108,10 @@ def _swiglu_backward_op(grad_out: Tensor, gate: Tensor, up: Tensor, backend: str
 
 @_swiglu_backward_op.register_fake
 def _(grad_out, gate, up, backend="auto"):
-    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
-            torch.empty_like(up, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(gate, memory_format=torch.contiguous_format),
+        torch.empty_like(up, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):

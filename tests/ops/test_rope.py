@@ -7,14 +7,17 @@ import math
 
 import pytest
 import torch
-from tests.conftest import DEVICES, assert_close, assert_lowp_rule, compiled_backends
 
 from fastllm.ops import apply_rope, rope_cos_sin, rope_inv_freq, rope_reference
 from fastllm.ops.rope import rope_backward_reference
+from tests.conftest import DEVICES, assert_close, assert_lowp_rule, compiled_backends
 
 BACKENDS = compiled_backends("cpu")
-BACKEND_DEVICE = [pytest.param(b, d, marks=[pytest.mark.gpu] if d == "cuda" else [])
-                  for d in DEVICES for b in compiled_backends(d)]
+BACKEND_DEVICE = [
+    pytest.param(b, d, marks=[pytest.mark.gpu] if d == "cuda" else [])
+    for d in DEVICES
+    for b in compiled_backends(d)
+]
 # (B, T, Hq, Hkv, D): odd token counts, GQA, head_dim 80 (half 40: not a power of two)
 SHAPES = [(1, 1, 1, 1, 2), (2, 5, 4, 2, 16), (1, 123, 3, 1, 80), (3, 7, 8, 8, 64)]
 
@@ -66,7 +69,9 @@ def test_low_precision_rule(backend, device, dtype):
     q, k, cos, sin = _inputs(2, 33, 4, 2, 80, torch.float32, device)
     rq, rk = rope_reference(q, k, cos, sin)  # float32 reference
     ql, kl = q.to(dtype), k.to(dtype)
-    tq, tk = rope_reference(ql, kl, cos.to(dtype), sin.to(dtype), upcast=False)  # torch in low precision
+    tq, tk = rope_reference(
+        ql, kl, cos.to(dtype), sin.to(dtype), upcast=False
+    )  # torch in low precision
     oq, ok = apply_rope(ql, kl, cos, sin, backend=backend)
     assert oq.dtype == dtype and ok.dtype == dtype
     assert_lowp_rule(oq, tq, rq, "q")
@@ -78,7 +83,9 @@ def test_gradcheck_float64(backend):
     q, k, cos, sin = _inputs(1, 4, 2, 1, 6, torch.float64)
     q.requires_grad_(True)
     k.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: apply_rope(a, b, cos, sin, backend=backend), (q, k))
+    assert torch.autograd.gradcheck(
+        lambda a, b: apply_rope(a, b, cos, sin, backend=backend), (q, k)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -94,9 +101,9 @@ def test_packed_layout_restarting_positions(backend):
     start = 0
     for n in lengths:
         c, s = rope_cos_sin(rope_inv_freq(D), torch.arange(n))
-        rq, rk = rope_reference(q[start:start + n], k[start:start + n], c, s)
-        assert_close(qo[start:start + n], rq)
-        assert_close(ko[start:start + n], rk)
+        rq, rk = rope_reference(q[start : start + n], k[start : start + n], c, s)
+        assert_close(qo[start : start + n], rq)
+        assert_close(ko[start : start + n], rk)
         start += n
 
 
@@ -107,6 +114,7 @@ def test_position_zero_is_identity_and_rotation_is_relative():
     c, s = rope_cos_sin(inv, torch.zeros(1, 2, dtype=torch.long))
     qo, ko = apply_rope(q, k, c, s)
     assert_close(qo, q)
+
     # <rot(q, m), rot(k, n)> depends only on m - n
     def dot(m, n):
         cq, sq = rope_cos_sin(inv, torch.tensor([[m]]))
@@ -114,15 +122,21 @@ def test_position_zero_is_identity_and_rotation_is_relative():
         a, _ = apply_rope(q[:, :1], k[:, :1], cq, sq)
         _, b = apply_rope(q[:, :1], k[:, :1], ck, sk)
         return (a * b).sum()
+
     assert_close(dot(7, 3), dot(104, 100))
 
 
 def test_llama3_scaling_matches_formula():
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     base = rope_inv_freq(128, 500000.0)
     scaled = rope_inv_freq(128, 500000.0, scaling)
-    for b, s in zip(base.tolist(), scaled.tolist()):
+    for b, s in zip(base.tolist(), scaled.tolist(), strict=True):
         wavelen = 2 * math.pi / b
         if wavelen < 8192 / 4.0:
             expect = b
@@ -158,8 +172,10 @@ def test_opcheck_native_kernel():
     if "native" not in BACKENDS:
         pytest.fail("the compiled extension should be built for the tests")
     q, k, cos, sin = _inputs(1, 6, 3, 1, 10, torch.float32)
-    torch.library.opcheck(torch.ops.fastllm.rope_fwd.default, (q.view(6, 3, 10), k.view(6, 1, 10),
-                                                             cos.view(6, 5), sin.view(6, 5), True))
+    torch.library.opcheck(
+        torch.ops.fastllm.rope_fwd.default,
+        (q.view(6, 3, 10), k.view(6, 1, 10), cos.view(6, 5), sin.view(6, 5), True),
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -168,13 +184,13 @@ def test_torch_compile_fullgraph():
 
     def f(a, b):
         qa, kb = apply_rope(a * 2, b, cos, sin, backend="native")
-        return (qa.sum(-1) ** 2).sum() + (kb ** 2).sum()
+        return (qa.sum(-1) ** 2).sum() + (kb**2).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     a, b = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
     ga = torch.autograd.grad(compiled(a, b), (a, b))
     ea = torch.autograd.grad(f(a, b), (a, b))
-    for x, y in zip(ga, ea):
+    for x, y in zip(ga, ea, strict=True):
         assert_close(x, y)
 
 

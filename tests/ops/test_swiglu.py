@@ -6,20 +6,25 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import DEVICES, assert_close, assert_lowp_rule, compiled_backends
 
 from fastllm.ops import swiglu, swiglu_backward_reference, swiglu_reference
+from tests.conftest import DEVICES, assert_close, assert_lowp_rule, compiled_backends
 
 BACKENDS = compiled_backends("cpu")
-BACKEND_DEVICE = [pytest.param(b, d, marks=[pytest.mark.gpu] if d == "cuda" else [])
-                  for d in DEVICES for b in compiled_backends(d)]
+BACKEND_DEVICE = [
+    pytest.param(b, d, marks=[pytest.mark.gpu] if d == "cuda" else [])
+    for d in DEVICES
+    for b in compiled_backends(d)
+]
 SHAPES = [(1,), (5, 123), (3, 7, 1000), (2, 1537)]
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_backward_float32(backend, device, shape):
-    g = (torch.randn(shape, device=device) * 4).requires_grad_(True)  # wide range: both sigmoid tails
+    g = (torch.randn(shape, device=device) * 4).requires_grad_(
+        True
+    )  # wide range: both sigmoid tails
     u = torch.randn(shape, device=device).requires_grad_(True)
     y = swiglu(g, u, backend=backend)
     assert_close(y, swiglu_reference(g.detach(), u.detach()))
@@ -79,7 +84,9 @@ def test_opcheck(backend):
     u = torch.randn(4, 33, requires_grad=True)
     torch.library.opcheck(torch.ops.fastllm.swiglu.default, (g, u, backend))
     dy = torch.randn(4, 33)
-    torch.library.opcheck(torch.ops.fastllm.swiglu_backward.default, (dy, g.detach(), u.detach(), backend))
+    torch.library.opcheck(
+        torch.ops.fastllm.swiglu_backward.default, (dy, g.detach(), u.detach(), backend)
+    )
 
 
 def test_opcheck_native_kernels():
@@ -101,7 +108,7 @@ def test_torch_compile_fullgraph_mlp():
     x = torch.randn(3, 16)
     got = torch.autograd.grad(compiled(x).sum(), list(gate.parameters()) + list(up.parameters()))
     exp = torch.autograd.grad(mlp(x).sum(), list(gate.parameters()) + list(up.parameters()))
-    for a, b in zip(got, exp):
+    for a, b in zip(got, exp, strict=True):
         assert_close(a, b)
 
 
