@@ -27,8 +27,22 @@ from fastllm.data.sft import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "BatchLoader", "MLMDataset", "PackedDataset", "PreferenceDataset",
-    "SFTDataset", "build_sft_example", "collate_blocks", "collate_padded", "data_path",
-    "default_collate", "load_corpus", "load_instructions", "load_preferences", "mask_tokens",
-    "pad_batch", "segments", "train_test_split",
+    "IGNORE_INDEX",
+    "BatchLoader",
+    "MLMDataset",
+    "PackedDataset",
+    "PreferenceDataset",
+    "SFTDataset",
+    "build_sft_example",
+    "collate_blocks",
+    "collate_padded",
+    "data_path",
+    "default_collate",
+    "load_corpus",
+    "load_instructions",
+    "load_preferences",
+    "mask_tokens",
+    "pad_batch",
+    "segments",
+    "train_test_split",
 ]

@@ -43,7 +43,16 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> TokenizerBase:
 
 
 __all__ = [
-    "ASSISTANT_TOKEN", "CHAT_SPECIAL_TOKENS", "HFTokenizer", "MASK_TOKEN", "SYSTEM_TOKEN",
-    "Tokenizer", "TokenizerBase", "USER_TOKEN", "check_token_ids", "format_chat",
-    "format_prompt", "load_tokenizer",
+    "ASSISTANT_TOKEN",
+    "CHAT_SPECIAL_TOKENS",
+    "HFTokenizer",
+    "MASK_TOKEN",
+    "SYSTEM_TOKEN",
+    "Tokenizer",
+    "TokenizerBase",
+    "USER_TOKEN",
+    "check_token_ids",
+    "format_chat",
+    "format_prompt",
+    "load_tokenizer",
 ]

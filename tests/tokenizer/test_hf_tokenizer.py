@@ -21,22 +21,34 @@ def hf_dir(tmp_path_factory):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tk.train_from_iterator(load_corpus("botchan", unit="paragraph"), trainer=trainer)
     d = tmp_path_factory.mktemp("hf")
     tk.save(str(d / "tokenizer.json"))
     # The two spellings checkpoints use: a plain string and an AddedToken-like dict.
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": {"content": "<|begin_of_text|>", "special": True},
-        "eos_token": "<|end_of_text|>",
-        "pad_token": None,
-    }))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": {"content": "<|begin_of_text|>", "special": True},
+                "eos_token": "<|end_of_text|>",
+                "pad_token": None,
+            }
+        )
+    )
     return d
 
 
 def test_loads_with_special_tokens_from_config(hf_dir):
-    for tok in (HFTokenizer.load(hf_dir), HFTokenizer.load(hf_dir / "tokenizer.json"), load_tokenizer(hf_dir)):
+    for tok in (
+        HFTokenizer.load(hf_dir),
+        HFTokenizer.load(hf_dir / "tokenizer.json"),
+        load_tokenizer(hf_dir),
+    ):
         assert isinstance(tok, HFTokenizer)
         assert tok.vocab_size == 600
         assert tok.bos_id == tok.token_to_id("<|begin_of_text|>") == 0
@@ -59,7 +71,9 @@ def test_encode_decode_round_trip_and_special_tokens(hf_dir):
 
 def test_rejects_ids_outside_the_vocabulary(hf_dir):
     tok = HFTokenizer.load(hf_dir)
-    with pytest.raises(ValueError, match=r"ids: token id 600 at position 0 is outside the vocabulary \[0, 600\)"):
+    with pytest.raises(
+        ValueError, match=r"ids: token id 600 at position 0 is outside the vocabulary \[0, 600\)"
+    ):
         tok.decode([600])
     with pytest.raises(ValueError, match=r"ids: token id -1"):
         tok.decode(torch.tensor([3, -1]))
@@ -82,7 +96,7 @@ def test_sft_example_with_hf_tokenizer(hf_dir):
     ids, labels, p = ex["input_ids"], ex["labels"], ex["prompt_length"]
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
     assert all(lab == -100 for lab in labels[: p - 1])
-    assert labels[p - 1:-1] == ids[p:]
+    assert labels[p - 1 : -1] == ids[p:]
     assert tok.decode(ids[p:]) == "Botchan does."
 
 

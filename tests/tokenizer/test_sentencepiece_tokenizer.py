@@ -66,7 +66,7 @@ def test_batch_encode_matches_single_and_adds_bos_eos(botchan_tokenizer):
     texts = ["I went to Shikoku.", "", "Red Shirt talks in a feminine voice."]
     batch = tok.encode(texts, add_bos=True, add_eos=True)
     assert isinstance(batch, list) and len(batch) == 3
-    for text, ids in zip(texts, batch):
+    for text, ids in zip(texts, batch, strict=True):
         single = tok.encode(text)
         assert ids == [tok.bos_id] + single + [tok.eos_id]
         assert all(isinstance(i, int) for i in ids)
@@ -99,8 +99,11 @@ def test_train_from_a_text_file(tmp_path):
 def test_save_load_round_trip(botchan_tokenizer, tmp_path):
     tok = botchan_tokenizer
     tok.save(tmp_path)
-    for loaded in (Tokenizer.load(tmp_path), Tokenizer.load(tmp_path / "tokenizer.model"),
-                   load_tokenizer(tmp_path)):
+    for loaded in (
+        Tokenizer.load(tmp_path),
+        Tokenizer.load(tmp_path / "tokenizer.model"),
+        load_tokenizer(tmp_path),
+    ):
         assert isinstance(loaded, Tokenizer)
         assert loaded.vocab_size == tok.vocab_size
         assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.mask_id) == (1, 2, 3, 4)
@@ -112,9 +115,18 @@ def _llama_style_model(tmp_path) -> str:
     piece, byte fallback, the default (nmt_nfkc) normalisation."""
     prefix = os.path.join(tmp_path, "llama")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(load_corpus("botchan", unit="paragraph")), model_prefix=prefix,
-        vocab_size=700, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, minloglevel=2, num_threads=2)
+        sentence_iterator=iter(load_corpus("botchan", unit="paragraph")),
+        model_prefix=prefix,
+        vocab_size=700,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        num_threads=2,
+    )
     os.makedirs(os.path.join(tmp_path, "ckpt"))
     target = os.path.join(tmp_path, "ckpt", "tokenizer.model")
     os.replace(prefix + ".model", target)
@@ -124,21 +136,28 @@ def _llama_style_model(tmp_path) -> str:
 def test_loads_llama_style_tokenizer_model(tmp_path):
     path = _llama_style_model(tmp_path)
     sp = spm.SentencePieceProcessor(model_file=path)
-    for tok in (Tokenizer.load(path), Tokenizer.load(os.path.dirname(path)),
-                load_tokenizer(os.path.dirname(path))):
+    for tok in (
+        Tokenizer.load(path),
+        Tokenizer.load(os.path.dirname(path)),
+        load_tokenizer(os.path.dirname(path)),
+    ):
         assert tok.vocab_size == 700
         assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
         assert tok.pad_id == tok.unk_id  # no pad piece: padding uses unk, never eos
         assert tok.mask_id is None
         text = "I have been getting the worst of it since childhood."
         assert tok.encode(text, add_bos=True) == [1] + sp.encode(text)
-        assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == sp.decode(sp.encode(text))
+        assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == sp.decode(
+            sp.encode(text)
+        )
     assert Tokenizer.load(path, pad_id=2).pad_id == 2
 
 
 def test_decode_rejects_ids_outside_the_vocabulary(botchan_tokenizer):
     tok = botchan_tokenizer
-    with pytest.raises(ValueError, match=r"ids: token id 800 at position 1 is outside the vocabulary \[0, 800\)"):
+    with pytest.raises(
+        ValueError, match=r"ids: token id 800 at position 1 is outside the vocabulary \[0, 800\)"
+    ):
         tok.decode([5, 800])
     with pytest.raises(ValueError, match=r"ids\[1\]: token id -100"):
         tok.decode([[5], [6, -100]])

@@ -30,8 +30,9 @@ def test_system_and_multi_turn_history():
         {"role": "assistant", "content": "b."},
     ]
     prompt, full = format_chat(messages)
-    assert prompt == ("<|system|>\nBe brief.\n<|user|>\nA?\n<|assistant|>\na.\n"
-                      "<|user|>\nB?\n<|assistant|>\n")
+    assert prompt == (
+        "<|system|>\nBe brief.\n<|user|>\nA?\n<|assistant|>\na.\n<|user|>\nB?\n<|assistant|>\n"
+    )
     assert full == prompt + "b."
     assert format_prompt(messages[:4]) == prompt
     # system= adds a system message only when there is none
@@ -39,17 +40,43 @@ def test_system_and_multi_turn_history():
     assert format_chat(messages, system="ignored") == (prompt, full)
 
 
-@pytest.mark.parametrize("bad, err, match", [
-    ([], ValueError, "conversation: expected at least one message"),
-    ([{"role": "user", "content": "A?"}], ValueError, "the last message must have role 'assistant'"),
-    ([{"role": "assistant", "content": "a"}], ValueError, r"conversation\[0\]\['role'\]: expected 'user'"),
-    ([{"role": "user", "content": "A"}, {"role": "user", "content": "B"}], ValueError,
-     r"conversation\[1\]\['role'\]: expected 'assistant'"),
-    ([{"role": "user"}], ValueError, r"conversation\[0\]: expected a dict with 'role' and 'content'"),
-    ([{"role": "user", "content": 3}], TypeError, r"conversation\[0\]\['content'\]: expected str"),
-    ({"question": "A"}, ValueError, "conversation: a dict needs 'messages' or 'prompt' and 'response'"),
-    (42, TypeError, "conversation: expected"),
-])
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        ([], ValueError, "conversation: expected at least one message"),
+        (
+            [{"role": "user", "content": "A?"}],
+            ValueError,
+            "the last message must have role 'assistant'",
+        ),
+        (
+            [{"role": "assistant", "content": "a"}],
+            ValueError,
+            r"conversation\[0\]\['role'\]: expected 'user'",
+        ),
+        (
+            [{"role": "user", "content": "A"}, {"role": "user", "content": "B"}],
+            ValueError,
+            r"conversation\[1\]\['role'\]: expected 'assistant'",
+        ),
+        (
+            [{"role": "user"}],
+            ValueError,
+            r"conversation\[0\]: expected a dict with 'role' and 'content'",
+        ),
+        (
+            [{"role": "user", "content": 3}],
+            TypeError,
+            r"conversation\[0\]\['content'\]: expected str",
+        ),
+        (
+            {"question": "A"},
+            ValueError,
+            "conversation: a dict needs 'messages' or 'prompt' and 'response'",
+        ),
+        (42, TypeError, "conversation: expected"),
+    ],
+)
 def test_bad_conversations(bad, err, match):
     with pytest.raises(err, match=match):
         format_chat(bad)
