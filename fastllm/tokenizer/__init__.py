@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from fastllm.tokenizer.base import TokenizerBase, check_token_ids
+from fastllm.tokenizer.base import TokenizerBase, check_token_ids, check_vocab_fits
 from fastllm.tokenizer.chat import (
     ASSISTANT_TOKEN,
     CHAT_SPECIAL_TOKENS,
@@ -52,6 +52,7 @@ __all__ = [
     "TokenizerBase",
     "USER_TOKEN",
     "check_token_ids",
+    "check_vocab_fits",
     "format_chat",
     "format_prompt",
     "load_tokenizer",

@@ -13,6 +13,7 @@ from fastllm.tokenizer import (
     CHAT_SPECIAL_TOKENS,
     MASK_TOKEN,
     Tokenizer,
+    check_vocab_fits,
     format_chat,
     load_tokenizer,
 )
@@ -208,3 +209,12 @@ def test_load_rejects_missing_or_bad_files(tmp_path):
         Tokenizer.load(bad)
     with pytest.raises(FileNotFoundError, match="path: "):
         load_tokenizer(tmp_path / "nothing")
+
+
+def test_check_vocab_fits(botchan_tokenizer):
+    check_vocab_fits(botchan_tokenizer, 800)
+    check_vocab_fits(botchan_tokenizer, 832)  # padded model vocabularies are fine
+    with pytest.raises(
+        ValueError, match="model_vocab: the model has 799 embeddings but the tokenizer"
+    ):
+        check_vocab_fits(botchan_tokenizer, 799, name="model_vocab")
