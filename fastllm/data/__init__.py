@@ -18,6 +18,7 @@ from fastllm.data.corpus import (
 from fastllm.data.loader import BatchLoader, default_collate
 from fastllm.data.mlm import MLMDataset, mask_tokens
 from fastllm.data.packing import IGNORE_INDEX, PackedDataset, collate_blocks, segments
+from fastllm.data.prompts import PromptDataset, collate_left_padded
 from fastllm.data.sft import (
     PreferenceDataset,
     SFTDataset,
@@ -32,6 +33,8 @@ __all__ = [
     "MLMDataset",
     "PackedDataset",
     "PreferenceDataset",
+    "PromptDataset",
+    "collate_left_padded",
     "SFTDataset",
     "build_sft_example",
     "collate_blocks",
