@@ -64,7 +64,6 @@ def test_bad_input(botchan_tokenizer):
                 [
                     {"role": "user", "content": "q"},
                     {"role": "assistant", "content": "a"},
-                    {"role": "assistant", "content": "b"},
                 ]
             ],
             tok,
