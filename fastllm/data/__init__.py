@@ -20,6 +20,7 @@ from fastllm.data.mlm import MLMDataset, mask_tokens
 from fastllm.data.packing import IGNORE_INDEX, PackedDataset, collate_blocks, segments
 from fastllm.data.prompts import PromptDataset, collate_left_padded
 from fastllm.data.sft import (
+    PackedSFTDataset,
     PreferenceDataset,
     SFTDataset,
     build_sft_example,
@@ -32,6 +33,7 @@ __all__ = [
     "BatchLoader",
     "MLMDataset",
     "PackedDataset",
+    "PackedSFTDataset",
     "PreferenceDataset",
     "PromptDataset",
     "collate_left_padded",

@@ -241,3 +241,85 @@ class PreferenceDataset:
         out = collate_padded(items, self.pad_id, prefix="chosen_", length=L)
         out.update(collate_padded(items, self.pad_id, prefix="rejected_", length=L))
         return out
+
+
+class PackedSFTDataset:
+    """SFT (or any prompt-masked) examples packed into fixed-length blocks, like
+    PackedDataset's pre-training blocks: consecutive examples fill a block of `block_size`
+    tokens until the next one does not fit; the rest of the block is padding (pad_id, labels
+    -100) forming its own segment. Each example is its own segment in cu_seqlens and its
+    position_ids start at 0, so with varlen attention nothing leaks between examples, and
+    its labels (already shifted inside the example) never point into the next one.
+
+    examples: an SFTDataset, or a list of {"input_ids": list[int], "labels": list[int]}.
+    item -> {"input_ids", "labels", "position_ids"} (T,) int64 and "cu_seqlens" (S+1,) int32;
+    `collate` as PackedDataset's.
+    """
+
+    def __init__(self, examples, block_size: int, pad_id: int | None = None):
+        if isinstance(examples, SFTDataset):
+            pad_id = examples.pad_id if pad_id is None else pad_id
+            examples = examples.examples
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+        if pad_id is None:
+            raise ValueError("pad_id: required when examples is not an SFTDataset")
+        if len(examples) == 0:
+            raise ValueError("examples: empty dataset")
+        self.block_size = block_size
+        self.pad_id = pad_id
+        self.examples = examples
+        self.blocks: list[list[int]] = []  # example indices per block, in order
+        used = block_size
+        for i, ex in enumerate(examples):
+            n = len(ex["input_ids"])
+            if len(ex["labels"]) != n:
+                raise ValueError(
+                    f"examples[{i}]: input_ids has {n} tokens but labels has {len(ex['labels'])}"
+                )
+            if n > block_size:
+                raise ValueError(
+                    f"block_size: examples[{i}] has {n} tokens, more than "
+                    f"block_size={block_size} (build the examples with "
+                    f"max_length <= block_size)"
+                )
+            if n == 0:
+                continue
+            if used + n > block_size:
+                self.blocks.append([])
+                used = 0
+            self.blocks[-1].append(i)
+            used += n
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        T = self.block_size
+        input_ids = torch.full((T,), self.pad_id, dtype=torch.long)
+        labels = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros(T, dtype=torch.long)
+        cu, s = [0], 0
+        for i in self.blocks[index]:
+            ex = self.examples[i]
+            n = len(ex["input_ids"])
+            input_ids[s : s + n] = torch.as_tensor(ex["input_ids"])
+            labels[s : s + n] = torch.as_tensor(ex["labels"])
+            position_ids[s : s + n] = torch.arange(n)
+            s += n
+            cu.append(s)
+        if s < T:  # padding: its own segment
+            position_ids[s:] = torch.arange(T - s)
+            cu.append(T)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+        }
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        from fastllm.data.packing import collate_blocks
+
+        return collate_blocks(items)

@@ -6,6 +6,7 @@ import torch
 
 from fastllm.data import (
     IGNORE_INDEX,
+    PackedSFTDataset,
     PreferenceDataset,
     SFTDataset,
     build_sft_example,
@@ -137,3 +138,42 @@ def test_bad_input(botchan_tokenizer):
         SFTDataset([("a", "b"), [{"role": "user", "content": "only a question"}]], tok)
     with pytest.raises(ValueError, match="max_length: all 1 records are longer than max_length=4"):
         SFTDataset([("a question", "an answer")], tok, max_length=4, too_long="skip")
+
+
+def test_packed_sft_blocks(botchan_tokenizer):
+    tok = botchan_tokenizer
+    sft = SFTDataset(load_instructions()[:60], tok, max_length=64, too_long="skip")
+    packed = PackedSFTDataset(sft, 128)
+    seen = []
+    for b in range(len(packed)):
+        item = packed[b]
+        cu = item["cu_seqlens"].tolist()
+        assert cu[0] == 0 and cu[-1] == 128
+        members = packed.blocks[b]
+        for j, i in enumerate(members):  # each example is one segment, copied verbatim
+            s, e = cu[j], cu[j + 1]
+            assert item["input_ids"][s:e].tolist() == sft.examples[i]["input_ids"]
+            assert item["labels"][s:e].tolist() == sft.examples[i]["labels"]
+            assert item["position_ids"][s:e].tolist() == list(range(e - s))
+        if len(cu) - 1 > len(members):  # trailing padding segment
+            s = cu[len(members)]
+            assert (item["input_ids"][s:] == tok.pad_id).all()
+            assert (item["labels"][s:] == IGNORE_INDEX).all()
+        # greedy in order: the next example would not have fitted
+        if b + 1 < len(packed):
+            nxt = len(sft.examples[packed.blocks[b + 1][0]]["input_ids"])
+            assert cu[len(members)] + nxt > 128
+        seen += members
+    assert seen == list(range(len(sft)))  # every example once, order kept
+    batch = packed.collate([packed[0], packed[1]])
+    assert batch["input_ids"].shape == (2, 128) and batch["cu_seqlens"][-1] == 256
+    with pytest.raises(
+        ValueError, match=r"block_size: examples\[\d+\] has \d+ tokens, more than block_size=16"
+    ):
+        PackedSFTDataset(sft, 16)
+    with pytest.raises(ValueError, match="pad_id: required"):
+        PackedSFTDataset(sft.examples, 128)
+    with pytest.raises(ValueError, match=r"examples\[0\]: input_ids has 2 tokens but labels has 1"):
+        PackedSFTDataset([{"input_ids": [1, 2], "labels": [5]}], 8, pad_id=0)
+    with pytest.raises(ValueError, match="examples: empty dataset"):
+        PackedSFTDataset([], 8, pad_id=0)
