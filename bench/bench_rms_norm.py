@@ -77,8 +77,8 @@ def main(argv=None):
             for h in hidden:
                 for backward in (False, True):
                     params = {"rows": r, "hidden": h, "dtype": dt, "mode": "fwd+bwd" if backward else "fwd"}
-                    cases.append(Case(f"{r}x{h} {dt} {params['mode']}", params,
-                                      lambda r=r, h=h, dt=dt, b=backward: _inputs(r, h, getattr(torch, dt), args.device, b)))
+                    make = lambda r=r, h=h, dt=dt, b=backward: _inputs(r, h, getattr(torch, dt), args.device, b)
+                    cases.append(Case(f"{r}x{h} {dt} {params['mode']}", params, make))
 
     def bytes_moved(pr):
         elt = torch.finfo(getattr(torch, pr["dtype"])).bits // 8
