@@ -59,7 +59,8 @@ def attention_reference(
         pk = prefix_k.repeat_interleave(group, dim=2)
         pv = prefix_v.repeat_interleave(group, dim=2)
         scores = torch.cat([torch.einsum("bthd,bshd->bhts", q, pk) * scale, scores], dim=-1)
-        mask = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool, device=q.device).expand(B, 1, T, P), mask.expand(B, 1, T, S)], dim=-1)
+        visible = torch.ones(B, 1, T, P, dtype=torch.bool, device=q.device)  # prefix: never masked
+        mask = torch.cat([visible, mask.expand(B, 1, T, S)], dim=-1)
         vv = torch.cat([pv, vv], dim=1)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
