@@ -19,7 +19,7 @@
 #include <type_traits>
 
 #include "fastllm/checks.h"
-#include "fastllm/cpu_vec.h"  // acc_type_t
+#include "fastllm/cpu_vec.h"  // acc_type_t, bf16_to_float, float_to_bf16
 
 namespace fastllm::cpu {
 namespace {
@@ -80,6 +80,25 @@ FASTLLM_CLONES void silu_mul_bwd_f32(const float* __restrict dy, const float* __
 #pragma GCC pop_options
 #endif
 
+// Chunk conversions; bfloat16 goes through the vectorisable bit-operation helpers.
+template <typename scalar_t, typename acc_t>
+inline void load_chunk(const scalar_t* src, acc_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    bf16_to_float(src, dst, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_chunk(const acc_t* src, scalar_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    float_to_bf16(src, dst, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
 template <typename scalar_t>
 void swiglu_fwd_flat(const scalar_t* g, const scalar_t* u, scalar_t* y, int64_t n) {
   using acc_t = acc_type_t<scalar_t>;
@@ -91,16 +110,14 @@ void swiglu_fwd_flat(const scalar_t* g, const scalar_t* u, scalar_t* y, int64_t 
         silu_mul_f32(g + off, u + off, y + off, len);
         continue;
       }
-      for (int64_t i = 0; i < len; ++i) {
-        gs[i] = static_cast<acc_t>(g[off + i]);
-        us[i] = static_cast<acc_t>(u[off + i]);
-      }
+      load_chunk(g + off, gs, len);
+      load_chunk(u + off, us, len);
       if constexpr (std::is_same_v<acc_t, float>) {
         silu_mul_f32(gs, us, ys, len);
       } else {
         for (int64_t i = 0; i < len; ++i) ys[i] = gs[i] / (acc_t(1) + std::exp(-gs[i])) * us[i];
       }
-      for (int64_t i = 0; i < len; ++i) y[off + i] = static_cast<scalar_t>(ys[i]);
+      store_chunk(ys, y + off, len);
     }
   });
 }
@@ -117,11 +134,9 @@ void swiglu_bwd_flat(const scalar_t* dy, const scalar_t* g, const scalar_t* u, s
         silu_mul_bwd_f32(dy + off, g + off, u + off, dg + off, du + off, len);
         continue;
       }
-      for (int64_t i = 0; i < len; ++i) {
-        dys[i] = static_cast<acc_t>(dy[off + i]);
-        gs[i] = static_cast<acc_t>(g[off + i]);
-        us[i] = static_cast<acc_t>(u[off + i]);
-      }
+      load_chunk(dy + off, dys, len);
+      load_chunk(g + off, gs, len);
+      load_chunk(u + off, us, len);
       if constexpr (std::is_same_v<acc_t, float>) {
         silu_mul_bwd_f32(dys, gs, us, dgs, dus, len);
       } else {
@@ -131,10 +146,8 @@ void swiglu_bwd_flat(const scalar_t* dy, const scalar_t* g, const scalar_t* u, s
           dus[i] = dys[i] * gs[i] * s;
         }
       }
-      for (int64_t i = 0; i < len; ++i) {
-        dg[off + i] = static_cast<scalar_t>(dgs[i]);
-        du[off + i] = static_cast<scalar_t>(dus[i]);
-      }
+      store_chunk(dgs, dg + off, len);
+      store_chunk(dus, du + off, len);
     }
   });
 }
