@@ -6,11 +6,21 @@ against.
 """
 
 from ._backend import BACKENDS, choose
+from .attention import (
+    attention,
+    attention_lse_reference,
+    attention_reference,
+    attention_varlen_reference,
+)
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
 
 __all__ = [
     "BACKENDS",
     "choose",
+    "attention",
+    "attention_reference",
+    "attention_lse_reference",
+    "attention_varlen_reference",
     "RMSNorm",
     "rms_norm",
     "rms_norm_reference",
