@@ -28,4 +28,13 @@ TORCH_LIBRARY(fastllm, m) {
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   // Returns (grad_gate, grad_up); sigmoid(gate) is recomputed.
   m.def("swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+
+  // LoRA linear: x (rows, in), weight (out, in), bias (out,) or None, lora_a (r, in),
+  // lora_b (out, r), keep bool (rows, in) or None. y = x W^T + b + scale * (xd A^T) B^T with
+  // xd = x * keep / (1 - dropout_p). Returns (y (rows, out), u = xd A^T (rows, r)).
+  m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+        "float scale, Tensor? keep, float dropout_p) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_lora_a, grad_lora_b); no gradient for the frozen weight and bias.
+  m.def("lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+        "Tensor u, float scale, Tensor? keep, float dropout_p) -> (Tensor, Tensor, Tensor)");
 }

@@ -12,6 +12,7 @@ from .attention import (
     attention_reference,
     attention_varlen_reference,
 )
+from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linear_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
 from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
 from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
@@ -23,6 +24,9 @@ __all__ = [
     "attention_reference",
     "attention_lse_reference",
     "attention_varlen_reference",
+    "lora_linear",
+    "lora_linear_reference",
+    "lora_linear_backward_reference",
     "RMSNorm",
     "rms_norm",
     "rms_norm_reference",
