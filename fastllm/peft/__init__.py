@@ -8,6 +8,7 @@
     peft.load_adapter(fresh_model, "out/adapter")     # also loads adapters trained with PEFT
 """
 
+from .adapters import AdaptedLinear, BottleneckAdapter, apply_adapters
 from .io import load_adapter, read_adapter_config, save_adapter
 from .lora import (
     LoraConfig,
@@ -20,6 +21,8 @@ from .lora import (
     set_adapter,
     unmerge_lora,
 )
+from .prefix import PrefixEncoder, PrefixTuningModel
+from .prompt import PromptTuningModel, SoftPrompt
 from .utils import (
     TrainableParameters,
     adapter_parameter_names,
@@ -30,6 +33,8 @@ from .utils import (
 )
 
 __all__ = [
+    "AdaptedLinear", "BottleneckAdapter", "apply_adapters", "PrefixEncoder", "PrefixTuningModel",
+    "PromptTuningModel", "SoftPrompt",
     "LoraConfig", "LoRALinear", "apply_lora", "delete_adapter", "disable_adapters", "lora_modules", "merge_lora",
     "set_adapter", "unmerge_lora", "load_adapter", "read_adapter_config", "save_adapter", "TrainableParameters",
     "adapter_parameter_names", "adapter_parameters", "adapter_state_dict", "mark_only_adapters_trainable",
