@@ -31,6 +31,7 @@ def _matmul_lowrank_kernel(
     stride_om, stride_on,  # KEEP is (M, N) with OUT's strides
     scale,
     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" for float32 (as torch's default matmul); bf16/fp16 dots ignore it
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -58,7 +59,7 @@ def _matmul_lowrank_kernel(
                     mask=m_mask[:, None] & (k[None, :] < K), other=0.0)
         w = tl.load(W + k[:, None] * stride_wk + rn[None, :] * stride_wn,
                     mask=(k[:, None] < K) & n_mask[None, :], other=0.0)
-        acc = tl.dot(x.to(DOT), w.to(DOT), acc, out_dtype=ACC)
+        acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
 
     low = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for r0 in range(0, R, BLOCK_R):
@@ -67,7 +68,7 @@ def _matmul_lowrank_kernel(
                     mask=m_mask[:, None] & (r[None, :] < R), other=0.0)
         v = tl.load(V + r[:, None] * stride_vr + rn[None, :] * stride_vn,
                     mask=(r[:, None] < R) & n_mask[None, :], other=0.0)
-        low = tl.dot(u.to(DOT), v.to(DOT), low, out_dtype=ACC)
+        low = tl.dot(u.to(DOT), v.to(DOT), low, input_precision=PRECISION, out_dtype=ACC)
 
     out_offs = rm[:, None] * stride_om + rn[None, :] * stride_on
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -125,7 +126,8 @@ def matmul_lowrank(x: torch.Tensor, w_t: torch.Tensor, u: torch.Tensor, v: torch
         u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), float(scale),
     )
-    flags = dict(HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, DOT=_dot_dtype(x.dtype), ACC=acc_dtype(x.dtype), BLOCK_R=block_r)
+    flags = dict(HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, DOT=_dot_dtype(x.dtype), ACC=acc_dtype(x.dtype),
+                 PRECISION="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32", BLOCK_R=block_r)
     if interpreting() or x.device.type != "cuda":
         grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
         _matmul_lowrank_kernel[grid](*args, **flags, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
