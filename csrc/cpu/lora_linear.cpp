@@ -6,6 +6,8 @@
 //             dx = dy W, then dx += g A (* keep / (1 - p))    one GEMM + one in-place addmm
 //             dA = g^T xd (r, in),  dB = dy^T (s u) (out, r)
 // xd = x * keep / (1 - p) when a dropout mask is given, else x. W and b are frozen: no dW.
+// Only ATen calls, so the same code also serves CUDA tensors (cuBLAS does the GEMMs) in
+// builds with CUDA; the Triton kernel is the alternative there (bench/bench_lora.py decides).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
@@ -106,5 +108,12 @@ TORCH_LIBRARY_IMPL(fastllm, CPU, m) {
   m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
   m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
 }
+
+#ifdef FASTLLM_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastllm, CUDA, m) {
+  m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
+  m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
+}
+#endif
 
 }  // namespace fastllm::cpu

@@ -103,7 +103,10 @@ def _check(x, weight, bias, lora_a, lora_b, keep, dropout_p) -> None:
 
 
 def _choose(x: Tensor, backend: str) -> str:
-    return _backend.choose("lora_linear", x.device, backend, native_op="lora_linear_fwd")
+    # On CUDA the native path is the same ATen composition on cuBLAS; it goes first until the
+    # GPU benchmark (bench/bench_lora.py) shows the Triton kernel ahead.
+    return _backend.choose("lora_linear", x.device, backend, native_op="lora_linear_fwd",
+                           cuda_order=("native", "triton"))
 
 
 def _rows(t: Tensor) -> Tensor:
