@@ -47,7 +47,7 @@ def test_float32_matches_reference(backend, device, shape, bias, dropout_p):
                                                         a_.double(), b_.double(), s, keep, dropout_p),
                x, a, bb, dy.double())
     assert ours[0].shape == (*shape[0], shape[2]) and ours[0].dtype == torch.float32
-    for name, o, r in zip(("y", "dx", "dA", "dB"), ours, ref):
+    for name, o, r in zip(("y", "dx", "dA", "dB"), ours, ref, strict=True):
         # dA and dB sum over every row: their error grows with the row count.
         rows = x.numel() // x.shape[-1]
         torch.testing.assert_close(o.double(), r.double(), rtol=1e-5, atol=1e-5 * (rows if name in ("dA", "dB") else 1),
@@ -64,7 +64,7 @@ def test_low_precision_error_within_2x_torch(backend, device, dtype):
     ref32 = _run(lambda x_, a_, b_: lora_linear_reference(x_.float(), w.float(), b.float(), a_.float(), b_.float(),
                                                           s, keep, 0.1), x, a, bb, dy.float())
     lowp = _run(lambda x_, a_, b_: lora_linear_reference(x_, w, b, a_, b_, s, keep, 0.1, upcast=False), x, a, bb, dy)
-    for name, o, r, t in zip(("y", "dx", "dA", "dB"), ours, ref32, lowp):
+    for name, o, r, t in zip(("y", "dx", "dA", "dB"), ours, ref32, lowp, strict=True):
         assert o.dtype == dtype, name
         assert_lowp_rule(o, t, r, name)
 

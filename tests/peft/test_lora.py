@@ -10,7 +10,7 @@ from torch import nn
 from fastllm import peft
 from fastllm.ops import lora_linear_reference
 from tests.conftest import compiled_backends
-from tests.peft._tiny import successor_task, grads_only_on_adapters, tiny_llama, train
+from tests.peft._tiny import grads_only_on_adapters, successor_task, tiny_llama, train
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -85,8 +85,8 @@ def test_gradients_reach_only_adapters_and_counts():
     ids, labels = successor_task(128, batch=2)
     grads_only_on_adapters(model, model.loss(ids, labels))
     counts = peft.trainable_parameters(model)
-    L, H, I, kv = model.config.num_hidden_layers, 64, 128, model.config.num_key_value_heads * model.config.head_dim
-    expected = L * 4 * ((H + H) + (H + kv) * 2 + (H + H) + (H + I) * 2 + (I + H))
+    L, H, inter, kv = model.config.num_hidden_layers, 64, 128, model.config.num_key_value_heads * model.config.head_dim
+    expected = L * 4 * ((H + H) + (H + kv) * 2 + (H + H) + (H + inter) * 2 + (inter + H))
     assert counts.trainable == expected
     assert 0 < counts.percent < 100 and "trainable%" in str(counts)
 

@@ -9,7 +9,13 @@ import torch
 from safetensors import safe_open
 
 from fastllm import peft
-from tests.peft._tiny import constant_task, grads_only_on_adapters, successor_task, tiny_llama, train
+from tests.peft._tiny import (
+    constant_task,
+    grads_only_on_adapters,
+    successor_task,
+    tiny_llama,
+    train,
+)
 
 
 def _logits(model, ids, **kw):
