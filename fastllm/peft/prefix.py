@@ -82,6 +82,14 @@ class PrefixTuningModel(nn.Module):
         """Hidden states (B, T, hidden); kwargs (attention_mask, position_ids) go to the model."""
         return self.model(input_ids, prefix_kv=self.prefix_kv(input_ids.shape[0]), **kwargs)
 
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        return self.model.lm_head_weight
+
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits(hidden)
 

@@ -74,6 +74,14 @@ class PromptTuningModel(nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1)
         return self.model(inputs_embeds=x, attention_mask=attention_mask, **kwargs)[:, P:]
 
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        return self.model.lm_head_weight
+
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits(hidden)
 
