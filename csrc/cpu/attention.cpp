@@ -125,11 +125,137 @@ struct Problem {
     if (!causal) return s.k_len;
     return std::min(s.k_len, std::max(m1 + s.k_len - s.q_len, n_prefix));
   }
+  // False when every query of the tile sees every key of it (no per-element mask needed).
+  bool tile_needs_mask(const Seq& s, int64_t m0, int64_t rows, int64_t n0, int64_t cols) const {
+    if (keep != nullptr) return true;
+    if (!causal || n0 + cols <= n_prefix) return false;
+    return n0 + cols - 1 > m0 + s.k_len - s.q_len;
+  }
   bool visible(const Seq& s, int64_t i, int64_t j) const {
     if (keep != nullptr && keep[s.k_start + j] == 0) return false;
     return !causal || j < n_prefix || j <= i + s.k_len - s.q_len;
   }
 };
+
+template <typename acc_t>
+constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
+
+// Row loops of the online softmax. The float versions run on 8-wide GCC/Clang vector types
+// (SSE pairs by default; an AVX2 clone is picked at load time where the CPU has it), since
+// without fast-math the compiler will not vectorise the exp, max and sum loops by itself.
+// The double versions (float64: gradchecks, not speed) stay scalar.
+
+// x[c] = exp(x[c] - shift) (0 for x[c] = -inf), for x[c] <= shift (clamped at 0).
+inline void exp_shifted(double* x, int64_t n, double shift) {
+  for (int64_t c = 0; c < n; ++c) x[c] = x[c] == NEG_INF<double> ? 0.0 : std::exp(std::min(x[c] - shift, 0.0));
+}
+inline double row_max(const double* x, int64_t n, double init) {
+  for (int64_t c = 0; c < n; ++c) init = std::max(init, x[c]);
+  return init;
+}
+inline double row_sum(const double* x, int64_t n) {
+  double s = 0;
+  for (int64_t c = 0; c < n; ++c) s += x[c];
+  return s;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+// These helpers are internal (anonymous namespace): the AVX-vs-SSE argument passing ABI
+// note GCC emits for 32-byte vectors does not concern any caller outside this file.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline f8 splat8(float a) { return f8{a, a, a, a, a, a, a, a}; }
+
+// exp_nonpos on 8 lanes, -inf -> 0.
+inline f8 exp8(f8 x) {
+  const f8 is_neg_inf = (f8)(x == splat8(NEG_INF<float>));
+  x = x < splat8(-87.0f) ? splat8(-87.0f) : x;
+  x = x > splat8(0.0f) ? splat8(0.0f) : x;
+  const f8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const f8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  f8 p = splat8(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
+  const f8 e = p * (f8)bits;
+  return (i8)is_neg_inf != 0 ? splat8(0.0f) : e;
+}
+
+#if defined(__x86_64__) && !defined(__clang__)
+#define FASTLLM_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTLLM_CLONES
+#endif
+
+FASTLLM_CLONES void exp_shifted(float* x, int64_t n, float shift) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) store8(x + c, exp8(load8(x + c) - shift));
+  for (; c < n; ++c) x[c] = x[c] == NEG_INF<float> ? 0.0f : exp_nonpos(std::min(x[c] - shift, 0.0f));
+}
+
+FASTLLM_CLONES float row_max(const float* x, int64_t n, float init) {
+  f8 m = splat8(init);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const f8 v = load8(x + c);
+    m = v > m ? v : m;
+  }
+  for (int l = 0; l < 8; ++l) init = std::max(init, m[l]);
+  for (; c < n; ++c) init = std::max(init, x[c]);
+  return init;
+}
+
+FASTLLM_CLONES float row_sum(const float* x, int64_t n) {
+  f8 s = splat8(0.0f);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) s += load8(x + c);
+  float total = 0.0f;
+  for (int l = 0; l < 8; ++l) total += s[l];
+  for (; c < n; ++c) total += x[c];
+  return total;
+}
+#else
+inline void exp_shifted(float* x, int64_t n, float shift) {
+  for (int64_t c = 0; c < n; ++c) x[c] = x[c] == NEG_INF<float> ? 0.0f : exp_nonpos(std::min(x[c] - shift, 0.0f));
+}
+inline float row_max(const float* x, int64_t n, float init) {
+  for (int64_t c = 0; c < n; ++c) init = std::max(init, x[c]);
+  return init;
+}
+inline float row_sum(const float* x, int64_t n) {
+  float s = 0.0f;
+  for (int64_t c = 0; c < n; ++c) s += x[c];
+  return s;
+}
+#endif
+
+template <typename acc_t>
+inline acc_t exp_shifted_one(acc_t x, acc_t shift) {
+  return x == NEG_INF<acc_t> ? acc_t(0) : exp_nonpos(std::min(x - shift, acc_t(0)));
+}
+
+// Sets the scores of keys a query may not see to -inf (only tiles that need it).
+template <typename acc_t>
+void mask_tile(const Problem& pb, const Seq& sq, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
+               acc_t* s) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      if (!pb.visible(sq, m0 + r, n0 + c)) s[r * BLOCK_N + c] = NEG_INF<acc_t>;
+    }
+  }
+}
 
 // Rows [r0, r0+n) of a (rows, H, D) tensor, head h, as a contiguous-row tile of acc_t with
 // leading dimension `ld`: a pointer into the tensor when no conversion is needed.
@@ -176,25 +302,17 @@ void fwd_kernel(const Problem& pb, const scalar_t* q, const scalar_t* k, const s
         const acc_t* kt = tile<scalar_t, acc_t>(k, pb.k_row, sq.k_start + n0, cols, hk, D, kbuf, ldk);
         const acc_t* vt = tile<scalar_t, acc_t>(v, pb.k_row, sq.k_start + n0, cols, hk, D, vbuf, ldv);
         gemm<acc_t>(false, true, rows, cols, D, scale, qt, ldq, kt, ldk, acc_t(0), s.data(), BLOCK_N);
+        if (pb.tile_needs_mask(sq, m0, rows, n0, cols)) mask_tile<acc_t>(pb, sq, m0, rows, n0, cols, s.data());
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* sr = s.data() + r * BLOCK_N;
-          acc_t mx = m[r];
-          for (int64_t c = 0; c < cols; ++c) {
-            if (!pb.visible(sq, m0 + r, n0 + c)) sr[c] = -std::numeric_limits<acc_t>::infinity();
-            mx = std::max(mx, sr[c]);
-          }
-          if (mx == -std::numeric_limits<acc_t>::infinity()) {  // nothing visible yet
-            for (int64_t c = 0; c < cols; ++c) sr[c] = acc_t(0);
+          const acc_t mx = row_max(sr, cols, m[r]);
+          if (mx == NEG_INF<acc_t>) {  // nothing visible yet
+            std::fill(sr, sr + cols, acc_t(0));
             continue;
           }
-          acc_t sum = acc_t(0);
-          for (int64_t c = 0; c < cols; ++c) {
-            const acc_t p = sr[c] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : exp_nonpos(sr[c] - mx);
-            sr[c] = p;
-            sum += p;
-          }
-          const acc_t alpha = m[r] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : exp_nonpos(m[r] - mx);
-          l[r] = l[r] * alpha + sum;
+          exp_shifted(sr, cols, mx);
+          const acc_t alpha = exp_shifted_one(m[r], mx);
+          l[r] = l[r] * alpha + row_sum(sr, cols);
           m[r] = mx;
           acc_t* ar = acc.data() + r * D;
           for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
@@ -217,14 +335,13 @@ void fwd_kernel(const Problem& pb, const scalar_t* q, const scalar_t* k, const s
 template <typename acc_t>
 void probs(const Problem& pb, const Seq& sq, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
            const acc_t* lse_rows, acc_t* s) {
+  if (pb.tile_needs_mask(sq, m0, rows, n0, cols)) mask_tile<acc_t>(pb, sq, m0, rows, n0, cols, s);
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* sr = s + r * BLOCK_N;
-    const acc_t lse = lse_rows[r];
-    for (int64_t c = 0; c < cols; ++c) {
-      // lse_i >= s_ij for visible keys; +inf (row sees nothing) gives 0.
-      sr[c] = pb.visible(sq, m0 + r, n0 + c) && lse != std::numeric_limits<acc_t>::infinity()
-                  ? exp_nonpos(std::min(sr[c] - lse, acc_t(0)))
-                  : acc_t(0);
+    if (lse_rows[r] == -NEG_INF<acc_t>) {  // the row sees no key
+      std::fill(sr, sr + cols, acc_t(0));
+    } else {
+      exp_shifted(sr, cols, lse_rows[r]);  // lse_i >= s_ij up to rounding: clamped at 0
     }
   }
 }
