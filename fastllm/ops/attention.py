@@ -299,7 +299,7 @@ def _attention_op(
     p = pack(_contig_last(q), _contig_last(k), _contig_last(v), key_padding_mask, prefix_k, prefix_v,
              cu_seqlens, max_seqlen)
     if chosen == "native":
-        out, lse = torch.ops.fastllm.attention_fwd(p.q, p.k, p.v, p.cu_q, p.cu_k, p.keep, p.n_prefix,
+        out, lse = torch.ops.fastllm.attention_fwd(p.q.contiguous(), p.k.contiguous(), p.v.contiguous(), p.cu_q, p.cu_k, p.keep, p.n_prefix,
                                                    causal, softmax_scale)
     else:
         from fastllm.triton_kernels.attention_fwd import attention_fwd
@@ -342,7 +342,8 @@ def _attention_backward_op(
     go = grad_out.reshape(p.q.shape)
     o = out.reshape(p.q.shape)
     if chosen == "native":
-        dq, dk, dv = torch.ops.fastllm.attention_bwd(go.contiguous(), p.q, p.k, p.v, o.contiguous(), lse,
+        dq, dk, dv = torch.ops.fastllm.attention_bwd(go.contiguous(), p.q.contiguous(), p.k.contiguous(),
+                                                     p.v.contiguous(), o.contiguous(), lse,
                                                      p.cu_q, p.cu_k, p.keep, p.n_prefix, causal,
                                                      softmax_scale)
     else:
