@@ -58,7 +58,16 @@ def test_peft_trained_adapter_loads_into_fastllm(tmp_path):
     hf = _hf_model(tmp_path / "base")
     cfg = hf_peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
                              lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM")
-    pm = hf_peft.get_peft_model(hf, cfg).eval()
+    pm = hf_peft.get_peft_model(hf, cfg)
+    # a few training steps in peft, so the file holds trained (not just initial) weights
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    batch = torch.randint(0, 128, (4, 8))
+    for _ in range(3):
+        loss = pm(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.eval()
     pm.save_pretrained(str(tmp_path / "adapter"))
 
     fpeft.load_adapter(model, tmp_path / "adapter")
