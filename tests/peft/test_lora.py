@@ -161,3 +161,19 @@ def test_merged_adapter_cannot_be_switched_or_disabled():
         peft.set_adapter(model, "b")
     with pytest.raises(RuntimeError, match="unmerge first"), peft.disable_adapters(model):
         model(torch.randint(0, 128, (1, 4)))
+
+
+def test_torch_compile_fullgraph_through_lora_model():
+    torch._dynamo.reset()
+    model = tiny_llama()
+    peft.apply_lora(model, target_modules=["q_proj", "v_proj", "down_proj"], r=4, init=False)
+    model.eval()
+    ids, labels = successor_task(128, batch=2, length=8)
+    compiled = torch.compile(lambda: model.loss(ids, labels), fullgraph=True, backend="aot_eager")
+    loss = compiled()
+    grads = torch.autograd.grad(loss, peft.adapter_parameters(model))
+    loss_eager = model.loss(ids, labels)
+    grads_eager = torch.autograd.grad(loss_eager, peft.adapter_parameters(model))
+    torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-5)
+    for g, ge in zip(grads, grads_eager, strict=True):
+        torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-5)
