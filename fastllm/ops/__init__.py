@@ -6,6 +6,13 @@ against.
 """
 
 from ._backend import BACKENDS, choose
+from .attention import (
+    attention,
+    attention_lse_reference,
+    attention_reference,
+    attention_varlen_reference,
+)
+from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linear_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
 from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
 from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
@@ -13,6 +20,13 @@ from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
 __all__ = [
     "BACKENDS",
     "choose",
+    "attention",
+    "attention_reference",
+    "attention_lse_reference",
+    "attention_varlen_reference",
+    "lora_linear",
+    "lora_linear_reference",
+    "lora_linear_backward_reference",
     "RMSNorm",
     "rms_norm",
     "rms_norm_reference",
