@@ -20,6 +20,37 @@ TORCH_LIBRARY(fastllm, m) {
   // Returns (grad_x, grad_weight); rsqrt(mean(x^2) + eps) is recomputed, not stored.
   m.def("rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
 
+  // RoPE (rotate-half layout): q (N, Hq, D), k (N, Hkv, D) contiguous; cos, sin (N, D/2) in
+  // float32 (float64 for float64 q). Returns (rotated q, rotated k); inverse=True negates
+  // sin, which is the backward.
+  m.def("rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)");
+  // SwiGLU: y = silu(gate) * up elementwise; gate and up contiguous, same shape and dtype.
+  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
+  // Returns (grad_gate, grad_up); sigmoid(gate) is recomputed.
+  m.def("swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+
+  // LoRA linear: x (rows, in), weight (out, in), bias (out,) or None, lora_a (r, in),
+  // lora_b (out, r), keep bool (rows, in) or None. y = x W^T + b + scale * (xd A^T) B^T with
+  // xd = x * keep / (1 - dropout_p). Returns (y (rows, out), u = xd A^T (rows, r)).
+  m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+        "float scale, Tensor? keep, float dropout_p) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_lora_a, grad_lora_b); no gradient for the frozen weight and bias.
+  m.def("lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+        "Tensor u, float scale, Tensor? keep, float dropout_p) -> (Tensor, Tensor, Tensor)");
+
+  // Attention (flash-style, online softmax) on the packed layout of
+  // fastllm/ops/_attention_layout.py: q (total_q, Hq, D), k/v (total_k, Hkv, D) contiguous,
+  // cu_q/cu_k (B+1,) int32 offsets, keep (total_k,) int8 (0 = padded key) or None, and the
+  // first n_prefix keys of each sequence visible to every query. Causal: query i sees key j
+  // when j < n_prefix or j <= i + k_len - q_len. Returns (out, lse (Hq, total_q) float32,
+  // float64 for float64 inputs; +inf for a query that sees no key).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_q, Tensor cu_k, Tensor? keep, "
+        "int n_prefix, bool causal, float scale) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v); deterministic (no atomics), scores recomputed from lse.
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_q, Tensor cu_k, Tensor? keep, int n_prefix, bool causal, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
+
   // Cross-entropy family (csrc/cpu/cross_entropy.cpp): row kernels for one chunk of logits
   // (rows, V) with unit stride along V; the chunked matmuls around them stay in ATen.
   // Per row: loss = (1-eps)(lse - z_y) + eps (lse - mean z) + z_loss lse^2 with

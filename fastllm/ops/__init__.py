@@ -9,11 +9,27 @@ from ._backend import BACKENDS, choose
 from .cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy_reference
 from .linear_cross_entropy import causal_lm_loss, linear_cross_entropy, mlm_loss, mlm_loss_reference
 from .logprobs import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
+from .attention import (
+    attention,
+    attention_lse_reference,
+    attention_reference,
+    attention_varlen_reference,
+)
+from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linear_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
+from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
+from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
 
 __all__ = [
     "BACKENDS",
     "choose",
+    "attention",
+    "attention_reference",
+    "attention_lse_reference",
+    "attention_varlen_reference",
+    "lora_linear",
+    "lora_linear_reference",
+    "lora_linear_backward_reference",
     "RMSNorm",
     "rms_norm",
     "rms_norm_reference",
@@ -28,4 +44,13 @@ __all__ = [
     "token_logprobs",
     "token_logprobs_and_entropy",
     "token_logprobs_and_entropy_reference",
+    "apply_rope",
+    "rope",
+    "rope_reference",
+    "rope_backward_reference",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "swiglu",
+    "swiglu_reference",
+    "swiglu_backward_reference",
 ]

@@ -1,0 +1,214 @@
+"""Shared benchmark harness: providers side by side in one run.
+
+    from bench.harness import Case, run_cases
+    run_cases("rms_norm", cases, providers, bytes_fn=..., flops_fn=...)
+
+For each case and provider it reports the median time and its spread (20th-80th
+percentile), throughput from an explicit formula (GB/s from bytes moved, TFLOP/s from
+FLOPs), and peak memory above the inputs (CUDA: the caching allocator's peak; CPU: the
+allocations recorded by torch.profiler). Every row is appended as one JSON line to
+bench/results/<name>.jsonl with the device name, torch/triton versions, git commit and date.
+Ratios between providers measured in one run are the figures we quote.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+RESULTS_DIR = os.environ.get("FASTLLM_BENCH_RESULTS", os.path.join(os.path.dirname(__file__), "results"))
+
+
+@dataclass
+class Case:
+    """One benchmark point. `make()` builds fresh inputs (a dict of keyword args)."""
+
+    name: str
+    params: dict
+    make: Callable[[], dict]
+
+
+@dataclass
+class Stats:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mb: float
+    reps: int
+    extra: dict = field(default_factory=dict)
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: int = 20,
+            max_seconds: float = 10.0) -> list[float]:
+    """Wall times of `fn` in milliseconds, synchronised on CUDA; stops early past max_seconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start_all = time.perf_counter()
+    for _ in range(reps):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start_all > max_seconds and len(times) >= 3:
+            break
+    return times
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak bytes allocated while `fn` runs, above what was allocated before, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocs = []
+
+    def walk(node):
+        if node.tag == _EventType.Allocation:
+            allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    current = peak = 0
+    for _, size in sorted(allocs):
+        current += size
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def measure(fn: Callable[[], object], device: torch.device, **kw) -> Stats:
+    times = time_ms(fn, device, **kw)
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return Stats(statistics.median(times), q[0], q[3], peak_memory_mb(fn, device), len(times))
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_cases(
+    name: str,
+    cases: list[Case],
+    providers: dict[str, Callable[..., Callable[[], object]]],
+    device: torch.device | str,
+    *,
+    bytes_fn: Callable[[dict], float] | None = None,
+    flops_fn: Callable[[dict], float] | None = None,
+    baseline: str | None = None,
+    reps: int = 20,
+    write: bool = True,
+) -> list[dict]:
+    """Benchmark every provider on every case; print the table; append JSON lines.
+
+    providers: name -> factory(**inputs) returning the zero-argument callable to time
+    (so set-up such as torch.compile happens outside the timed region). A factory may raise
+    NotImplementedError to mark a provider unsupported for that case.
+    bytes_fn / flops_fn: case params -> bytes moved / FLOPs, for GB/s and TFLOP/s.
+    baseline: provider whose time and memory the ratio columns divide by.
+    """
+    device = torch.device(device)
+    env = environment(device)
+    rows = []
+    print(f"\n## {name} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
+    header = (f"{'case':<28} {'provider':<16} {'median ms':>10} {'p20-p80 ms':>15} {'GB/s':>8} {'TFLOP/s':>8} "
+              f"{'peak MiB':>9} {'x base':>7} {'mem/base':>8}")
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        results = {}
+        for pname, factory in providers.items():
+            inputs = case.make()
+            try:
+                fn = factory(**inputs)
+                stats = measure(fn, device, reps=reps)
+            except NotImplementedError as exc:
+                print(f"{case.name:<28} {pname:<16} {'n/a: ' + str(exc)}")
+                continue
+            results[pname] = stats
+            del fn, inputs
+        base = results.get(baseline) if baseline else None
+        for pname, s in results.items():
+            gbs = bytes_fn(case.params) / (s.median_ms * 1e-3) / 1e9 if bytes_fn else None
+            tfs = flops_fn(case.params) / (s.median_ms * 1e-3) / 1e12 if flops_fn else None
+            speed = base.median_ms / s.median_ms if base else None
+            mem = s.peak_mb / base.peak_mb if base and base.peak_mb > 0 else None
+            print(f"{case.name:<28} {pname:<16} {s.median_ms:>10.3f} {f'{s.p20_ms:.3f}-{s.p80_ms:.3f}':>15} "
+                  f"{_fmt(gbs):>8} {_fmt(tfs, 3):>8} {s.peak_mb:>9.1f} {_fmt(speed, 2):>7} {_fmt(mem, 2):>8}")
+            rows.append({"bench": name, "case": case.name, **case.params, "provider": pname,
+                         "median_ms": s.median_ms, "p20_ms": s.p20_ms, "p80_ms": s.p80_ms, "reps": s.reps,
+                         "peak_mib": s.peak_mb, "gb_per_s": gbs, "tflop_per_s": tfs,
+                         "speedup_vs_baseline": speed, "memory_vs_baseline": mem, "baseline": baseline, **env})
+    if write and rows:
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        with open(os.path.join(RESULTS_DIR, f"{name}.jsonl"), "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,583 @@
+// Flash-style attention on the CPU: tiled, online softmax, forward and backward.
+// The T x S score matrix never exists: one (BLOCK_M x BLOCK_N) tile per thread at a time.
+//
+// Packed layout (fastllm/ops/_attention_layout.py brings every call to it):
+//   q, out (total_q, Hq, D); k, v (total_k, Hkv, D); cu_q, cu_k (B+1,) int32 offsets;
+//   keep (total_k,) int8 or None: 0 marks a padded key; the first n_prefix keys of every
+//   sequence are prefix keys, visible to every query.
+//   visible(i, j) = keep[j] && (!causal || j < n_prefix || j <= i + k_len - q_len)
+// Forward, per row i:  o_i = sum_j softmax_j(scale * q_i . k_j) v_j,  lse_i = log sum_j exp(...)
+//   (lse_i = +inf and o_i = 0 when row i sees no key).
+// Backward, with p_ij = exp(s_ij - lse_i) and delta_i = dO_i . O_i:
+//   dV_j = sum_i p_ij dO_i;  dS_ij = p_ij (dO_i . v_j - delta_i);
+//   dQ_i = scale sum_j dS_ij k_j;  dK_j = scale sum_i dS_ij q_i.
+// Two passes, no atomics (deterministic): dQ over (batch, head, query block), then dK/dV over
+// (batch, kv head, key block) walking the query heads of its group (GQA without repeating K/V).
+//
+// Tile products go through BLAS (sgemm_/dgemm_, exported by the MKL that torch links) when
+// that symbol is present, and through a plain loop otherwise. Reduced-precision inputs are
+// widened to float tiles first; all accumulation is float (double for float64).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "fastllm/checks.h"
+#include "fastllm/cpu_vec.h"
+
+// Fortran BLAS, resolved at load time if the process has it (torch's MKL does); weak so the
+// extension still loads, and falls back to the loop below, where it does not.
+extern "C" {
+__attribute__((weak)) void sgemm_(const char*, const char*, const int*, const int*, const int*,
+                                  const float*, const float*, const int*, const float*,
+                                  const int*, const float*, float*, const int*);
+__attribute__((weak)) void dgemm_(const char*, const char*, const int*, const int*, const int*,
+                                  const double*, const double*, const int*, const double*,
+                                  const int*, const double*, double*, const int*);
+}
+
+namespace fastllm::cpu {
+namespace {
+
+constexpr int64_t BLOCK_M = 64;   // queries per tile
+constexpr int64_t BLOCK_N = 128;  // keys per tile
+
+// Row-major C (m x n) = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
+// Row-major C is column-major C^T = op(B)^T op(A)^T, hence the swapped BLAS call.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr) {
+      dgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+      return;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    T* ci = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) ci[j] = beta == T(0) ? T(0) : beta * ci[j];
+    for (int64_t p = 0; p < k; ++p) {
+      const T av = alpha * (trans_a ? a[p * lda + i] : a[i * lda + p]);
+      if (trans_b) {
+        for (int64_t j = 0; j < n; ++j) ci[j] += av * b[j * ldb + p];
+      } else {
+        const T* bp = b + p * ldb;
+        for (int64_t j = 0; j < n; ++j) ci[j] += av * bp[j];
+      }
+    }
+  }
+}
+
+// exp(x) for x <= 0 in float: 2^n * poly(r), r = x - n ln2 in [-ln2/2, ln2/2] (Cephes
+// coefficients, ~1 ulp). Written with plain arithmetic so the loop vectorises.
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+struct Seq {
+  int64_t q_start, q_len, k_start, k_len;
+};
+
+inline Seq seq_of(const int32_t* cu_q, const int32_t* cu_k, int64_t b) {
+  return {cu_q[b], int64_t(cu_q[b + 1]) - cu_q[b], cu_k[b], int64_t(cu_k[b + 1]) - cu_k[b]};
+}
+
+struct Problem {
+  int64_t batch, n_heads, n_kv_heads, group, D, n_prefix, total_q;
+  bool causal;
+  double scale;
+  const int32_t *cu_q, *cu_k;
+  const int8_t* keep;  // nullptr: every key is real
+  int64_t q_row, k_row;  // row strides (elements) of q/out and of k/v
+
+  // Keys [0, hi) can be visible to queries [m0, m1) of `s`.
+  int64_t key_end(const Seq& s, int64_t m1) const {
+    if (!causal) return s.k_len;
+    return std::min(s.k_len, std::max(m1 + s.k_len - s.q_len, n_prefix));
+  }
+  // False when every query of the tile sees every key of it (no per-element mask needed).
+  bool tile_needs_mask(const Seq& s, int64_t m0, int64_t rows, int64_t n0, int64_t cols) const {
+    if (keep != nullptr) return true;
+    if (!causal || n0 + cols <= n_prefix) return false;
+    return n0 + cols - 1 > m0 + s.k_len - s.q_len;
+  }
+  bool visible(const Seq& s, int64_t i, int64_t j) const {
+    if (keep != nullptr && keep[s.k_start + j] == 0) return false;
+    return !causal || j < n_prefix || j <= i + s.k_len - s.q_len;
+  }
+};
+
+template <typename acc_t>
+constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
+
+// Row loops of the online softmax. The float versions run on 8-wide GCC/Clang vector types
+// (SSE pairs by default; an AVX2 clone is picked at load time where the CPU has it), since
+// without fast-math the compiler will not vectorise the exp, max and sum loops by itself.
+// The double versions (float64: gradchecks, not speed) stay scalar.
+
+// x[c] = exp(x[c] - shift) (0 for x[c] = -inf), for x[c] <= shift (clamped at 0).
+inline void exp_shifted(double* x, int64_t n, double shift) {
+  for (int64_t c = 0; c < n; ++c) x[c] = x[c] == NEG_INF<double> ? 0.0 : std::exp(std::min(x[c] - shift, 0.0));
+}
+inline double row_max(const double* x, int64_t n, double init) {
+  for (int64_t c = 0; c < n; ++c) init = std::max(init, x[c]);
+  return init;
+}
+inline double row_sum(const double* x, int64_t n) {
+  double s = 0;
+  for (int64_t c = 0; c < n; ++c) s += x[c];
+  return s;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+// These helpers are internal (anonymous namespace): the AVX-vs-SSE argument passing ABI
+// note GCC emits for 32-byte vectors does not concern any caller outside this file.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline f8 splat8(float a) { return f8{a, a, a, a, a, a, a, a}; }
+
+// exp_nonpos on 8 lanes, -inf -> 0.
+inline f8 exp8(f8 x) {
+  const f8 is_neg_inf = (f8)(x == splat8(NEG_INF<float>));
+  x = x < splat8(-87.0f) ? splat8(-87.0f) : x;
+  x = x > splat8(0.0f) ? splat8(0.0f) : x;
+  const f8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const f8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  f8 p = splat8(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
+  const f8 e = p * (f8)bits;
+  return (i8)is_neg_inf != 0 ? splat8(0.0f) : e;
+}
+
+#if defined(__x86_64__) && !defined(__clang__)
+#define FASTLLM_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTLLM_CLONES
+#endif
+
+FASTLLM_CLONES void exp_shifted(float* x, int64_t n, float shift) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) store8(x + c, exp8(load8(x + c) - shift));
+  for (; c < n; ++c) x[c] = x[c] == NEG_INF<float> ? 0.0f : exp_nonpos(std::min(x[c] - shift, 0.0f));
+}
+
+FASTLLM_CLONES float row_max(const float* x, int64_t n, float init) {
+  f8 m = splat8(init);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const f8 v = load8(x + c);
+    m = v > m ? v : m;
+  }
+  for (int l = 0; l < 8; ++l) init = std::max(init, m[l]);
+  for (; c < n; ++c) init = std::max(init, x[c]);
+  return init;
+}
+
+FASTLLM_CLONES float row_sum(const float* x, int64_t n) {
+  f8 s = splat8(0.0f);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) s += load8(x + c);
+  float total = 0.0f;
+  for (int l = 0; l < 8; ++l) total += s[l];
+  for (; c < n; ++c) total += x[c];
+  return total;
+}
+#else
+inline void exp_shifted(float* x, int64_t n, float shift) {
+  for (int64_t c = 0; c < n; ++c) x[c] = x[c] == NEG_INF<float> ? 0.0f : exp_nonpos(std::min(x[c] - shift, 0.0f));
+}
+inline float row_max(const float* x, int64_t n, float init) {
+  for (int64_t c = 0; c < n; ++c) init = std::max(init, x[c]);
+  return init;
+}
+inline float row_sum(const float* x, int64_t n) {
+  float s = 0.0f;
+  for (int64_t c = 0; c < n; ++c) s += x[c];
+  return s;
+}
+#endif
+
+template <typename acc_t>
+inline acc_t exp_shifted_one(acc_t x, acc_t shift) {
+  return x == NEG_INF<acc_t> ? acc_t(0) : exp_nonpos(std::min(x - shift, acc_t(0)));
+}
+
+// Sets the scores of keys a query may not see to -inf (only tiles that need it).
+template <typename acc_t>
+void mask_tile(const Problem& pb, const Seq& sq, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
+               acc_t* s) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      if (!pb.visible(sq, m0 + r, n0 + c)) s[r * BLOCK_N + c] = NEG_INF<acc_t>;
+    }
+  }
+}
+
+// Rows [r0, r0+n) of a (rows, H, D) tensor, head h, as a contiguous-row tile of acc_t with
+// leading dimension `ld`: a pointer into the tensor when no conversion is needed.
+template <typename scalar_t, typename acc_t>
+const acc_t* tile(const scalar_t* base, int64_t row_stride, int64_t r0, int64_t n, int64_t h,
+                  int64_t D, std::vector<acc_t>& buf, int64_t& ld) {
+  const scalar_t* src = base + r0 * row_stride + h * D;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    ld = row_stride;
+    return src;
+  } else {
+    buf.resize(std::max<int64_t>(n, 1) * D);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t d = 0; d < D; ++d) buf[r * D + d] = static_cast<acc_t>(src[r * row_stride + d]);
+    }
+    ld = D;
+    return buf.data();
+  }
+}
+
+template <typename scalar_t>
+void fwd_kernel(const Problem& pb, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                scalar_t* out, acc_type_t<scalar_t>* lse, int64_t max_q) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t D = pb.D, m_blocks = (max_q + BLOCK_M - 1) / BLOCK_M;
+  const acc_t scale = acc_t(pb.scale);
+  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qbuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M), l(BLOCK_M);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t mb = task % m_blocks, bh = task / m_blocks;
+      const int64_t b = bh / pb.n_heads, h = bh % pb.n_heads, hk = h / pb.group;
+      const Seq sq = seq_of(pb.cu_q, pb.cu_k, b);
+      const int64_t m0 = mb * BLOCK_M;
+      if (m0 >= sq.q_len) continue;
+      const int64_t rows = std::min(BLOCK_M, sq.q_len - m0);
+      int64_t ldq, ldk, ldv;
+      const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, sq.q_start + m0, rows, h, D, qbuf, ldq);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(l.begin(), l.end(), acc_t(0));
+      const int64_t hi = pb.key_end(sq, m0 + rows);
+      for (int64_t n0 = 0; n0 < hi; n0 += BLOCK_N) {
+        const int64_t cols = std::min(BLOCK_N, hi - n0);
+        const acc_t* kt = tile<scalar_t, acc_t>(k, pb.k_row, sq.k_start + n0, cols, hk, D, kbuf, ldk);
+        const acc_t* vt = tile<scalar_t, acc_t>(v, pb.k_row, sq.k_start + n0, cols, hk, D, vbuf, ldv);
+        gemm<acc_t>(false, true, rows, cols, D, scale, qt, ldq, kt, ldk, acc_t(0), s.data(), BLOCK_N);
+        if (pb.tile_needs_mask(sq, m0, rows, n0, cols)) mask_tile<acc_t>(pb, sq, m0, rows, n0, cols, s.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* sr = s.data() + r * BLOCK_N;
+          const acc_t mx = row_max(sr, cols, m[r]);
+          if (mx == NEG_INF<acc_t>) {  // nothing visible yet
+            std::fill(sr, sr + cols, acc_t(0));
+            continue;
+          }
+          exp_shifted(sr, cols, mx);
+          const acc_t alpha = exp_shifted_one(m[r], mx);
+          l[r] = l[r] * alpha + row_sum(sr, cols);
+          m[r] = mx;
+          acc_t* ar = acc.data() + r * D;
+          for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+        }
+        gemm<acc_t>(false, false, rows, D, cols, acc_t(1), s.data(), BLOCK_N, vt, ldv, acc_t(1), acc.data(), D);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = sq.q_start + m0 + r;
+        const bool empty = l[r] == acc_t(0);
+        const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
+        scalar_t* o = out + row * pb.q_row + h * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+        lse[h * pb.total_q + row] = empty ? std::numeric_limits<acc_t>::infinity() : m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+// p_ij (masked) for one (query tile, key tile), in place over the scores s = scale * q k^T.
+template <typename acc_t>
+void probs(const Problem& pb, const Seq& sq, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
+           const acc_t* lse_rows, acc_t* s) {
+  if (pb.tile_needs_mask(sq, m0, rows, n0, cols)) mask_tile<acc_t>(pb, sq, m0, rows, n0, cols, s);
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* sr = s + r * BLOCK_N;
+    if (lse_rows[r] == -NEG_INF<acc_t>) {  // the row sees no key
+      std::fill(sr, sr + cols, acc_t(0));
+    } else {
+      exp_shifted(sr, cols, lse_rows[r]);  // lse_i >= s_ij up to rounding: clamped at 0
+    }
+  }
+}
+
+// dS = P * (dP - delta), in place over dP.
+template <typename acc_t>
+void dscores(int64_t rows, int64_t cols, const acc_t* p, const acc_t* delta, acc_t* dp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      dp[r * BLOCK_N + c] = p[r * BLOCK_N + c] * (dp[r * BLOCK_N + c] - delta[r]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void bwd_dq_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                   const scalar_t* v, const scalar_t* out, const acc_type_t<scalar_t>* lse,
+                   acc_type_t<scalar_t>* delta, scalar_t* dq, int64_t max_q) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t D = pb.D, m_blocks = (max_q + BLOCK_M - 1) / BLOCK_M;
+  const acc_t scale = acc_t(pb.scale);
+  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qbuf, dobuf, obuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N),
+        acc(BLOCK_M * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t mb = task % m_blocks, bh = task / m_blocks;
+      const int64_t b = bh / pb.n_heads, h = bh % pb.n_heads, hk = h / pb.group;
+      const Seq sq = seq_of(pb.cu_q, pb.cu_k, b);
+      const int64_t m0 = mb * BLOCK_M;
+      if (m0 >= sq.q_len) continue;
+      const int64_t rows = std::min(BLOCK_M, sq.q_len - m0), row0 = sq.q_start + m0;
+      int64_t ldq, lddo, ldo, ldk, ldv;
+      const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
+      const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
+      const acc_t* ot = tile<scalar_t, acc_t>(out, pb.q_row, row0, rows, h, D, obuf, ldo);
+      acc_t* delta_rows = delta + h * pb.total_q + row0;
+      const acc_t* lse_rows = lse + h * pb.total_q + row0;
+      for (int64_t r = 0; r < rows; ++r) delta_rows[r] = dot(gt + r * lddo, ot + r * ldo, D);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const int64_t hi = pb.key_end(sq, m0 + rows);
+      for (int64_t n0 = 0; n0 < hi; n0 += BLOCK_N) {
+        const int64_t cols = std::min(BLOCK_N, hi - n0);
+        const acc_t* kt = tile<scalar_t, acc_t>(k, pb.k_row, sq.k_start + n0, cols, hk, D, kbuf, ldk);
+        const acc_t* vt = tile<scalar_t, acc_t>(v, pb.k_row, sq.k_start + n0, cols, hk, D, vbuf, ldv);
+        gemm<acc_t>(false, true, rows, cols, D, scale, qt, ldq, kt, ldk, acc_t(0), s.data(), BLOCK_N);
+        probs<acc_t>(pb, sq, m0, rows, n0, cols, lse_rows, s.data());
+        gemm<acc_t>(false, true, rows, cols, D, acc_t(1), gt, lddo, vt, ldv, acc_t(0), dp.data(), BLOCK_N);
+        dscores<acc_t>(rows, cols, s.data(), delta_rows, dp.data());
+        gemm<acc_t>(false, false, rows, D, cols, scale, dp.data(), BLOCK_N, kt, ldk, acc_t(1), acc.data(), D);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* o = dq + (row0 + r) * pb.q_row + h * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[r * D + d]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                     const scalar_t* v, const acc_type_t<scalar_t>* lse,
+                     const acc_type_t<scalar_t>* delta, scalar_t* dk, scalar_t* dv, int64_t max_k) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t D = pb.D, n_blocks = (max_k + BLOCK_N - 1) / BLOCK_N;
+  const acc_t scale = acc_t(pb.scale);
+  at::parallel_for(0, pb.batch * pb.n_kv_heads * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qbuf, dobuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N),
+        dk_acc(BLOCK_N * D), dv_acc(BLOCK_N * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb = task % n_blocks, bh = task / n_blocks;
+      const int64_t b = bh / pb.n_kv_heads, hk = bh % pb.n_kv_heads;
+      const Seq sq = seq_of(pb.cu_q, pb.cu_k, b);
+      const int64_t n0 = nb * BLOCK_N;
+      if (n0 >= sq.k_len) continue;
+      const int64_t cols = std::min(BLOCK_N, sq.k_len - n0), krow0 = sq.k_start + n0;
+      int64_t ldk, ldv, ldq, lddo;
+      const acc_t* kt = tile<scalar_t, acc_t>(k, pb.k_row, krow0, cols, hk, D, kbuf, ldk);
+      const acc_t* vt = tile<scalar_t, acc_t>(v, pb.k_row, krow0, cols, hk, D, vbuf, ldv);
+      std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+      std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+      // Queries before n0 - (k_len - q_len) see none of these keys (unless they are prefix keys).
+      int64_t lo = 0;
+      if (pb.causal && n0 >= pb.n_prefix) lo = std::max<int64_t>(0, n0 - (sq.k_len - sq.q_len));
+      for (int64_t g = 0; g < pb.group; ++g) {
+        const int64_t h = hk * pb.group + g;
+        for (int64_t m0 = lo; m0 < sq.q_len; m0 += BLOCK_M) {
+          const int64_t rows = std::min(BLOCK_M, sq.q_len - m0), row0 = sq.q_start + m0;
+          const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
+          const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
+          gemm<acc_t>(false, true, rows, cols, D, scale, qt, ldq, kt, ldk, acc_t(0), s.data(), BLOCK_N);
+          probs<acc_t>(pb, sq, m0, rows, n0, cols, lse + h * pb.total_q + row0, s.data());
+          // dV += P^T dO
+          gemm<acc_t>(true, false, cols, D, rows, acc_t(1), s.data(), BLOCK_N, gt, lddo, acc_t(1), dv_acc.data(), D);
+          gemm<acc_t>(false, true, rows, cols, D, acc_t(1), gt, lddo, vt, ldv, acc_t(0), dp.data(), BLOCK_N);
+          dscores<acc_t>(rows, cols, s.data(), delta + h * pb.total_q + row0, dp.data());
+          // dK += scale dS^T Q
+          gemm<acc_t>(true, false, cols, D, rows, scale, dp.data(), BLOCK_N, qt, ldq, acc_t(1), dk_acc.data(), D);
+        }
+      }
+      for (int64_t c = 0; c < cols; ++c) {
+        scalar_t* dkr = dk + (krow0 + c) * pb.k_row + hk * D;
+        scalar_t* dvr = dv + (krow0 + c) * pb.k_row + hk * D;
+        for (int64_t d = 0; d < D; ++d) {
+          dkr[d] = static_cast<scalar_t>(dk_acc[c * D + d]);
+          dvr[d] = static_cast<scalar_t>(dv_acc[c * D + d]);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------- host code
+
+Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& cu_q, const at::Tensor& cu_k,
+                      const c10::optional<at::Tensor>& keep, int64_t n_prefix, bool causal,
+                      double scale) {
+  check_dtype(q, "q", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  check_dim(q, "q", 3);
+  check_dim(k, "k", 3);
+  TORCH_CHECK(k.sizes() == v.sizes(), "v: expected shape ", k.sizes(), " (same as k), got ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "k, v: expected dtype ", q.scalar_type(), " (same as q), got ", k.scalar_type(), " and ",
+              v.scalar_type());
+  check_same_device(q, "q", k, "k");
+  check_same_device(q, "q", v, "v");
+  check_contiguous(q, "q");
+  check_contiguous(k, "k");
+  check_contiguous(v, "v");
+  const int64_t Hq = q.size(1), Hkv = k.size(1), D = q.size(2);
+  TORCH_CHECK(k.size(2) == D, "k: expected head dim ", D, " (same as q), got ", k.size(2));
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "k: expected a number of heads dividing q's ", Hq, ", got ", Hkv);
+  for (const auto* cu : {&cu_q, &cu_k}) {
+    TORCH_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->is_contiguous(),
+                "cu_seqlens: expected a contiguous 1-D int32 tensor, got ", cu->scalar_type(), " of shape ",
+                cu->sizes());
+    check_same_device(q, "q", *cu, "cu_seqlens");
+  }
+  TORCH_CHECK(cu_q.numel() == cu_k.numel() && cu_q.numel() >= 1, "cu_k: expected ", cu_q.numel(),
+              " offsets (same as cu_q), got ", cu_k.numel());
+  const int64_t B = cu_q.numel() - 1;
+  const int32_t* cq = cu_q.const_data_ptr<int32_t>();
+  const int32_t* ck = cu_k.const_data_ptr<int32_t>();
+  TORCH_CHECK(cq[0] == 0 && ck[0] == 0, "cu_seqlens: expected to start at 0, got ", cq[0], " and ", ck[0]);
+  TORCH_CHECK(cq[B] == q.size(0) && ck[B] == k.size(0), "cu_seqlens: expected to end at the row counts ",
+              q.size(0), " and ", k.size(0), ", got ", cq[B], " and ", ck[B]);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cq[b + 1] >= cq[b] && ck[b + 1] >= ck[b], "cu_seqlens: expected non-decreasing offsets, at ", b);
+    TORCH_CHECK(ck[b + 1] - ck[b] >= n_prefix, "n_prefix: expected at most the keys of sequence ", b, " (",
+                ck[b + 1] - ck[b], "), got ", n_prefix);
+  }
+  const int8_t* keep_ptr = nullptr;
+  if (keep.has_value()) {
+    TORCH_CHECK(keep->scalar_type() == at::kChar && keep->dim() == 1 && keep->numel() == k.size(0) &&
+                    keep->is_contiguous(),
+                "keep: expected a contiguous int8 tensor of shape [", k.size(0), "], got ", keep->scalar_type(),
+                " of shape ", keep->sizes());
+    keep_ptr = keep->const_data_ptr<int8_t>();
+  }
+  TORCH_CHECK(n_prefix >= 0, "n_prefix: expected a non-negative value, got ", n_prefix);
+  return Problem{B, Hq, Hkv, Hq / Hkv, D, n_prefix, q.size(0), causal, scale, cq, ck, keep_ptr, Hq * D, Hkv * D};
+}
+
+int64_t max_len(const int32_t* cu, int64_t B) {
+  int64_t mx = 0;
+  for (int64_t b = 0; b < B; ++b) mx = std::max<int64_t>(mx, cu[b + 1] - cu[b]);
+  return mx;
+}
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+at::ScalarType acc_scalar(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v, const at::Tensor& cu_q,
+                                                     const at::Tensor& cu_k,
+                                                     const c10::optional<at::Tensor>& keep,
+                                                     int64_t n_prefix, bool causal, double scale) {
+  const Problem pb = check_problem(q, k, v, cu_q, cu_k, keep, n_prefix, causal, scale);
+  at::Tensor out = new_output(q.sizes(), q.options());
+  at::Tensor lse = new_output({pb.n_heads, pb.total_q}, q.options().dtype(acc_scalar(q.scalar_type())));
+  const int64_t max_q = max_len(pb.cu_q, pb.batch);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    fwd_kernel<scalar_t>(pb, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                         v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                         lse.mutable_data_ptr<acc_t>(), max_q);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    const c10::optional<at::Tensor>& keep, int64_t n_prefix, bool causal, double scale) {
+  const Problem pb = check_problem(q, k, v, cu_q, cu_k, keep, n_prefix, causal, scale);
+  for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
+    TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type(), name, ": expected ",
+                q.scalar_type(), " of shape ", q.sizes(), " (same as q), got ", t->scalar_type(), " of shape ",
+                t->sizes());
+    check_contiguous(*t, name);
+  }
+  const auto acc = acc_scalar(q.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 2 && lse.size(0) == pb.n_heads &&
+                  lse.size(1) == pb.total_q && lse.is_contiguous(),
+              "lse: expected a contiguous ", acc, " tensor of shape [", pb.n_heads, ", ", pb.total_q, "], got ",
+              lse.scalar_type(), " of shape ", lse.sizes());
+  at::Tensor dq = new_output(q.sizes(), q.options());
+  at::Tensor dk = new_output(k.sizes(), k.options());
+  at::Tensor dv = new_output(v.sizes(), v.options());
+  at::Tensor delta = at::empty({pb.n_heads, pb.total_q}, q.options().dtype(acc));
+  const int64_t max_q = max_len(pb.cu_q, pb.batch), max_k = max_len(pb.cu_k, pb.batch);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const auto* go = grad_out.const_data_ptr<scalar_t>();
+    const auto* qp = q.const_data_ptr<scalar_t>();
+    const auto* kp = k.const_data_ptr<scalar_t>();
+    const auto* vp = v.const_data_ptr<scalar_t>();
+    // Pass 1 also writes delta_i = dO_i . O_i for pass 2.
+    bwd_dq_kernel<scalar_t>(pb, go, qp, kp, vp, out.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
+                            delta.mutable_data_ptr<acc_t>(), dq.mutable_data_ptr<scalar_t>(), max_q);
+    bwd_dkdv_kernel<scalar_t>(pb, go, qp, kp, vp, lse.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
+                              dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), max_k);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastllm, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace fastllm::cpu

@@ -1,0 +1,224 @@
+"""The causal decoders (Llama family, GPT-2) beyond parity: KV cache, packed sequences,
+prefix k/v, inputs_embeds, the loss path, every op backend, and input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastllm.ops
+from fastllm.models import KVCache, build_model, preset
+from tests.conftest import assert_close, compiled_backends
+
+DECODERS = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
+
+
+def _model(name, **overrides):
+    torch.manual_seed(3)
+    model = build_model(preset(name, **overrides)).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_kv_cache_prefill_then_decode_equals_full_forward(name):
+    model = _model(name)
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        full = model.logits(model(ids))
+        cache = model.new_kv_cache(batch=2, max_len=16)
+        steps = [model.logits(model(ids[:, :6], kv_cache=cache))]
+        steps.append(model.logits(model(ids[:, 6:8], kv_cache=cache)))  # a 2-token chunk
+        for t in range(8, 11):
+            steps.append(model.logits(model(ids[:, t : t + 1], kv_cache=cache)))
+    assert cache.lengths.tolist() == [11, 11]
+    assert_close(torch.cat(steps, dim=1), full)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_kv_cache_right_padded_prefill_with_different_lengths(name):
+    model = _model(name)
+    a, b = torch.randint(0, 128, (9,)), torch.randint(0, 128, (6,))
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    ids[0], ids[1, :4] = a[:7], b[:4]
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with torch.no_grad():
+        cache = model.new_kv_cache(batch=2, max_len=12)
+        pre = model.logits(model(ids, attention_mask=mask, kv_cache=cache))
+        assert cache.lengths.tolist() == [7, 4]
+        # decode one token per sequence at different positions
+        d1 = model.logits(model(torch.stack([a[7:8], b[4:5]]), kv_cache=cache))
+        d2 = model.logits(model(torch.stack([a[8:9], b[5:6]]), kv_cache=cache))
+        full_a = model.logits(model(a[None]))
+        full_b = model.logits(model(b[None]))
+    assert_close(pre[0], full_a[0, :7])
+    assert_close(pre[1, :4], full_b[0, :4])
+    assert_close(torch.cat([d1[0], d2[0]]), full_a[0, 7:9])
+    assert_close(torch.cat([d1[1], d2[1]]), full_b[0, 4:6])
+    with pytest.raises(ValueError, match="kv_cache: a step of 2 tokens needs equal"):
+        model(torch.zeros(2, 2, dtype=torch.long), kv_cache=cache)
+
+
+def test_kv_cache_errors():
+    model = _model("tiny-llama")
+    cache = model.new_kv_cache(batch=1, max_len=4)
+    model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_len=4"):
+        model(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_len"):
+        KVCache(2, 1, 0, 2, 16)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        KVCache(2, 1, 8, 2, 16).update(0, torch.zeros(1, 1, 3, 16), torch.zeros(1, 1, 3, 16))
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_packed_sequences_equal_separate_forwards(name):
+    model = _model(name)
+    lengths = [5, 9, 3]
+    seqs = [torch.randint(0, 128, (n,)) for n in lengths]
+    packed = torch.cat(seqs)[None]  # (1, N)
+    cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    hidden = model(packed, cu_seqlens=cu)
+    start = 0
+    for s in seqs:
+        assert_close(hidden[0, start : start + s.numel()], model(s[None])[0])
+        start += s.numel()
+    # the loss over the pack equals the token-weighted mean of the separate losses
+    loss = model.loss(packed, packed, cu_seqlens=cu)
+    sums = [model.loss(s[None], s[None]) * (s.numel() - 1) for s in seqs]
+    assert_close(loss, sum(sums) / sum(n - 1 for n in lengths))
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_prefix_kv_equals_attending_to_a_cached_prefix(name):
+    # Keys/values of P real tokens, used as prefix_kv (with positions continuing at P),
+    # give the same hidden states as the full sequence.
+    model = _model(name)
+    ids = torch.randint(0, 128, (2, 10))
+    P = 4
+    with torch.no_grad():
+        cache = model.new_kv_cache(batch=2, max_len=10)
+        model(ids[:, :P], kv_cache=cache)
+        prefix = [(cache.k[i, :, :P], cache.v[i, :, :P]) for i in range(cache.num_layers)]
+        pos = torch.arange(P, 10)[None].expand(2, -1)
+        out = model(ids[:, P:], prefix_kv=prefix, position_ids=pos)
+        full = model(ids)
+    assert_close(out, full[:, P:])
+    # prefix tensors receive gradients (prefix tuning trains them)
+    pk = [(k.clone().requires_grad_(True), v.clone().requires_grad_(True)) for k, v in prefix]
+    model(ids[:, P:], prefix_kv=pk).sum().backward()
+    assert all(k.grad is not None and v.grad.abs().sum() > 0 for k, v in pk)
+    with pytest.raises(ValueError, match="prefix_kv: expected one"):
+        model(ids, prefix_kv=prefix[:1])
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_inputs_embeds_equal_input_ids(name):
+    model = _model(name)
+    ids = torch.randint(0, 128, (2, 6))
+    emb = model.model.embed_tokens(ids) if hasattr(model, "model") else model.transformer.wte(ids)
+    assert_close(model(inputs_embeds=emb), model(ids))
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids, inputs_embeds=emb)
+
+
+def test_lm_head_weight_tied_and_untied():
+    tied = build_model(preset("tiny-llama", tie_word_embeddings=True))
+    untied = build_model(preset("tiny-llama"))
+    assert tied.lm_head is None and tied.lm_head_weight is tied.model.embed_tokens.weight
+    assert untied.lm_head_weight is untied.lm_head.weight
+    assert "lm_head.weight" not in tied.state_dict() and "lm_head.weight" in untied.state_dict()
+
+
+def test_loss_uses_fused_linear_cross_entropy_when_present(monkeypatch):
+    model = _model("tiny-llama")
+    ids = torch.randint(0, 128, (2, 8))
+    labels = ids.clone()
+    labels[1, 3] = -100
+    expected = model.loss(ids, labels)
+    calls = []
+
+    def fake_lce(hidden2d, weight, labels1d, ignore_index=-100, reduction="mean", num_tokens=None):
+        calls.append((hidden2d.shape, weight.shape, labels1d.shape, ignore_index, reduction))
+        return F.cross_entropy(
+            F.linear(hidden2d, weight).float(), labels1d, ignore_index=ignore_index
+        )
+
+    monkeypatch.setattr(fastllm.ops, "linear_cross_entropy", fake_lce, raising=False)
+    fused = model.loss(ids, labels)
+    assert calls == [((14, 64), (128, 64), (14,), -100, "mean")]
+    assert_close(fused, expected)
+
+
+def test_loss_num_tokens_divides_the_sum():
+    model = _model("tiny-llama")
+    ids = torch.randint(0, 128, (2, 8))
+    mean = model.loss(ids, ids)
+    assert_close(model.loss(ids, ids, num_tokens=7), mean * 14 / 7)
+
+
+@pytest.mark.parametrize("backend", compiled_backends("cpu"))
+def test_every_op_backend_gives_the_same_model(backend, monkeypatch):
+    model = _model("tiny-llama")
+    ids = torch.randint(0, 128, (2, 9))
+    monkeypatch.setenv("FASTLLM_BACKEND", "reference")
+    ref_loss = model.loss(ids, ids)
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    monkeypatch.setenv("FASTLLM_BACKEND", backend)
+    loss = model.loss(ids, ids)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert_close(g, r)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_bad_inputs_name_the_argument(name):
+    model = _model(name)
+    with pytest.raises(ValueError, match=r"input_ids: token ids must be in \[0, 128\).*got 128"):
+        model(torch.tensor([[1, 128]]))
+    with pytest.raises(ValueError, match=r"input_ids: token ids must be in \[0, 128\).*got -1"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(
+        ValueError, match="input_ids: sequence length 129 exceeds the context of 128"
+    ):
+        model(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(TypeError, match="input_ids: expected an integer tensor"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="attention_mask: expected shape"):
+        model(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="position_ids: expected values in"):
+        model(torch.zeros(1, 3, dtype=torch.long), position_ids=torch.tensor([[0, 1, 500]]))
+    with pytest.raises(ValueError, match="labels: expected shape"):
+        model.loss(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="cu_seqlens: expected increasing offsets"):
+        model(
+            torch.zeros(1, 5, dtype=torch.long),
+            cu_seqlens=torch.tensor([0, 3, 4], dtype=torch.int32),
+        )
+
+
+def test_mistral_sliding_window_limit():
+    model = _model("tiny-mistral", sliding_window=8)
+    model(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama"])
+def test_torch_compile_fullgraph_loss_and_gradients(name):
+    torch._dynamo.reset()
+    model = _model(name)
+    ids = torch.randint(0, 128, (2, 9))
+    compiled = torch.compile(lambda i: model.loss(i, i), fullgraph=True, backend="aot_eager")
+    loss = compiled(ids)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = model.loss(ids, ids)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert_close(g, r)
