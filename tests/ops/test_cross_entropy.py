@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, assert_lowp_rule, compiled_backends
+from tests.conftest import assert_close, assert_lowp_rule, compiled_backends
 
 from fastllm.ops import cross_entropy, cross_entropy_reference
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, assert_lowp_rule, compiled_backends
+from tests.conftest import assert_close, assert_lowp_rule, compiled_backends
 
 from fastllm.ops import linear_cross_entropy, linear_cross_entropy_reference, mlm_loss, mlm_loss_reference
 
