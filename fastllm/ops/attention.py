@@ -336,7 +336,9 @@ def _attention_backward_op(
                                     causal, softmax_scale)
         if prefix_k is None:
             grads = (*grads[:3], no_prefix, q.new_empty(0))
-        return tuple(g.contiguous() for g in grads)
+        # Copies: the op's outputs must not alias each other (the prefix and key gradients
+        # are slices of one tensor in the reference).
+        return tuple(g.clone(memory_format=torch.contiguous_format) for g in grads)
     p = pack(_contig_last(q), _contig_last(k), _contig_last(v), key_padding_mask, prefix_k, prefix_v,
              cu_seqlens, max_seqlen)
     go = grad_out.reshape(p.q.shape)
