@@ -20,8 +20,8 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -170,7 +170,8 @@ def run_cases(
     env = environment(device)
     rows = []
     print(f"\n## {name} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
-    header = f"{'case':<28} {'provider':<16} {'median ms':>10} {'p20-p80 ms':>15} {'GB/s':>8} {'TFLOP/s':>8} {'peak MiB':>9} {'x base':>7} {'mem/base':>8}"
+    header = (f"{'case':<28} {'provider':<16} {'median ms':>10} {'p20-p80 ms':>15} {'GB/s':>8} {'TFLOP/s':>8} "
+              f"{'peak MiB':>9} {'x base':>7} {'mem/base':>8}")
     print(header)
     print("-" * len(header))
     for case in cases:

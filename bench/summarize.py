@@ -24,14 +24,20 @@ def main(argv=None):
     if not rows:
         print("no fastllm rows")
         return
-    print(f"device: {rows[-1]['device']}  torch {rows[-1]['torch']}  triton {rows[-1]['triton']}  commit {rows[-1]['commit']}")
-    print(f"{'bench':<16} {'case':<34} {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'x base':>7} {'mem/base':>8}  base")
+    last = rows[-1]
+    print(f"device: {last['device']}  torch {last['torch']}  triton {last['triton']}  commit {last['commit']}")
+    print(f"{'bench':<16} {'case':<34} {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+          f"{'x base':>7} {'mem/base':>8}  base")
     for r in rows:
-        def f(key, d):
-            v = r.get(key)
-            return "-" if v is None else f"{v:.{d}f}"
-        print(f"{r['bench']:<16} {r['case'][:34]:<34} {r['provider']:<16} {r['median_ms']:>9.3f} {f('tflop_per_s', 1):>8} "
-              f"{f('gb_per_s', 0):>7} {f('speedup_vs_baseline', 2):>7} {f('memory_vs_baseline', 2):>8}  {r.get('baseline') or '-'}")
+        tf, gb = _fmt(r, "tflop_per_s", 1), _fmt(r, "gb_per_s", 0)
+        speed, mem = _fmt(r, "speedup_vs_baseline", 2), _fmt(r, "memory_vs_baseline", 2)
+        print(f"{r['bench']:<16} {r['case'][:34]:<34} {r['provider']:<16} {r['median_ms']:>9.3f} {tf:>8} "
+              f"{gb:>7} {speed:>7} {mem:>8}  {r.get('baseline') or '-'}")
+
+
+def _fmt(row: dict, key: str, digits: int) -> str:
+    value = row.get(key)
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 if __name__ == "__main__":

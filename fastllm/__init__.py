@@ -1,7 +1,9 @@
 """fastllm: fused kernels and explicit training loops for language models."""
 
-from fastllm import _extension  # noqa: F401  (loads fastllm._C first: it defines the op schemas)
-from fastllm import ops  # noqa: F401  (registers torch.ops.fastllm.*)
+from fastllm import (
+    _extension,  # noqa: F401  (loads fastllm._C first: it defines the op schemas)
+    ops,  # noqa: F401  (registers torch.ops.fastllm.*)
+)
 
 __version__ = "0.1.0"
 

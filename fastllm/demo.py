@@ -39,8 +39,8 @@ def _median_ms(fn, reps: int = 10) -> float:
 
 def run(rows: int = 2048, hidden: int = 2048, device: str | None = None) -> list[dict]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"fastllm {fastllm.__version__}: compiled extension {'loaded' if fastllm.extension_available() else 'NOT loaded'}, "
-          f"device {device}, torch {torch.__version__}")
+    ext = "loaded" if fastllm.extension_available() else "NOT loaded"
+    print(f"fastllm {fastllm.__version__}: compiled extension {ext}, device {device}, torch {torch.__version__}")
     x = torch.randn(rows, hidden, device=device, requires_grad=True)
     w = torch.randn(hidden, device=device, requires_grad=True)
     dy = torch.randn(rows, hidden, device=device)
@@ -50,7 +50,7 @@ def run(rows: int = 2048, hidden: int = 2048, device: str | None = None) -> list
     print(f"\nRMSNorm forward+backward, {rows} x {hidden} float32")
     print(f"{'backend':<10} {'max |y err|':>12} {'max |dx err|':>13} {'max |dw err|':>13} {'median ms':>10}")
     for backend in _available_backends(device):
-        def step():
+        def step(backend=backend):
             y = rms_norm(x, w, backend=backend)
             return y, *torch.autograd.grad(y, (x, w), dy)
 

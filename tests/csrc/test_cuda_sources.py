@@ -17,7 +17,9 @@ import torch.utils.cpp_extension as cpp_ext
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNELS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 BINDINGS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_binding.cpp")))
-NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
+NVCC = shutil.which("nvcc")
+if NVCC is None and os.environ.get("CUDA_HOME"):
+    NVCC = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
