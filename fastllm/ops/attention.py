@@ -299,8 +299,8 @@ def _attention_op(
     p = pack(_contig_last(q), _contig_last(k), _contig_last(v), key_padding_mask, prefix_k, prefix_v,
              cu_seqlens, max_seqlen)
     if chosen == "native":
-        out, lse = torch.ops.fastllm.attention_fwd(p.q.contiguous(), p.k.contiguous(), p.v.contiguous(), p.cu_q, p.cu_k, p.keep, p.n_prefix,
-                                                   causal, softmax_scale)
+        out, lse = torch.ops.fastllm.attention_fwd(p.q.contiguous(), p.k.contiguous(), p.v.contiguous(), p.cu_q,
+                                                   p.cu_k, p.keep, p.n_prefix, causal, softmax_scale)
     else:
         from fastllm.triton_kernels.attention_fwd import attention_fwd
 

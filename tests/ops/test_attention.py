@@ -44,8 +44,11 @@ LONG = [
     (1, 113, 113, 4, 1, 80, 0, True),
     (2, 113, 113, 8, 2, 96, 7, False),
     (1, 1000, 1000, 2, 2, 64, 0, False),
-    (1, 1000, 1000, 8, 1, 128, 16, True),
+    (1, 1000, 1000, 4, 1, 128, 16, True),
 ]
+# Under the interpreter Triton runs a subset (length 1, GQA 8 with padding and T != S, GQA 4
+# with prefix keys); the varlen tests cover GQA 1 and more odd lengths.
+SMALL_INTERPRETED = SMALL[1:4]
 
 
 def _inputs(case, dtype, device, scale=1.0):
@@ -83,9 +86,11 @@ def _compare_float(case, causal, backend, device, dtype=torch.float32):
         assert_close(o, r, msg=f"{name} ({backend}, causal={causal}, case={case})")
 
 
-@pytest.mark.parametrize("backend,device", BD)
+@pytest.mark.parametrize("backend,device,case", [
+    pytest.param(*bd.values, case, marks=bd.marks, id=f"{bd.id}-{i}")
+    for bd in BD for i, case in enumerate(SMALL) if _fast(*bd.values) or case in SMALL_INTERPRETED
+])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("case", SMALL)
 def test_float32_matches_float64_reference(backend, device, causal, case):
     _compare_float(case, causal, backend, device)
 
@@ -142,10 +147,15 @@ def test_packed_rows_never_attend_across_documents(backend, device):
     assert not torch.allclose(out1[7:19], out2[7:19])
 
 
-@pytest.mark.parametrize("backend,device", [p for p in BD if p.values[0] != "reference"])
+LOWP = [(True, (2, 33, 33, 8, 2, 64, 3, True)), (False, (1, 64, 50, 4, 4, 16, 0, False))]
+
+
+@pytest.mark.parametrize("backend,device,causal,case", [
+    pytest.param(*bd.values, causal, case, marks=bd.marks, id=f"{bd.id}-{i}")
+    for bd in BD if bd.values[0] != "reference"
+    for i, (causal, case) in enumerate(LOWP) if _fast(*bd.values) or i == 0
+])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("case", [(2, 33, 33, 8, 2, 64, 3, True), (1, 64, 50, 4, 4, 16, 0, False)])
 def test_low_precision_error_within_2x_torch(backend, device, dtype, causal, case):
     tensors, mask, dout = _inputs(case, dtype, device)
     kw = dict(causal=causal, key_padding_mask=mask)
@@ -229,7 +239,7 @@ def test_reference_closed_form_backward_matches_autograd():
 
 @pytest.mark.parametrize("backend,device", [p for p in BD if p.values[0] != "reference"])
 def test_deterministic_backward_is_bitwise_repeatable(backend, device):
-    tensors, mask, dout = _inputs((2, 40, 40, 8, 1, 16, 2, True), torch.float32, device)
+    tensors, mask, dout = _inputs((2, 24, 24, 4, 1, 16, 2, True), torch.float32, device)
     fn = lambda **t: attention(**t, causal=True, key_padding_mask=mask, backend=backend, deterministic=True)
     first, second = _run(fn, tensors, dout), _run(fn, tensors, dout)
     for name, a, b in zip(_names(tensors), first, second):
@@ -294,7 +304,7 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(k=torch.randn(2, 7, 3, 16)), "k: expected a number of heads dividing"),
+    (dict(k=torch.randn(2, 7, 3, 16), v=torch.randn(2, 7, 3, 16)), "k: expected a number of heads dividing"),
     (dict(v=torch.randn(2, 7, 2, 8)), "v: expected shape"),
     (dict(q=torch.randn(2, 5, 4)), "q: expected a 4-D tensor"),
     (dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), "key_padding_mask: expected shape"),
@@ -341,16 +351,15 @@ class _TinyAttentionLM(torch.nn.Module):
         return self.head(x)
 
 
-def _train(backend, steps=30):
+def _train(backend, steps):
     torch.manual_seed(0)
     model = _TinyAttentionLM(backend=backend)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(1)
-    # A learnable pattern: each sequence repeats a random 4-token motif.
     losses = []
     for _ in range(steps):
-        motif = torch.randint(0, 32, (8, 4), generator=gen)
-        tokens = motif.repeat(1, 5)[:, :17]
+        # Counting sequences (next token = this token + 1 mod 32) from random starts.
+        tokens = (torch.randint(0, 32, (4, 1), generator=gen) + torch.arange(13)) % 32
         logits = model(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
         opt.zero_grad()
@@ -364,10 +373,11 @@ def _train(backend, steps=30):
 def test_tiny_model_converges_like_reference(backend):
     if backend not in compiled_backends("cpu"):
         pytest.fail(f"backend {backend} unavailable on the CPU test machine")
-    steps = 30 if backend == "native" else 8
+    steps = 12 if backend == "native" else 6
     ref = _train("reference", steps)
     ours = _train(backend, steps)
-    assert ref[-1] < ref[0] - (0.3 if steps == 30 else 0.05), f"the reference model did not learn: {ref[0]:.3f} -> {ref[-1]:.3f}"
+    learned = 1.0 if backend == "native" else 0.3
+    assert ref[-1] < ref[0] - learned, f"the reference model did not learn: {ref[0]:.3f} -> {ref[-1]:.3f}"
     # Float32 kernels and reference differ by rounding only: the trajectories stay together.
     for step, (a, b) in enumerate(zip(ours, ref)):
         assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4), f"step {step}: {a} vs reference {b}"
