@@ -8,6 +8,7 @@ against.
 from ._backend import BACKENDS, choose
 from .attention import (
     attention,
+    attention_backward_reference,
     attention_lse_reference,
     attention_reference,
     attention_varlen_reference,
@@ -19,6 +20,7 @@ __all__ = [
     "choose",
     "attention",
     "attention_reference",
+    "attention_backward_reference",
     "attention_lse_reference",
     "attention_varlen_reference",
     "RMSNorm",

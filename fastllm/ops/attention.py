@@ -436,7 +436,9 @@ def attention(
     q (B, T, Hq, D), k/v (B, S, Hkv, D) -> (B, T, Hq, D); or packed q/k/v (total, H, D) with
     cu_seqlens (B+1,) int32 offsets shared by q, k and v (self-attention over packed
     documents: no row attends across documents) -> (total, Hq, D). max_seqlen: the longest
-    sequence (computed from cu_seqlens when None).
+    sequence, at least (computed from cu_seqlens when None, which reads it back to the host).
+    For generation prefill with a KV cache, pass the cached keys in k/v (S > T): causal
+    alignment is bottom-right, so new query i sees the cache and the new keys up to itself.
     causal: query i sees keys j <= i + S - T. key_padding_mask (B, S) bool, True = real key.
     prefix_k/prefix_v (B, P, Hkv, D): keys every query sees (prefix tuning), gradients flow.
     softmax_scale: default 1/sqrt(D). deterministic: a backward whose result does not depend
