@@ -31,7 +31,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, KEEP,
+    Q, K, V, OUT, LSE, CU_Q, CU_K, KEEP,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     total_q, n_heads, group, head_dim, n_prefix, scale_log2,
     IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr,
@@ -99,8 +99,8 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln 2
-    tl.store(O + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + h * total_q + q_start + offs_m, lse, mask=m_ok)
 
 

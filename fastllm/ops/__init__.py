@@ -11,6 +11,7 @@ from .linear_cross_entropy import causal_lm_loss, linear_cross_entropy, mlm_loss
 from .logprobs import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
 from .attention import (
     attention,
+    attention_backward_reference,
     attention_lse_reference,
     attention_reference,
     attention_varlen_reference,
@@ -25,6 +26,7 @@ __all__ = [
     "choose",
     "attention",
     "attention_reference",
+    "attention_backward_reference",
     "attention_lse_reference",
     "attention_varlen_reference",
     "lora_linear",

@@ -91,4 +91,5 @@ def unpack_kv_grad(packed: Packed, grad: Tensor, k_shape, prefix_shape) -> tuple
     g = grad.view(B, P + S, *k_shape[2:])
     if not P:
         return g, None
-    return g[:, P:], g[:, :P]
+    # Copies: the op's outputs must not alias each other.
+    return g[:, P:].clone(memory_format=torch.contiguous_format), g[:, :P].clone(memory_format=torch.contiguous_format)

@@ -299,8 +299,8 @@ def _attention_op(
     p = pack(_contig_last(q), _contig_last(k), _contig_last(v), key_padding_mask, prefix_k, prefix_v,
              cu_seqlens, max_seqlen)
     if chosen == "native":
-        out, lse = torch.ops.fastllm.attention_fwd(p.q.contiguous(), p.k.contiguous(), p.v.contiguous(), p.cu_q, p.cu_k, p.keep, p.n_prefix,
-                                                   causal, softmax_scale)
+        out, lse = torch.ops.fastllm.attention_fwd(p.q.contiguous(), p.k.contiguous(), p.v.contiguous(), p.cu_q,
+                                                   p.cu_k, p.keep, p.n_prefix, causal, softmax_scale)
     else:
         from fastllm.triton_kernels.attention_fwd import attention_fwd
 
@@ -336,7 +336,9 @@ def _attention_backward_op(
                                     causal, softmax_scale)
         if prefix_k is None:
             grads = (*grads[:3], no_prefix, q.new_empty(0))
-        return tuple(g.contiguous() for g in grads)
+        # Copies: the op's outputs must not alias each other (the prefix and key gradients
+        # are slices of one tensor in the reference).
+        return tuple(g.clone(memory_format=torch.contiguous_format) for g in grads)
     p = pack(_contig_last(q), _contig_last(k), _contig_last(v), key_padding_mask, prefix_k, prefix_v,
              cu_seqlens, max_seqlen)
     go = grad_out.reshape(p.q.shape)
@@ -434,7 +436,9 @@ def attention(
     q (B, T, Hq, D), k/v (B, S, Hkv, D) -> (B, T, Hq, D); or packed q/k/v (total, H, D) with
     cu_seqlens (B+1,) int32 offsets shared by q, k and v (self-attention over packed
     documents: no row attends across documents) -> (total, Hq, D). max_seqlen: the longest
-    sequence (computed from cu_seqlens when None).
+    sequence, at least (computed from cu_seqlens when None, which reads it back to the host).
+    For generation prefill with a KV cache, pass the cached keys in k/v (S > T): causal
+    alignment is bottom-right, so new query i sees the cache and the new keys up to itself.
     causal: query i sees keys j <= i + S - T. key_padding_mask (B, S) bool, True = real key.
     prefix_k/prefix_v (B, P, Hkv, D): keys every query sees (prefix tuning), gradients flow.
     softmax_scale: default 1/sqrt(D). deterministic: a backward whose result does not depend
