@@ -1,0 +1,73 @@
+"""One decode step of a Llama-family decoder over a preallocated KV cache, written with the
+rollout engine's fused ops: per layer, RMSNorm -> q/k/v projections -> RoPE fused with the
+cache append (kv_append_rope) -> decode attention over the cache -> o_proj, then the MLP.
+
+It reads the model's own submodules (so LoRA-wrapped projections and in-place weight
+updates are seen) and never waits on the host, so a CUDA graph can capture it. A model
+without the Llama layout falls back to its own forward with the KVCache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastllm.ops.decode_attention import choose_native_or_reference, decode_attention_reference
+from fastllm.ops.kv_append_rope import kv_append_rope_reference
+from fastllm.ops.sampling import sample_reference
+
+
+def is_llama_layout(model) -> bool:
+    """Whether `model` has the Llama-family layout the fused decode step reads."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or len(layers) == 0 or not hasattr(inner, "inv_freq"):
+        return False
+    attn = getattr(layers[0], "self_attn", None)
+    return all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "n_heads", "n_kv_heads",
+                                                  "head_dim"))
+
+
+class Kernels:
+    """The three fused ops, resolved once per generate call for a device."""
+
+    def __init__(self, device: torch.device, backend: str = "auto"):
+        use = {op: choose_native_or_reference(op, device, backend, native)
+               for op, native in (("decode_attention", "decode_attention_fwd"),
+                                  ("kv_append_rope", "kv_append_rope_fwd"), ("sample", "sample_tokens"))}
+        self.backends = use
+        ops = torch.ops.fastllm
+        self.attention = (ops.decode_attention_fwd if use["decode_attention"] == "native"
+                          else decode_attention_reference)
+        self.append = ops.kv_append_rope_fwd if use["kv_append_rope"] == "native" else kv_append_rope_reference
+        self.sample = ops.sample_tokens if use["sample"] == "native" else sample_reference
+
+
+def llama_decode_logits(model, cache, tokens: Tensor, positions: Tensor, kernels: Kernels) -> Tensor:
+    """Logits (B, V) float32 of the next token after `tokens` (B,) at `positions` (B,) int32,
+    whose keys/values are appended to `cache` (a KVCache) at those positions."""
+    inner = model.model
+    B = tokens.shape[0]
+    inv_freq = inner.inv_freq(tokens.device)
+    lengths = positions + 1  # keys to attend to, the new one included
+    x = inner.embed_tokens(tokens[:, None])  # (B, 1, H)
+    for i, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(B, attn.n_heads, attn.head_dim)  # (B, Hq, D)
+        k = attn.k_proj(h).view(B, attn.n_kv_heads, attn.head_dim)  # (B, Hkv, D)
+        v = attn.v_proj(h).view(B, attn.n_kv_heads, attn.head_dim)
+        k_cache, v_cache = cache.k[i], cache.v[i]  # (B, Smax, Hkv, D) views
+        q = kernels.append(q, k, v, k_cache, v_cache, positions, inv_freq)
+        o = kernels.attention(q, k_cache, v_cache, lengths, 1.0 / math.sqrt(attn.head_dim))  # (B, Hq, D)
+        x = x + attn.o_proj(o.reshape(B, 1, attn.n_heads * attn.head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.logits(inner.norm(x))[:, 0].float()
+
+
+def generic_decode_logits(model, cache, tokens: Tensor, positions: Tensor) -> Tensor:
+    """Fallback for other decoders: the model's own forward with its KVCache."""
+    hidden = model(tokens[:, None], position_ids=positions[:, None].long(), kv_cache=cache)
+    return model.logits(hidden)[:, 0].float()
