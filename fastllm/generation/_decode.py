@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from fastllm.models.llama import LlamaMLP
+from fastllm.ops import RMSNorm, _backend
 from fastllm.ops.decode_attention import choose_native_or_reference, decode_attention_reference
 from fastllm.ops.kv_append_rope import kv_append_rope_reference
 from fastllm.ops.sampling import sample_reference
@@ -31,7 +33,11 @@ def is_llama_layout(model) -> bool:
 
 
 class Kernels:
-    """The three fused ops, resolved once per generate call for a device."""
+    """The fused ops of a decode step, resolved once per generate call for a device.
+
+    With the native backend the step also calls the C++/CUDA RMSNorm and SwiGLU kernels
+    directly, skipping their autograd-aware Python wrappers (a decode step needs no
+    gradients, and on the CPU the wrappers cost more than the tiny kernels)."""
 
     def __init__(self, device: torch.device, backend: str = "auto"):
         use = {op: choose_native_or_reference(op, device, backend, native)
@@ -43,6 +49,19 @@ class Kernels:
                           else decode_attention_reference)
         self.append = ops.kv_append_rope_fwd if use["kv_append_rope"] == "native" else kv_append_rope_reference
         self.sample = ops.sample_tokens if use["sample"] == "native" else sample_reference
+        direct = backend != "reference" and use["decode_attention"] == "native"
+        self.rms_norm_fwd = ops.rms_norm_fwd if direct and _backend.native_has("rms_norm_fwd", device) else None
+        self.swiglu_fwd = ops.swiglu_fwd if direct and _backend.native_has("swiglu_fwd", device) else None
+
+    def norm(self, module, x: Tensor) -> Tensor:
+        if self.rms_norm_fwd is not None and type(module) is RMSNorm:
+            return self.rms_norm_fwd(x, module.weight, module.eps)
+        return module(x)
+
+    def mlp(self, module, x: Tensor) -> Tensor:
+        if self.swiglu_fwd is not None and type(module) is LlamaMLP:
+            return module.down_proj(self.swiglu_fwd(module.gate_proj(x), module.up_proj(x)))
+        return module(x)
 
 
 def llama_decode_logits(model, cache, tokens: Tensor, positions: Tensor, kernels: Kernels) -> Tensor:
@@ -52,19 +71,19 @@ def llama_decode_logits(model, cache, tokens: Tensor, positions: Tensor, kernels
     B = tokens.shape[0]
     inv_freq = inner.inv_freq(tokens.device)
     lengths = positions + 1  # keys to attend to, the new one included
-    x = inner.embed_tokens(tokens[:, None])  # (B, 1, H)
+    x = inner.embed_tokens(tokens)  # (B, H): one token per sequence
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
+        h = kernels.norm(layer.input_layernorm, x)
         q = attn.q_proj(h).view(B, attn.n_heads, attn.head_dim)  # (B, Hq, D)
         k = attn.k_proj(h).view(B, attn.n_kv_heads, attn.head_dim)  # (B, Hkv, D)
         v = attn.v_proj(h).view(B, attn.n_kv_heads, attn.head_dim)
         k_cache, v_cache = cache.k[i], cache.v[i]  # (B, Smax, Hkv, D) views
         q = kernels.append(q, k, v, k_cache, v_cache, positions, inv_freq)
         o = kernels.attention(q, k_cache, v_cache, lengths, 1.0 / math.sqrt(attn.head_dim))  # (B, Hq, D)
-        x = x + attn.o_proj(o.reshape(B, 1, attn.n_heads * attn.head_dim))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.logits(inner.norm(x))[:, 0].float()
+        x = x + attn.o_proj(o.view(B, attn.n_heads * attn.head_dim))
+        x = x + kernels.mlp(layer.mlp, kernels.norm(layer.post_attention_layernorm, x))
+    return model.logits(kernels.norm(inner.norm, x)).float()
 
 
 def generic_decode_logits(model, cache, tokens: Tensor, positions: Tensor) -> Tensor:
