@@ -35,7 +35,10 @@ echo "tests exit $? (log: tests.log)"; tail -15 "$OUT/tests.log"
 step "benchmarks"
 for b in bench/bench_*.py; do
   name=$(basename "$b" .py)
-  timeout "${BENCH_TIMEOUT:-45}" "$PY" "$b" --device cuda > "$OUT/$name.log" 2>&1
+  limit=${BENCH_TIMEOUT:-45}
+  # generation runs whole rollouts (two models, Hugging Face generate beside ours)
+  [ "$name" = bench_generate ] && limit=${GENERATE_TIMEOUT:-150}
+  timeout "$limit" "$PY" "$b" --device cuda > "$OUT/$name.log" 2>&1
   echo "$name exit $? (log: $name.log)"
 done
 

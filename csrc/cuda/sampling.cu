@@ -22,13 +22,14 @@ namespace {
 
 constexpr int kThreads = 512;
 
-// Order-preserving map float -> uint32 (larger float, larger key) and back.
+// z = x / T with IEEE division even under --use_fast_math, so z (and so the thresholds and
+// the draw) match the CPU kernel and the reference bit for bit.
+__device__ __forceinline__ float scaled(float x, float T) { return __fdiv_rn(x, T); }
+
+// Order-preserving map float -> uint32 (larger float, larger key).
 __device__ __forceinline__ uint32_t float_key(float f) {
   const uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-__device__ __forceinline__ float key_float(uint32_t k) {
-  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
 __device__ __forceinline__ float block_max(float v) {
@@ -123,10 +124,10 @@ sample_kernel(const float* __restrict__ logits, const float* __restrict__ temper
   }
 
   float m = -INFINITY;
-  for (int64_t i = tid; i < V; i += blockDim.x) m = fmaxf(m, row[i] / T);
+  for (int64_t i = tid; i < V; i += blockDim.x) m = fmaxf(m, scaled(row[i], T));
   m = block_max(m);
   float total_all = 0.f;
-  for (int64_t i = tid; i < V; i += blockDim.x) total_all += __expf(row[i] / T - m);
+  for (int64_t i = tid; i < V; i += blockDim.x) total_all += __expf(scaled(row[i], T) - m);
   total_all = block_sum(total_all);
 
   uint32_t thr = 0;  // keep z with float_key(z) >= thr; 0 keeps everything
@@ -136,7 +137,7 @@ sample_kernel(const float* __restrict__ logits, const float* __restrict__ temper
     for (int bit = 31; bit >= 0; --bit) {
       const uint32_t cand = prefix | (1u << bit);
       float count = 0.f;  // exact in float up to 2^24 tokens
-      for (int64_t i = tid; i < V; i += blockDim.x) count += float_key(row[i] / T) >= cand ? 1.f : 0.f;
+      for (int64_t i = tid; i < V; i += blockDim.x) count += float_key(scaled(row[i], T)) >= cand ? 1.f : 0.f;
       if (block_sum(count) >= static_cast<float>(k)) prefix = cand;
     }
     thr = prefix;
@@ -145,7 +146,7 @@ sample_kernel(const float* __restrict__ logits, const float* __restrict__ temper
   if (p < 1.f) {
     float kept = 0.f;
     for (int64_t i = tid; i < V; i += blockDim.x) {
-      const float z = row[i] / T;
+      const float z = scaled(row[i], T);
       if (float_key(z) >= thr) kept += __expf(z - m);
     }
     const float target = p * block_sum(kept);
@@ -155,7 +156,7 @@ sample_kernel(const float* __restrict__ logits, const float* __restrict__ temper
       const uint32_t floor = cand > thr ? cand : thr;
       float mass = 0.f;
       for (int64_t i = tid; i < V; i += blockDim.x) {
-        const float z = row[i] / T;
+        const float z = scaled(row[i], T);
         if (float_key(z) >= floor) mass += __expf(z - m);
       }
       if (block_sum(mass) >= target) prefix = cand;
@@ -169,7 +170,7 @@ sample_kernel(const float* __restrict__ logits, const float* __restrict__ temper
   float mine = 0.f;
   int64_t last_kept = -1;
   for (int64_t i = lo; i < hi; ++i) {
-    const float z = row[i] / T;
+    const float z = scaled(row[i], T);
     if (float_key(z) >= thr) { mine += __expf(z - m); last_kept = i; }
   }
   float total;
@@ -181,7 +182,7 @@ sample_kernel(const float* __restrict__ logits, const float* __restrict__ temper
     const float need = target - before;
     float cum = 0.f;
     for (int64_t i = lo; i < hi; ++i) {
-      const float z = row[i] / T;
+      const float z = scaled(row[i], T);
       if (float_key(z) >= thr) {
         cum += __expf(z - m);
         if (cum > need) { atomicMin(&chosen, static_cast<unsigned long long>(i)); break; }
@@ -195,7 +196,7 @@ sample_kernel(const float* __restrict__ logits, const float* __restrict__ temper
   if (tid == 0) {
     const int64_t tok = chosen != ~0ull ? static_cast<int64_t>(chosen) : static_cast<int64_t>(lk);
     tokens[b] = tok;
-    logprobs[b] = (row[tok] / T - m) - logf(total_all);
+    logprobs[b] = (scaled(row[tok], T) - m) - logf(total_all);
   }
 }
 

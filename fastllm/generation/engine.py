@@ -110,7 +110,8 @@ class _Rollout:
         self.tokens.scatter_(1, at, token[:, None])
         self.logprobs.scatter_(1, at, torch.where(live, logprob, 0.0)[:, None])
         self.mask.scatter_(1, at, live[:, None])
-        self.finished |= live & torch.isin(token, self.stop)
+        # a broadcast compare, not torch.isin: isin's sorting path syncs with the host
+        self.finished |= live & (token[:, None] == self.stop[None, :]).any(-1)
         self.last.copy_(token)
         self.pos.add_(1)
 
