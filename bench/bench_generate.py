@@ -43,7 +43,6 @@ def _sync(device):
 
 
 def _time(fn, device, reps):
-    fn()  # warm-up (graph capture, allocator, kernel selection)
     times = []
     for _ in range(reps):
         _sync(device)
@@ -107,7 +106,7 @@ def main(argv=None):
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     batches = args.batch or ([1, 4, 16, 64] if gpu else [1, 16])
-    reps = args.reps or (3 if gpu else 2)
+    reps = args.reps or (3 if gpu else 1)
     env = environment(device)
     bw = copy_bandwidth(device)
     print(f"\n## generate on {env['device']} (torch {env['torch']}, commit {env['commit']}), "
@@ -127,6 +126,7 @@ def main(argv=None):
             ids = torch.randint(1, cfg.vocab_size, (batch, args.prompt), device=device)
             results = {}
             for pname, fn in providers(model, hf, device).items():
+                fn(ids, 2)  # warm-up: kernel selection, allocator, graph capture path
                 full = _time(lambda: fn(ids, args.new), device, reps)
                 first = _time(lambda: fn(ids, 1), device, reps)
                 med = statistics.median(full)

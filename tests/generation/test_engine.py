@@ -176,3 +176,32 @@ def test_greedy_equals_full_recompute_on_gpu():
     ref = generate_reference(model, PROMPTS, 16, temperature=0.0)
     assert torch.equal(out.tokens, ref.tokens)
     torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
+
+
+FALLBACK_SCRIPT = """
+import warnings
+warnings.simplefilter("ignore")
+import torch, fastllm
+from fastllm.generation import generate, generate_reference
+from fastllm.models import build_model, preset
+assert not fastllm.extension_available()
+torch.manual_seed(0)
+model = build_model(preset("tiny-llama", initializer_range=0.3)).eval()
+prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+out = generate(model, prompts, 6, temperature=0.0)
+ref = generate_reference(model, prompts, 6, temperature=0.0)
+assert torch.equal(out.tokens, ref.tokens)
+print("ok")
+"""
+
+
+def test_generate_without_extension_uses_references():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, FASTLLM_DISABLE_EXTENSION="1", FASTLLM_BACKEND="", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
