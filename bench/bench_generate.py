@@ -136,6 +136,7 @@ def main(argv=None):
                     torch.finfo(dtype).bits // 8
                 bound = (weight_bytes + kv_bytes) / decode / bw if decode > 0 else float("nan")
                 results[pname] = (med, decode, bound, full)
+                print(f"  ({cname} b{batch} {pname}: {med:.2f} s for {args.new} tokens)", flush=True)
             base = results["hf_generate"][0]
             for pname, (med, decode, bound, full) in results.items():
                 tps = batch * args.new / med

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from fastllm.models.llama import LlamaMLP
-from fastllm.ops import RMSNorm, _backend
+from fastllm.ops import RMSNorm, _backend, swiglu
 from fastllm.ops.decode_attention import choose_native_or_reference, decode_attention_reference
 from fastllm.ops.kv_append_rope import kv_append_rope_reference
 from fastllm.ops.sampling import sample_reference
@@ -58,15 +59,47 @@ class Kernels:
             return self.rms_norm_fwd(x, module.weight, module.eps)
         return module(x)
 
+    def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
+        return self.swiglu_fwd(gate, up) if self.swiglu_fwd is not None else swiglu(gate, up)
+
     def mlp(self, module, x: Tensor) -> Tensor:
         if self.swiglu_fwd is not None and type(module) is LlamaMLP:
             return module.down_proj(self.swiglu_fwd(module.gate_proj(x), module.up_proj(x)))
         return module(x)
 
 
-def llama_decode_logits(model, cache, tokens: Tensor, positions: Tensor, kernels: Kernels) -> Tensor:
+def _cat_linears(mods) -> tuple[Tensor, Tensor | None] | None:
+    """One (sum out, in) weight (and bias) for plain nn.Linear layers read with the same
+    input, or None when any is wrapped (LoRA) or the bias settings differ."""
+    if not all(type(m) is nn.Linear for m in mods):
+        return None
+    if len({m.bias is None for m in mods}) != 1:
+        return None
+    weight = torch.cat([m.weight for m in mods])
+    bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
+    return weight, bias
+
+
+def fuse_projections(model) -> list[tuple]:
+    """Per layer, the q/k/v weights and the gate/up weights concatenated, so a decode step
+    runs one matmul for each group instead of three and two: at decode batch sizes every
+    matmul call costs a thread fork/join, which dominates on a small CPU. Built once per
+    generate call (so in-place weight updates between rollouts are seen); (None, None) for a
+    layer whose projections are wrapped (LoRA), which then calls its modules."""
+    fused = []
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        qkv = _cat_linears([a.q_proj, a.k_proj, a.v_proj])
+        gate_up = _cat_linears([mlp.gate_proj, mlp.up_proj]) if type(mlp) is LlamaMLP else None
+        fused.append((qkv, gate_up))
+    return fused
+
+
+def llama_decode_logits(model, cache, tokens: Tensor, positions: Tensor, kernels: Kernels,
+                        fused: list[tuple] | None = None) -> Tensor:
     """Logits (B, V) float32 of the next token after `tokens` (B,) at `positions` (B,) int32,
-    whose keys/values are appended to `cache` (a KVCache) at those positions."""
+    whose keys/values are appended to `cache` (a KVCache) at those positions.
+    fused: fuse_projections(model), or None to call every projection module."""
     inner = model.model
     B = tokens.shape[0]
     inv_freq = inner.inv_freq(tokens.device)
@@ -74,15 +107,25 @@ def llama_decode_logits(model, cache, tokens: Tensor, positions: Tensor, kernels
     x = inner.embed_tokens(tokens)  # (B, H): one token per sequence
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
+        qkv, gate_up = fused[i] if fused is not None else (None, None)
         h = kernels.norm(layer.input_layernorm, x)
-        q = attn.q_proj(h).view(B, attn.n_heads, attn.head_dim)  # (B, Hq, D)
-        k = attn.k_proj(h).view(B, attn.n_kv_heads, attn.head_dim)  # (B, Hkv, D)
-        v = attn.v_proj(h).view(B, attn.n_kv_heads, attn.head_dim)
+        Hq, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        if qkv is not None:
+            q, k, v = F.linear(h, *qkv).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = q.view(B, Hq, D), k.view(B, Hkv, D), v.view(B, Hkv, D)  # (B, H, D)
         k_cache, v_cache = cache.k[i], cache.v[i]  # (B, Smax, Hkv, D) views
         q = kernels.append(q, k, v, k_cache, v_cache, positions, inv_freq)
         o = kernels.attention(q, k_cache, v_cache, lengths, 1.0 / math.sqrt(attn.head_dim))  # (B, Hq, D)
-        x = x + attn.o_proj(o.view(B, attn.n_heads * attn.head_dim))
-        x = x + kernels.mlp(layer.mlp, kernels.norm(layer.post_attention_layernorm, x))
+        x = x + attn.o_proj(o.reshape(B, attn.n_heads * attn.head_dim))
+        h = kernels.norm(layer.post_attention_layernorm, x)
+        if gate_up is not None:
+            gate, up = F.linear(h, *gate_up).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(kernels.swiglu(gate.contiguous(), up.contiguous()))
+        else:
+            x = x + kernels.mlp(layer.mlp, h)
     return model.logits(kernels.norm(inner.norm, x)).float()
 
 

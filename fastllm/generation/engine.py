@@ -123,11 +123,13 @@ class DecodeStep:
         self.model, self.cache, self.state, self.kernels = model, cache, state, kernels
         self.params, self.uniforms = params, uniforms
         self.fused = _decode.is_llama_layout(model)
+        self.projections = _decode.fuse_projections(model) if self.fused else None
 
     def __call__(self) -> None:
         s = self.state
         if self.fused:
-            logits = _decode.llama_decode_logits(self.model, self.cache, s.last, s.pos, self.kernels)
+            logits = _decode.llama_decode_logits(self.model, self.cache, s.last, s.pos, self.kernels,
+                                                 self.projections)
         else:
             logits = _decode.generic_decode_logits(self.model, self.cache, s.last, s.pos)
         token, logprob = self.kernels.sample(logits.contiguous(), *self.params, self.uniforms)
