@@ -118,7 +118,9 @@ def main(argv=None):
     rows = []
     for cname in args.configs:
         torch.manual_seed(0)
-        model = build_model(preset(CONFIGS[cname])).to(device=device, dtype=dtype).eval()
+        # the tiny test preset has 128 positions: give it room for prompt + new tokens
+        extra = {"max_position_embeddings": 1024} if cname == "tiny" else {}
+        model = build_model(preset(CONFIGS[cname], **extra)).to(device=device, dtype=dtype).eval()
         hf = hf_model(model, device, dtype)
         cfg = model.config
         weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
