@@ -31,7 +31,9 @@ void decode_attention_rows(const scalar_t* q, const scalar_t* kc, const scalar_t
                            int64_t Hkv, int64_t Smax, int64_t D, double scale) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t G = Hq / Hkv;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // Tasks per thread chunk: small caches run inline (a fork/join costs more than the work).
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, Smax * D * (G + 1)));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qs(G * D), acc(G * D), scores(G * kKeyBlock), m(G), l(G), ks, vs;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;

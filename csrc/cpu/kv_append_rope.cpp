@@ -82,7 +82,9 @@ at::Tensor kv_append_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at
     scalar_t* qo = q_out.mutable_data_ptr<scalar_t>();
     scalar_t* kc = k_cache.mutable_data_ptr<scalar_t>();
     scalar_t* vc = v_cache.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    // A token's heads are little work: batch them so small steps run inline.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (Hq + 2 * Hkv) * D));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> cos(half), sin(half);
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t i = 0; i < half; ++i) {

@@ -120,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits,
   const float* u = uniforms.const_data_ptr<float>();
   int64_t* tok = tokens.mutable_data_ptr<int64_t>();
   float* lp = logprobs.mutable_data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  // Rows per thread chunk: a small vocabulary runs inline (a fork/join costs more).
+  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / V), [&](int64_t begin, int64_t end) {
     std::vector<float> z, sorted;
     for (int64_t b = begin; b < end; ++b) {
       sample_row(x + b * V, V, t[b], k[b], p[b], u[b], z, sorted, tok + b, lp + b);
