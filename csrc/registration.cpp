@@ -66,3 +66,20 @@ TORCH_LIBRARY(fastllm, m) {
   m.def("logprob_rows_bwd_(Tensor(a!) logits, Tensor targets, Tensor grad_logprob, "
         "Tensor grad_entropy, int ignore_index, float inv_temperature) -> ()");
 }
+
+// ---------------------------------------------------------------------------- generation
+// Inference-only ops of the rollout engine (no autograd). Shapes and semantics are
+// documented in fastllm/ops/{decode_attention,sampling,kv_append_rope}.py.
+TORCH_LIBRARY_FRAGMENT(fastllm, m) {
+  // One new query per sequence against a preallocated cache: q (B, Hq, D), k_cache/v_cache
+  // (B, Smax, Hkv, D), lengths (B,) int32 keys to attend to -> out (B, Hq, D).
+  m.def("decode_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor");
+  // Temperature / top-k / top-p sampling from given uniforms: logits (B, V) float32,
+  // temperature (B,) float32 (0: greedy), top_k (B,) int32 (0: off), top_p (B,) float32
+  // (>= 1: off), uniforms (B,) float32 in [0, 1) -> (tokens (B,) int64, logprobs (B,) float32).
+  m.def("sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor uniforms) -> (Tensor, Tensor)");
+  // RoPE on the new q and k at positions (B,) int32, k and v written into the caches at
+  // those positions: q (B, Hq, D), k/v (B, Hkv, D), caches (B, Smax, Hkv, D),
+  // inv_freq (D/2,) float32 -> rotated q (B, Hq, D).
+  m.def("kv_append_rope_fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor inv_freq) -> Tensor");
+}

@@ -20,6 +20,9 @@ from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linea
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
 from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
 from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
+from .decode_attention import decode_attention, decode_attention_reference
+from .kv_append_rope import kv_append_rope, kv_append_rope_reference
+from .sampling import sample, sample_reference, sampling_params
 
 __all__ = [
     "BACKENDS",
@@ -55,4 +58,11 @@ __all__ = [
     "swiglu",
     "swiglu_reference",
     "swiglu_backward_reference",
+    "decode_attention",
+    "decode_attention_reference",
+    "kv_append_rope",
+    "kv_append_rope_reference",
+    "sample",
+    "sample_reference",
+    "sampling_params",
 ]

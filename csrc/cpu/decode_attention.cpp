@@ -1,0 +1,136 @@
+// Decode attention on the CPU: one new query per sequence against a preallocated KV cache.
+//   out[b, hq] = softmax(scale * q[b, hq] . K[b, :len_b, hkv]) @ V[b, :len_b, hkv],
+//   hkv = hq / G with G = Hq / Hkv query heads per key/value head (grouped-query attention).
+// Work is split over (sequence, kv head); each task loads every key and value row of its
+// head once and uses it for all G query heads of the group. Within a task the keys are
+// walked in blocks with an online softmax (running max m, running sum l, rescaled
+// accumulator), so the scratch stays a block of scores whatever the cache length.
+// Computed in float (double for float64); a sequence with length 0 gets zeros.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "fastllm/checks.h"
+#include "fastllm/cpu_vec.h"
+
+namespace fastllm::cpu {
+namespace {
+
+constexpr int64_t kKeyBlock = 64;  // keys per online-softmax step
+
+template <typename scalar_t>
+void decode_attention_rows(const scalar_t* q, const scalar_t* kc, const scalar_t* vc,
+                           const int32_t* lengths, scalar_t* out, int64_t B, int64_t Hq,
+                           int64_t Hkv, int64_t Smax, int64_t D, double scale) {
+  using acc_t = acc_type_t<scalar_t>;
+  const int64_t G = Hq / Hkv;
+  // Tasks per thread chunk: small caches run inline (a fork/join costs more than the work).
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, Smax * D * (G + 1)));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qs(G * D), acc(G * D), scores(G * kKeyBlock), m(G), l(G), ks, vs;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t len = lengths[b];
+      for (int64_t g = 0; g < G; ++g) {
+        const scalar_t* qr = q + (b * Hq + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = static_cast<acc_t>(qr[d]) * acc_t(scale);
+      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(l.begin(), l.end(), acc_t(0));
+      for (int64_t j0 = 0; j0 < len; j0 += kKeyBlock) {
+        const int64_t n = std::min(kKeyBlock, len - j0);
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t* kr = widen<scalar_t, acc_t>(kc + ((b * Smax + j0 + j) * Hkv + h) * D, D, ks);
+          for (int64_t g = 0; g < G; ++g) scores[g * kKeyBlock + j] = dot(qs.data() + g * D, kr, D);
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          acc_t* s = scores.data() + g * kKeyBlock;
+          const acc_t m_new = std::max(m[g], *std::max_element(s, s + n));
+          const acc_t correction = std::exp(m[g] - m_new);  // exp(-inf) = 0 on the first block
+          acc_t sum = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            s[j] = std::exp(s[j] - m_new);
+            sum += s[j];
+          }
+          l[g] = l[g] * correction + sum;
+          m[g] = m_new;
+          acc_t* a = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) a[d] *= correction;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t* vr = widen<scalar_t, acc_t>(vc + ((b * Smax + j0 + j) * Hkv + h) * D, D, vs);
+          for (int64_t g = 0; g < G; ++g) {
+            const Vec<acc_t> p(scores[g * kKeyBlock + j]);
+            acc_t* a = acc.data() + g * D;
+            int64_t d = 0;
+            for (; d + Vec<acc_t>::size() <= D; d += Vec<acc_t>::size()) {
+              at::vec::fmadd(p, Vec<acc_t>::loadu(vr + d), Vec<acc_t>::loadu(a + d)).store(a + d);
+            }
+            for (; d < D; ++d) a[d] += scores[g * kKeyBlock + j] * vr[d];
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const acc_t inv = l[g] > 0 ? acc_t(1) / l[g] : acc_t(0);
+        scalar_t* o = out + (b * Hq + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+at::Tensor decode_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                    const at::Tensor& v_cache, const at::Tensor& lengths,
+                                    double scale) {
+  check_dtype(q, "q", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  check_dim(q, "q", 3);
+  check_dim(k_cache, "k_cache", 4);
+  check_dim(lengths, "lengths", 1);
+  check_same_device(q, "q", k_cache, "k_cache");
+  check_same_device(q, "q", v_cache, "v_cache");
+  check_same_device(q, "q", lengths, "lengths");
+  check_dtype(lengths, "lengths", {at::kInt});
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "k_cache: expected dtype ", q.scalar_type(),
+              " (same as q), got ", k_cache.scalar_type());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "v_cache: expected shape ", k_cache.sizes(), " and dtype ", k_cache.scalar_type(),
+              " (same as k_cache), got ", v_cache.sizes(), " ", v_cache.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Smax = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D, "k_cache: expected shape [", B,
+              ", Smax, Hkv, ", D, "] (batch and head_dim of q), got ", k_cache.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "k_cache: the number of kv heads (", Hkv,
+              ") must divide the number of query heads (", Hq, ")");
+  TORCH_CHECK(lengths.size(0) == B, "lengths: expected shape [", B, "], got ", lengths.sizes());
+  check_contiguous(q, "q");
+  check_contiguous(k_cache, "k_cache");
+  check_contiguous(v_cache, "v_cache");
+  check_contiguous(lengths, "lengths");
+  const int32_t* len = lengths.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(len[b] >= 0 && len[b] <= Smax, "lengths: expected values in [0, ", Smax,
+                "] (the cache length), got ", len[b], " at index ", b);
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    decode_attention_rows<scalar_t>(q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
+                                    v_cache.const_data_ptr<scalar_t>(), len,
+                                    out.mutable_data_ptr<scalar_t>(), B, Hq, Hkv, Smax, D, scale);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastllm, CPU, m) { m.impl("decode_attention_fwd", &decode_attention_fwd_cpu); }
+
+}  // namespace fastllm::cpu

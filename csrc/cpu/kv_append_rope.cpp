@@ -1,0 +1,113 @@
+// RoPE on the new token's q and k, fused with the KV-cache append, on the CPU.
+// For sequence b at position p = positions[b], angle_i = p * inv_freq_i (i < D/2), in the
+// rotate-half layout (x1 = x[:D/2], x2 = x[D/2:]):
+//   y1 = x1 cos - x2 sin,  y2 = x2 cos + x1 sin
+// q_out[b] = rope(q[b]); k_cache[b, p] = rope(k[b]); v_cache[b, p] = v[b].
+// The angle is formed in float32 (float64 for float64 inputs), as the model's rope_cos_sin
+// does, so a decode step rotates exactly as a full forward would.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "fastllm/checks.h"
+#include "fastllm/cpu_vec.h"
+
+namespace fastllm::cpu {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+inline void rotate(const scalar_t* x, scalar_t* y, const acc_t* cos, const acc_t* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const acc_t x1 = static_cast<acc_t>(x[i]), x2 = static_cast<acc_t>(x[i + half]);
+    y[i] = static_cast<scalar_t>(x1 * cos[i] - x2 * sin[i]);
+    y[i + half] = static_cast<scalar_t>(x2 * cos[i] + x1 * sin[i]);
+  }
+}
+
+at::Tensor kv_append_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& positions,
+                              const at::Tensor& inv_freq) {
+  check_dtype(q, "q", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  check_dim(q, "q", 3);
+  check_dim(k, "k", 3);
+  check_dim(k_cache, "k_cache", 4);
+  check_dim(positions, "positions", 1);
+  check_dim(inv_freq, "inv_freq", 1);
+  check_dtype(positions, "positions", {at::kInt});
+  check_dtype(inv_freq, "inv_freq", {at::kFloat});
+  const std::pair<const at::Tensor*, const char*> same[] = {
+      {&k, "k"}, {&v, "v"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}};
+  for (const auto& [t, name] : same) {
+    check_same_device(q, "q", *t, name);
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
+                " (same as q), got ", t->scalar_type());
+    check_contiguous(*t, name);
+  }
+  check_same_device(q, "q", positions, "positions");
+  check_same_device(q, "q", inv_freq, "inv_freq");
+  check_contiguous(q, "q");
+  check_contiguous(positions, "positions");
+  check_contiguous(inv_freq, "inv_freq");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+  const int64_t Smax = k_cache.size(1), half = D / 2;
+  TORCH_CHECK(D % 2 == 0, "q: expected an even head_dim, got ", D);
+  TORCH_CHECK(k.size(0) == B && k.size(2) == D, "k: expected shape [", B, ", Hkv, ", D, "], got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v: expected shape ", k.sizes(), " (same as k), got ", v.sizes());
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(2) == Hkv && k_cache.size(3) == D,
+              "k_cache: expected shape [", B, ", Smax, ", Hkv, ", ", D, "], got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache: expected shape ", k_cache.sizes(),
+              " (same as k_cache), got ", v_cache.sizes());
+  TORCH_CHECK(positions.size(0) == B, "positions: expected shape [", B, "], got ", positions.sizes());
+  TORCH_CHECK(inv_freq.size(0) == half, "inv_freq: expected shape [", half, "] (head_dim / 2), got ",
+              inv_freq.sizes());
+  const int32_t* pos = positions.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < Smax, "positions: expected values in [0, ", Smax,
+                ") (the cache length), got ", pos[b], " at index ", b);
+  }
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  if (poison_outputs()) q_out.fill_(std::numeric_limits<double>::quiet_NaN());
+  const float* freq = inv_freq.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "kv_append_rope", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    scalar_t* qo = q_out.mutable_data_ptr<scalar_t>();
+    scalar_t* kc = k_cache.mutable_data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.mutable_data_ptr<scalar_t>();
+    // A token's heads are little work: batch them so small steps run inline.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (Hq + 2 * Hkv) * D));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> cos(half), sin(half);
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t i = 0; i < half; ++i) {
+          const acc_t angle = static_cast<acc_t>(pos[b]) * static_cast<acc_t>(freq[i]);
+          cos[i] = std::cos(angle);
+          sin[i] = std::sin(angle);
+        }
+        for (int64_t h = 0; h < Hq; ++h) {
+          rotate(qp + (b * Hq + h) * D, qo + (b * Hq + h) * D, cos.data(), sin.data(), half);
+        }
+        const int64_t slot = (b * Smax + pos[b]) * Hkv * D;
+        for (int64_t h = 0; h < Hkv; ++h) {
+          rotate(kp + (b * Hkv + h) * D, kc + slot + h * D, cos.data(), sin.data(), half);
+        }
+        std::copy(vp + b * Hkv * D, vp + (b + 1) * Hkv * D, vc + slot);
+      }
+    });
+  });
+  return q_out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastllm, CPU, m) { m.impl("kv_append_rope_fwd", &kv_append_rope_cpu); }
+
+}  // namespace fastllm::cpu

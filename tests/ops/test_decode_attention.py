@@ -1,0 +1,109 @@
+"""Decode attention against its reference: every backend, GQA and MHA, ragged lengths
+(0, 1, full), odd head dims, float32/float64 tight, bf16/fp16 by the low-precision rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastllm
+from fastllm.ops.decode_attention import decode_attention, decode_attention_reference
+from tests.conftest import DEVICES, assert_close, assert_lowp_rule
+
+BACKENDS = ["reference"] + (["native"] if fastllm.extension_available() else [])
+BACKEND_DEVICE = [(b, d) for d in DEVICES for b in BACKENDS]
+# (B, Hq, Hkv, D, Smax)
+SHAPES = [(3, 6, 2, 16, 37), (1, 4, 4, 80, 5), (5, 9, 3, 64, 130), (2, 8, 1, 128, 70)]
+
+
+def _marks(device):
+    return [pytest.mark.gpu] if device == "cuda" else []
+
+
+def _inputs(B, Hq, Hkv, D, S, dtype, device):
+    q = torch.randn(B, Hq, D, dtype=dtype, device=device)
+    k = torch.randn(B, S, Hkv, D, dtype=dtype, device=device)
+    v = torch.randn(B, S, Hkv, D, dtype=dtype, device=device)
+    lengths = torch.randint(1, S + 1, (B,), dtype=torch.int32)
+    lengths[0] = S  # the full cache
+    if B > 2:
+        lengths[1], lengths[2] = 1, 0  # a single key; no key at all (zeros)
+    return q, k, v, lengths.to(device)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param(b, d, marks=_marks(d)) for b, d in BACKEND_DEVICE])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(backend, device, shape, dtype):
+    if dtype == torch.float64 and device == "cuda" and backend == "native":
+        pytest.skip("the CUDA kernel has no float64 variant")
+    q, k, v, lengths = _inputs(*shape, dtype, device)
+    out = decode_attention(q, k, v, lengths, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, decode_attention_reference(q, k, v, lengths))
+
+
+def test_reference_equals_sdpa_per_sequence():
+    q, k, v, lengths = _inputs(3, 6, 2, 16, 37, torch.float64, "cpu")
+    out = decode_attention_reference(q, k, v, lengths)
+    for b in range(3):
+        n = int(lengths[b])
+        if n == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+            continue
+        kb = k[b, :n].repeat_interleave(3, dim=1).transpose(0, 1)  # (Hq, n, D)
+        vb = v[b, :n].repeat_interleave(3, dim=1).transpose(0, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(q[b][:, None], kb, vb)[:, 0]
+        torch.testing.assert_close(out[b], want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param(b, d, marks=_marks(d)) for b, d in BACKEND_DEVICE])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_rule(backend, device, dtype):
+    q, k, v, lengths = _inputs(5, 9, 3, 64, 130, dtype, device)
+    ref32 = decode_attention_reference(q.float(), k.float(), v.float(), lengths)
+    lowp = decode_attention_reference(q, k, v, lengths, upcast=False)
+    assert_lowp_rule(decode_attention(q, k, v, lengths, backend=backend), lowp, ref32)
+
+
+def test_only_the_first_lengths_keys_are_read():
+    q, k, v, lengths = _inputs(3, 6, 2, 16, 37, torch.float32, "cpu")
+    before = decode_attention(q, k, v, lengths)
+    past = torch.arange(37)[None, :, None, None] >= lengths.long()[:, None, None, None]
+    k2, v2 = k.masked_fill(past, float("nan")), v.masked_fill(past, float("nan"))
+    torch.testing.assert_close(decode_attention(q, k2, v2, lengths), before, rtol=0, atol=0)
+
+
+def test_custom_scale():
+    q, k, v, lengths = _inputs(3, 6, 2, 16, 37, torch.float32, "cpu")
+    assert_close(decode_attention(q, k, v, lengths, 0.3), decode_attention_reference(q, k, v, lengths, 0.3))
+    assert not torch.allclose(decode_attention(q, k, v, lengths, 0.3), decode_attention(q, k, v, lengths))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    q, k, v, lengths = _inputs(3, 6, 2, 16, 9, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.fastllm.decode_attention.default, (q, k, v, lengths, 0.25, backend))
+
+
+@pytest.mark.skipif(not fastllm.extension_available(), reason="needs fastllm._C")
+def test_opcheck_native_kernel():
+    q, k, v, lengths = _inputs(3, 6, 2, 16, 9, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.fastllm.decode_attention_fwd.default, (q, k, v, lengths, 1 / math.sqrt(16)))
+
+
+def test_errors_name_the_argument():
+    q, k, v, lengths = _inputs(3, 6, 2, 16, 9, torch.float32, "cpu")
+    with pytest.raises(TypeError, match="lengths"):
+        decode_attention(q, k, v, lengths.long())
+    with pytest.raises(ValueError, match="kv heads"):
+        decode_attention(q[:, :5], k, v, lengths)
+    with pytest.raises(ValueError, match="k_cache"):
+        decode_attention(q, k[:2], v[:2], lengths)
+    with pytest.raises(RuntimeError, match="Triton"):
+        decode_attention(q, k, v, lengths, backend="triton")
+    if fastllm.extension_available():
+        with pytest.raises(RuntimeError, match="lengths"):
+            decode_attention(q, k, v, torch.tensor([1, 10, 2], dtype=torch.int32), backend="native")
