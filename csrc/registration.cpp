@@ -19,4 +19,13 @@ TORCH_LIBRARY(fastllm, m) {
   m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> Tensor");
   // Returns (grad_x, grad_weight); rsqrt(mean(x^2) + eps) is recomputed, not stored.
   m.def("rms_norm_bwd(Tensor grad_out, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+
+  // RoPE (rotate-half layout): q (N, Hq, D), k (N, Hkv, D) contiguous; cos, sin (N, D/2) in
+  // float32 (float64 for float64 q). Returns (rotated q, rotated k); inverse=True negates
+  // sin, which is the backward.
+  m.def("rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)");
+  // SwiGLU: y = silu(gate) * up elementwise; gate and up contiguous, same shape and dtype.
+  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
+  // Returns (grad_gate, grad_up); sigmoid(gate) is recomputed.
+  m.def("swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }

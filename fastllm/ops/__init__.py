@@ -7,6 +7,8 @@ against.
 
 from ._backend import BACKENDS, choose
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
+from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
+from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
 
 __all__ = [
     "BACKENDS",
@@ -15,4 +17,13 @@ __all__ = [
     "rms_norm",
     "rms_norm_reference",
     "rms_norm_backward_reference",
+    "apply_rope",
+    "rope",
+    "rope_reference",
+    "rope_backward_reference",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "swiglu",
+    "swiglu_reference",
+    "swiglu_backward_reference",
 ]

@@ -1,0 +1,193 @@
+"""Pieces shared by the causal decoders (Llama family, GPT-2): input checks, position ids,
+the per-forward attention arguments, and the next-token loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fastllm.ops
+from fastllm.ops.attention import attention
+
+from .kv_cache import KVCache
+
+IGNORE_INDEX = -100
+
+
+def check_token_ids(input_ids: Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Raise a ValueError naming `name` when an id is outside [0, vocab_size)."""
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {input_ids.dtype}")
+    if input_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name}: token ids must be in [0, {vocab_size}) (vocab_size), got {bad}")
+
+
+@dataclass
+class Step:
+    """What every layer of one forward needs."""
+
+    batch: int
+    seq_len: int
+    position_ids: Tensor  # (B, T)
+    key_padding_mask: Tensor | None  # (B, T) bool, without a cache
+    cu_seqlens: Tensor | None  # (B'+1,) int32 when packed
+    max_seqlen: int | None
+    kv_cache: KVCache | None
+    prefix_kv: list | None
+    num_new: Tensor | int  # real new tokens per sequence, for kv_cache.advance
+
+
+def prepare(config, input_ids, inputs_embeds, *, position_ids, cu_seqlens, max_seqlen, attention_mask,
+            prefix_kv, kv_cache, max_positions: int, window: int | None = None) -> tuple[Tensor | None, Step]:
+    """Validate the decoder forward arguments and derive positions and masks.
+
+    Returns input_ids (B, T) (or None when inputs_embeds is given) and a Step.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("input_ids, inputs_embeds: expected exactly one of them, got "
+                         f"{'both' if input_ids is not None else 'neither'}")
+    x = input_ids if input_ids is not None else inputs_embeds
+    if input_ids is not None:
+        if input_ids.dim() == 1 and cu_seqlens is not None:
+            input_ids = input_ids[None]  # packed tokens (N,) -> (1, N)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape (B, T), got {list(input_ids.shape)}")
+        check_token_ids(input_ids, config.vocab_size)
+        B, T = input_ids.shape
+        device = input_ids.device
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"inputs_embeds: expected shape (B, T, {config.hidden_size}), "
+                             f"got {list(inputs_embeds.shape)}")
+        B, T = inputs_embeds.shape[:2]
+        device = x.device
+    if T == 0:
+        raise ValueError("input_ids: expected at least one token per sequence, got T=0")
+
+    if prefix_kv is not None and len(prefix_kv) != _num_layers(config):
+        raise ValueError(f"prefix_kv: expected one (k, v) per layer ({_num_layers(config)}), got {len(prefix_kv)}")
+    num_new: Tensor | int = T
+    key_padding_mask = None
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask: expected shape {[B, T]} (as input_ids), got {list(attention_mask.shape)}")
+        key_padding_mask = attention_mask.bool()
+
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"input_ids: packed sequences (cu_seqlens) expect shape (1, N) or (N,), got {[B, T]}")
+        if kv_cache is not None or prefix_kv is not None or attention_mask is not None:
+            raise ValueError("cu_seqlens: cannot be combined with kv_cache, prefix_kv or attention_mask")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens: expected shape (num_seqs + 1,), got {list(cu_seqlens.shape)}")
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if not torch.compiler.is_compiling():
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((lengths < 0).any()):
+                raise ValueError(f"cu_seqlens: expected increasing offsets from 0 to N={T}, got {cu_seqlens.tolist()}")
+        if max_seqlen is None:
+            max_seqlen = int(lengths.max())
+        if position_ids is None:  # every packed sequence restarts at 0
+            starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths.long(), output_size=T)
+            position_ids = (torch.arange(T, device=device) - starts)[None]
+        longest = max_seqlen
+    elif kv_cache is not None:
+        kv_cache.check_append(T)
+        if attention_mask is not None:
+            real = key_padding_mask.sum(1)
+            if not torch.compiler.is_compiling() and not bool(
+                    (key_padding_mask == (torch.arange(T, device=device)[None] < real[:, None])).all()):
+                raise ValueError("attention_mask: with a kv_cache the new tokens must be right-padded "
+                                 "(ones then zeros in each row)")
+            num_new = real
+        key_padding_mask = None  # the cache builds the key mask
+        if position_ids is None:
+            position_ids = kv_cache.positions(T)
+        longest = kv_cache._max_length + T
+    else:
+        if position_ids is None:
+            position_ids = torch.arange(T, device=device)[None].expand(B, T)
+        longest = T
+
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None].expand(B, T)
+    if tuple(position_ids.shape) != (B, T):
+        raise ValueError(f"position_ids: expected shape {[B, T]} (as input_ids), got {list(position_ids.shape)}")
+    if longest > max_positions:
+        raise ValueError(f"input_ids: sequence length {longest} exceeds the context of {max_positions} positions "
+                         "(max_position_embeddings)")
+    if window is not None and longest > window:
+        raise ValueError(f"input_ids: sequence length {longest} exceeds sliding_window={window}, "
+                         "beyond which sliding-window attention is not implemented")
+    if not torch.compiler.is_compiling() and position_ids.numel():
+        top = int(position_ids.max())
+        if top >= max_positions or int(position_ids.min()) < 0:
+            raise ValueError(f"position_ids: expected values in [0, {max_positions}) (max_position_embeddings), "
+                             f"got {top if top >= max_positions else int(position_ids.min())}")
+    return input_ids, Step(B, T, position_ids, key_padding_mask, cu_seqlens, max_seqlen, kv_cache, prefix_kv,
+                           num_new)
+
+
+def _num_layers(config) -> int:
+    return getattr(config, "num_hidden_layers", None) or config.n_layer
+
+
+def self_attention(q: Tensor, k: Tensor, v: Tensor, layer_idx: int, step: Step, softmax_scale=None) -> Tensor:
+    """Causal attention of one layer through fastllm.ops.attention: q (B, T, Hq, D), k/v
+    (B, T, Hkv, D), after RoPE where the model has it. Returns (B, T, Hq, D)."""
+    B, T = q.shape[:2]
+    if step.cu_seqlens is not None:  # packed: (N, H, D) with offsets
+        out = attention(q[0], k[0], v[0], causal=True, softmax_scale=softmax_scale,
+                                              cu_seqlens=step.cu_seqlens, max_seqlen=step.max_seqlen)
+        return out[None]
+    key_padding_mask = step.key_padding_mask
+    if step.kv_cache is not None:
+        k, v, key_padding_mask = step.kv_cache.update(layer_idx, k, v)
+    prefix_k = prefix_v = None
+    if step.prefix_kv is not None:
+        prefix_k, prefix_v = step.prefix_kv[layer_idx]
+    return attention(q, k, v, causal=True, softmax_scale=softmax_scale,
+                                           key_padding_mask=key_padding_mask, prefix_k=prefix_k,
+                                           prefix_v=prefix_v)
+
+
+def finish(step: Step) -> None:
+    """After the last layer: move the cache lengths on."""
+    if step.kv_cache is not None:
+        step.kv_cache.advance(step.num_new)
+
+
+def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, cu_seqlens: Tensor | None = None,
+                   num_tokens: int | None = None) -> Tensor:
+    """Mean next-token cross-entropy: hidden[..., t, :] predicts labels[..., t+1]; labels equal
+    to -100 are ignored, as are targets that start a new packed sequence (cu_seqlens).
+    hidden (B, T, H) or (1, N, H); labels (B, T) or (N,); weight (V, H).
+
+    Uses fastllm.ops.linear_cross_entropy (never materialises the logits) when it exists,
+    else logits + F.cross_entropy. num_tokens: divide the summed loss by this instead of
+    the number of counted targets (gradient accumulation across micro-batches)."""
+    if labels.dim() == 1:
+        labels = labels[None]
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels: expected shape {list(hidden.shape[:-1])} (as input_ids), got {list(labels.shape)}")
+    targets = labels[:, 1:]
+    if cu_seqlens is not None and cu_seqlens.numel() > 2:
+        targets = targets.clone()
+        # the token at a sequence start is not predicted from the previous sequence's last token
+        targets[:, cu_seqlens[1:-1].long() - 1] = IGNORE_INDEX
+    h2 = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
+    t1 = targets.reshape(-1)
+    fused = getattr(fastllm.ops, "linear_cross_entropy", None)
+    if fused is not None:
+        return fused(h2, weight, t1, ignore_index=IGNORE_INDEX, reduction="mean", num_tokens=num_tokens)
+    logits = F.linear(h2, weight).float()
+    if num_tokens is None:
+        return F.cross_entropy(logits, t1, ignore_index=IGNORE_INDEX, reduction="mean")
+    return F.cross_entropy(logits, t1, ignore_index=IGNORE_INDEX, reduction="sum") / num_tokens

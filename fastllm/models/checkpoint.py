@@ -1,0 +1,256 @@
+"""Hugging Face checkpoint layout: config.json + model.safetensors, or sharded
+model-0000i-of-0000n.safetensors with model.safetensors.index.json. Never pickle.
+
+    from_pretrained(path, dtype=None, device=None)  -> the model class named by config.json
+    save_pretrained(model, path, max_shard_size=...)  writes config.json and the weights
+
+Each model class maps names between its state dict and the file (`_from_hf(name, tensor)`,
+`_to_hf(name, tensor)`: GPT-2 transposes its Conv1D weights, BERT renames old LayerNorm
+gamma/beta) and lists file tensors it may ignore (`_ignored_hf`, e.g. GPT-2's causal-mask
+buffers). Any other missing, unexpected or wrongly shaped tensor fails with an error that
+names it. Files are written to a temporary name and renamed, so a killed save never leaves
+a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+def _parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPES:
+        return _DTYPES[dtype.replace("torch.", "")]
+    raise ValueError(f"dtype: expected None, 'auto', a torch floating dtype or one of {list(_DTYPES)}, got {dtype!r}")
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size: expected bytes or a string like '5GB' / '200MB', got {size!r}")
+    return int(float(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2)])
+
+
+# --------------------------------------------------------------------------- raw files
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The parsed config.json of a checkpoint directory."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"path: no {CONFIG_NAME} in {str(path)!r}")
+    with open(file) as f:
+        return json.load(f)
+
+
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (single file or shards listed by the index)."""
+    path = Path(path)
+    if (path / INDEX_NAME).is_file():
+        with open(path / INDEX_NAME) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / WEIGHTS_NAME).is_file():
+        weight_map, files = None, [WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(f"path: neither {WEIGHTS_NAME} nor {INDEX_NAME} in {str(path)!r}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if weight_map is not None and weight_map.get(key) != name:
+                    raise ValueError(f"{INDEX_NAME}: tensor {key!r} is in {name} but the index maps it to "
+                                     f"{weight_map.get(key)!r}")
+                if key in state:
+                    raise ValueError(f"checkpoint: tensor {key!r} appears in more than one file")
+                state[key] = f.get_tensor(key)
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(state))
+        if absent:
+            raise ValueError(f"{INDEX_NAME}: tensors listed but not found in the shards: {absent[:5]}")
+    return state
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, file)
+
+
+def _atomic_json(obj: dict, file: Path) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, file)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, max_shard_size="5GB") -> list[str]:
+    """Write `state` as model.safetensors, or as shards of at most max_shard_size bytes (a
+    tensor larger than that gets a shard of its own) plus the index. Weight files of an
+    earlier save in `path` that this one does not rewrite are removed. Returns file names."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().to("cpu").contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        names = [WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _atomic_save(shard, path / name)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
+        _atomic_json({"metadata": {"total_size": total}, "weight_map": weight_map}, path / INDEX_NAME)
+    keep = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
+    for stale in path.iterdir():
+        if stale.name not in keep and (stale.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(stale.name)):
+            stale.unlink()
+    return names
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _model_class(model_type: str):
+    from .bert import BertForMaskedLM
+    from .gpt2 import GPT2LMHeadModel
+    from .llama import LlamaForCausalLM
+
+    classes = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
+               "gpt2": GPT2LMHeadModel, "bert": BertForMaskedLM}
+    if model_type not in classes:
+        raise ValueError(f"config.json model_type: expected one of {list(classes)}, got {model_type!r}")
+    return classes[model_type]
+
+
+def from_pretrained(path: str | os.PathLike, dtype=None, device=None, cls=None):
+    """Load a Hugging Face checkpoint directory into the matching fastllm model.
+
+    dtype: None / "auto" keeps the stored dtype; a torch dtype or its name converts every
+    floating tensor. device: where the weights land (default CPU). cls: expect this model
+    class (its from_pretrained passes itself) instead of choosing by model_type.
+    """
+    hf_config = read_config(path)
+    model_cls = _model_class(hf_config.get("model_type"))
+    if cls is not None and not issubclass(model_cls, cls):
+        raise ValueError(f"path: config.json describes a {model_cls.__name__}, not a {cls.__name__}")
+    config = model_cls.config_class.from_hf_dict(hf_config)
+    target = _parse_dtype(dtype)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    raw = load_safetensors(path, device="cpu")
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = model.state_dict()
+    ours: dict[str, torch.Tensor] = {}
+    file_name: dict[str, str] = {}
+    unexpected = []
+    for name, tensor in raw.items():
+        if any(re.search(p, name) for p in model_cls._ignored_hf):
+            continue
+        mapped = model_cls._from_hf(name, tensor, raw)
+        if mapped is None:
+            continue
+        our_name, value = mapped
+        if our_name not in expected:
+            unexpected.append(name)
+            continue
+        ours[our_name], file_name[our_name] = value, name
+    if unexpected:
+        raise ValueError(f"checkpoint {str(path)!r}: unexpected tensor(s) {unexpected} "
+                         f"(not part of {model_cls.__name__} for this config.json)")
+    missing = [model_cls._hf_name(n) for n in expected if n not in ours]
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r}: missing tensor(s) {missing}")
+    for name, value in ours.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            stored = tuple(raw[file_name[name]].shape)
+            note = "" if stored == tuple(value.shape) else f" (stored as {list(stored)}, transposed on load)"
+            raise ValueError(f"checkpoint {str(path)!r}: tensor {file_name[name]!r}: expected shape "
+                             f"{list(expected[name].shape)}, got {list(value.shape)}{note}")
+    for name, value in ours.items():
+        dt = target if (target is not None and value.is_floating_point()) else value.dtype
+        ours[name] = value.to(device=device, dtype=dt)
+    model.load_state_dict(ours, strict=True, assign=True)
+    return model.to(device)
+
+
+def save_pretrained(model, path: str | os.PathLike, max_shard_size="5GB") -> None:
+    """Write config.json and the weights of a fastllm model in the Hugging Face layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        mapped = type(model)._to_hf(name, tensor)
+        if mapped is not None:
+            state[mapped[0]] = mapped[1]
+    save_safetensors(state, path, max_shard_size=max_shard_size)
+    hf = model.config.to_hf_dict()
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        hf["torch_dtype"] = hf["dtype"] = str(dtypes.pop()).replace("torch.", "")
+    _atomic_json(hf, path / CONFIG_NAME)
+
+
+class HFCheckpointMixin:
+    """from_pretrained / save_pretrained for a model class. Subclasses set config_class and,
+    where names or layouts differ from the file, override the three mapping hooks."""
+
+    config_class: type
+    _ignored_hf: tuple[str, ...] = ()
+
+    @classmethod
+    def _from_hf(cls, name: str, tensor: torch.Tensor, raw: dict) -> tuple[str, torch.Tensor] | None:
+        """File tensor -> (state-dict name, tensor), or None to drop it after checking."""
+        return name, tensor
+
+    @classmethod
+    def _to_hf(cls, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """State-dict tensor -> (file name, tensor), or None to leave it out of the file."""
+        return name, tensor
+
+    @classmethod
+    def _hf_name(cls, name: str) -> str:
+        mapped = cls._to_hf(name, torch.empty(0, 0))
+        return mapped[0] if mapped else name
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load a Hugging Face checkpoint directory (see fastllm.models.checkpoint)."""
+        return from_pretrained(path, dtype=dtype, device=device, cls=cls)
+
+    def save_pretrained(self, path, max_shard_size="5GB") -> None:
+        """Write config.json + safetensors (sharded past max_shard_size) in HF layout."""
+        save_pretrained(self, path, max_shard_size=max_shard_size)

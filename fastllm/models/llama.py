@@ -1,0 +1,186 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM): pre-RMSNorm blocks, RoPE,
+grouped-query attention, SwiGLU MLP, tied or untied embeddings, optional q/k/v biases.
+
+Module names follow Hugging Face's LlamaForCausalLM, so state dicts map 1:1 and LoRA
+targets read as usual:
+
+    model.embed_tokens, model.layers[i].{input_layernorm, self_attn.{q,k,v,o}_proj,
+    post_attention_layernorm, mlp.{gate,up,down}_proj}, model.norm, lm_head (absent when tied)
+
+    block(x) = h + mlp(post_attention_layernorm(h)),  h = x + self_attn(input_layernorm(x))
+    mlp(x)   = down_proj(silu(gate_proj(x)) * up_proj(x))
+
+Every attention call goes through fastllm.ops.attention, RoPE through fastllm.ops.apply_rope
+(q and k in one call), the MLP gate through fastllm.ops.swiglu, the norms through
+fastllm.ops.rms_norm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastllm.ops import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, swiglu
+
+from . import _decoder
+from .checkpoint import HFCheckpointMixin
+from .config import LlamaConfig
+from .kv_cache import KVCache
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with RoPE: Hq query heads share Hkv key/value heads."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim)
+        H, D = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv_heads * D, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv_heads * D, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=config.o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: _decoder.Step) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, k, cos, sin)
+        out = _decoder.self_attention(q, k, v, self.layer_idx, step)  # (B, T, Hq, D)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        H, Inter = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(H, Inter, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(H, Inter, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(Inter, H, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: _decoder.Step) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, the decoder layers and the final norm (Hugging Face's `model.` prefix)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._inv_freq: dict[torch.device, Tensor] = {}  # per device; not a buffer (never saved)
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        """RoPE inverse frequencies (head_dim/2,) float32, with the config's scaling."""
+        if device not in self._inv_freq:
+            cfg = self.config
+            self._inv_freq[device] = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        return self._inv_freq[device]
+
+
+class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
+    """The decoder plus output head. forward returns the final-normed hidden states; the
+    head is applied by `logits()` or folded into `loss()` (see forward's docstring)."""
+
+    config_class = LlamaConfig
+    _ignored_hf = (r"rotary_emb\.inv_freq$",)
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for linear and embedding weights, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        """The (V, hidden) output projection: lm_head.weight, or the embeddings when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def new_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        """An empty KVCache sized for this model."""
+        w = self.model.embed_tokens.weight
+        cfg = self.config
+        return KVCache(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim,
+                       dtype=dtype or w.dtype, device=device or w.device)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        *,
+        position_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        prefix_kv: list[tuple[Tensor, Tensor]] | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """Hidden states after the final norm: (B, T, hidden).
+
+        input_ids: (B, T) token ids in [0, vocab_size); or packed (1, N) / (N,) with
+            cu_seqlens (num_seqs+1,) int32 offsets (each sequence attends only to itself and
+            its positions restart at 0). Exactly one of input_ids / inputs_embeds (B, T, hidden).
+        position_ids: (B, T); default 0..T-1, the packed restart, or continuing a kv_cache.
+        attention_mask: (B, T), 1 for real tokens, 0 for padding (keys masked out).
+        prefix_kv: one (k, v) per layer, each (B, P, Hkv, D): P extra keys every query sees
+            (prefix tuning); they carry no position, and token positions still start at 0.
+        kv_cache: a KVCache (see new_kv_cache); new keys/values are appended and attended
+            to, its lengths advance by the real new tokens (attention_mask rows must then be
+            right-padded).
+        """
+        cfg = self.config
+        input_ids, step = _decoder.prepare(
+            cfg, input_ids, inputs_embeds, position_ids=position_ids, cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen, attention_mask=attention_mask, prefix_kv=prefix_kv, kv_cache=kv_cache,
+            max_positions=cfg.max_position_embeddings, window=cfg.sliding_window)
+        x = self.model.embed_tokens(input_ids) if input_ids is not None else inputs_embeds  # (B, T, H)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # cos/sin once per forward, shared by every layer: (B, T, D/2)
+        cos, sin = rope_cos_sin(self.model.inv_freq(x.device), step.position_ids, acc)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, step)
+        _decoder.finish(step)
+        return self.model.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden (..., hidden) -> logits (..., V) in hidden's dtype."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def loss(self, input_ids: Tensor, labels: Tensor, *, num_tokens: int | None = None, **kwargs) -> Tensor:
+        """Mean next-token cross-entropy (labels aligned with input_ids, shifted inside; -100
+        ignored; packed-sequence starts ignored). kwargs go to forward."""
+        hidden = self(input_ids, **kwargs)
+        return _decoder.causal_lm_loss(hidden, self.lm_head_weight, labels, cu_seqlens=kwargs.get("cu_seqlens"),
+                                       num_tokens=num_tokens)
