@@ -1,0 +1,49 @@
+"""Tokenizers with one interface (`TokenizerBase`): SentencePiece models trained here or
+loaded from a Llama/Mistral `tokenizer.model` (`Tokenizer`), Hugging Face `tokenizer.json`
+files through the optional `tokenizers` package (`HFTokenizer`), and the chat template.
+
+    tok = Tokenizer.train(fastllm.data.load_corpus("shakespeare"), vocab_size=1000)
+    ids = tok.encode(["To be", "or not"], add_bos=True, add_eos=True)   # list[list[int]]
+    tok.decode(ids[0]); tok.save("out/tok"); tok = load_tokenizer("out/tok")
+    prompt_text, full_text = format_chat(("What is 2+2?", "4"))
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastllm.tokenizer.base import TokenizerBase, check_token_ids
+from fastllm.tokenizer.chat import (
+    ASSISTANT_TOKEN,
+    CHAT_SPECIAL_TOKENS,
+    SYSTEM_TOKEN,
+    USER_TOKEN,
+    format_chat,
+    format_prompt,
+)
+from fastllm.tokenizer.hf_tokenizer import HFTokenizer
+from fastllm.tokenizer.sentencepiece_tokenizer import MASK_TOKEN, Tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike, **kwargs) -> TokenizerBase:
+    """Load whichever tokenizer `path` holds: a directory with tokenizer.json (Hugging Face,
+    preferred when both exist) or tokenizer.model (SentencePiece), or either file itself."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return HFTokenizer.load(path, **kwargs)
+        if os.path.isfile(os.path.join(path, "tokenizer.model")):
+            return Tokenizer.load(path, **kwargs)
+        raise FileNotFoundError(f"path: {path!r} holds neither tokenizer.json nor tokenizer.model")
+    if path.endswith(".json"):
+        return HFTokenizer.load(path, **kwargs)
+    if os.path.isfile(path):
+        return Tokenizer.load(path, **kwargs)
+    raise FileNotFoundError(f"path: {path!r} does not exist")
+
+
+__all__ = [
+    "ASSISTANT_TOKEN", "CHAT_SPECIAL_TOKENS", "HFTokenizer", "MASK_TOKEN", "SYSTEM_TOKEN",
+    "Tokenizer", "TokenizerBase", "USER_TOKEN", "check_token_ids", "format_chat",
+    "format_prompt", "load_tokenizer",
+]
