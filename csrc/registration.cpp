@@ -28,4 +28,18 @@ TORCH_LIBRARY(fastllm, m) {
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   // Returns (grad_gate, grad_up); sigmoid(gate) is recomputed.
   m.def("swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  // Cross-entropy family (csrc/cpu/cross_entropy.cpp): row kernels for one chunk of logits
+  // (rows, V) with unit stride along V; the chunked matmuls around them stay in ATen.
+  // Per row: loss = (1-eps)(lse - z_y) + eps (lse - mean z) + z_loss lse^2 with
+  // z = softcap * tanh(x / softcap) (softcap 0: z = x). Returns (loss, lse) in float32
+  // (float64 for float64 logits); with compute_grad the gradient times row_scale
+  // overwrites logits. Rows labelled ignore_index: loss 0, zero gradient.
+  m.def("xent_rows_(Tensor(a!) logits, Tensor labels, Tensor row_scale, int ignore_index, "
+        "float label_smoothing, float z_loss, float softcap, bool compute_grad) -> (Tensor, Tensor)");
+  // z = logits * inv_temperature: returns (log p(target), entropy); logprob 0 for ignore_index.
+  m.def("logprob_rows(Tensor logits, Tensor targets, int ignore_index, float inv_temperature) "
+        "-> (Tensor, Tensor)");
+  // Overwrites logits with d(sum g*logprob + h*entropy)/d(logits) for the given g, h.
+  m.def("logprob_rows_bwd_(Tensor(a!) logits, Tensor targets, Tensor grad_logprob, "
+        "Tensor grad_entropy, int ignore_index, float inv_temperature) -> ()");
 }

@@ -6,6 +6,9 @@ against.
 """
 
 from ._backend import BACKENDS, choose
+from .cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy_reference
+from .linear_cross_entropy import linear_cross_entropy, mlm_loss, mlm_loss_reference
+from .logprobs import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
 from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
 from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
@@ -26,4 +29,13 @@ __all__ = [
     "swiglu",
     "swiglu_reference",
     "swiglu_backward_reference",
+    "cross_entropy",
+    "cross_entropy_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "mlm_loss",
+    "mlm_loss_reference",
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+    "token_logprobs_and_entropy_reference",
 ]

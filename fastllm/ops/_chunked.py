@@ -1,0 +1,84 @@
+"""The chunk loop shared by the logits-free ops (linear cross-entropy, token log-probs).
+
+For hidden (N, H), weight (V, H) and bias (V,), rows are processed `chunk` at a time:
+
+    logits = hidden[s:e] @ weight.T + bias        (chunk, V), in hidden's dtype
+    row_fn(logits, s, e)                          row kernels; may overwrite logits with
+                                                  g = d objective / d logits (in place)
+    grad_hidden[s:e]  = g @ weight                (chunk, H)
+    grad_weight      += g.T @ hidden[s:e]         (V, H)
+    grad_bias        += g.sum(0)                  (V,)
+
+so the (N, V) logits never exist: the largest temporary is one (chunk, V) block, which the
+default chunk size keeps about as large as hidden itself. The three matmuls are the same
+FLOPs as the unfused forward+backward.
+
+grad_weight accumulates in float32 for bfloat16/float16 off CUDA (each chunk's product is
+upcast before it is added, so summing over chunks loses nothing); on CUDA it accumulates in
+the weight's dtype, as one addmm per chunk (an fp32 accumulator would cost a (V, H) pass per
+chunk and the bf16 GEMM speed).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk: a power of two near N / ceil(V / H), so chunk * V ~ N * H (the
+    logits block is about as large as the hidden states), at least 16 rows (small chunks
+    starve the matmul) and at most N."""
+    ratio = max(1, -(-vocab // max(hidden, 1)))
+    target = max(1, -(-n_rows // ratio))
+    chunk = 1 << (target - 1).bit_length()
+    return max(1, min(max(chunk, 16), n_rows))
+
+
+def run_chunks(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int,
+    row_fn: Callable[[Tensor, int, int], None], *,
+    need_hidden: bool, need_weight: bool, need_bias: bool, compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Runs the loop above. Returns (grad_hidden, grad_weight, grad_bias); each is an empty
+    (0,) tensor when not needed (or when compute_grad is False)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    chunk = chunk_size if chunk_size > 0 else default_chunk_size(N, H, V)
+    need_hidden, need_weight = compute_grad and need_hidden, compute_grad and need_weight
+    need_bias = compute_grad and need_bias and bias is not None
+    empty = hidden.new_empty(0)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else empty
+    upcast_w = weight.dtype in LOW_PRECISION and hidden.device.type != "cuda"
+    w_acc = torch.float32 if upcast_w else weight.dtype
+    grad_weight = torch.zeros((V, H), dtype=w_acc, device=weight.device) if need_weight else empty
+    b_acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    grad_bias = torch.zeros(V, dtype=b_acc, device=hidden.device) if need_bias else empty
+    weight_t = weight.t()
+    for start in range(0, N, chunk):
+        end = min(N, start + chunk)
+        h = hidden[start:end]
+        logits = h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)  # (chunk, V)
+        row_fn(logits, start, end)
+        if not compute_grad:
+            continue
+        # logits now holds d objective / d logits for these rows
+        if need_hidden:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+        if need_weight:
+            if upcast_w:
+                grad_weight.addmm_(logits.t().float(), h.float())
+            else:
+                grad_weight.addmm_(logits.t(), h)
+        if need_bias:
+            grad_bias += logits.sum(0, dtype=b_acc)
+        del logits
+    if need_weight:
+        grad_weight = grad_weight.to(weight.dtype)
+    if need_bias:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
