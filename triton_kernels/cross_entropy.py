@@ -169,13 +169,12 @@ def _warps(block: int) -> int:
 
 
 def xent_rows_(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, ignore_index: int,
-               label_smoothing: float, z_loss: float, softcap: float, compute_grad: bool):
+               label_smoothing: float, z_loss: float, softcap: float, compute_grad: bool, *,
+               loss: torch.Tensor, lse: torch.Tensor):
     """logits: (rows, V), unit stride along V (overwritten with the scaled gradient when
-    compute_grad); labels: (rows,) int64; row_scale: (rows,) float32/64. Returns (loss, lse)."""
+    compute_grad); labels: (rows,) int64; row_scale, loss, lse: (rows,) float32 (float64
+    for float64 logits). Writes loss and lse and returns them."""
     rows, n_cols = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss = torch.empty(rows, dtype=acc, device=logits.device)
-    lse = torch.empty(rows, dtype=acc, device=logits.device)
     if rows > 0:
         block = _block_v(n_cols)
         _xent_rows_kernel[(rows,)](
@@ -187,12 +186,11 @@ def xent_rows_(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tens
     return loss, lse
 
 
-def logprob_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, inv_temperature: float):
-    """logits: (rows, V); targets: (rows,) int64. Returns (logprob, entropy) in float32/64."""
+def logprob_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, inv_temperature: float,
+                 *, logprob: torch.Tensor, entropy: torch.Tensor):
+    """logits: (rows, V); targets: (rows,) int64; logprob, entropy: (rows,) float32/64
+    outputs. Writes and returns (logprob, entropy)."""
     rows, n_cols = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logprob = torch.empty(rows, dtype=acc, device=logits.device)
-    entropy = torch.empty(rows, dtype=acc, device=logits.device)
     if rows > 0:
         block = _block_v(n_cols)
         _logprob_rows_kernel[(rows,)](

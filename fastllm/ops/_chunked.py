@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._backend import new_output
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -51,13 +53,12 @@ def run_chunks(
     chunk = chunk_size if chunk_size > 0 else default_chunk_size(N, H, V)
     need_hidden, need_weight = compute_grad and need_hidden, compute_grad and need_weight
     need_bias = compute_grad and need_bias and bias is not None
-    empty = hidden.new_empty(0)
-    grad_hidden = torch.empty_like(hidden) if need_hidden else empty
+    grad_hidden = new_output(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else hidden.new_empty(0)
     upcast_w = weight.dtype in LOW_PRECISION and hidden.device.type != "cuda"
     w_acc = torch.float32 if upcast_w else weight.dtype
-    grad_weight = torch.zeros((V, H), dtype=w_acc, device=weight.device) if need_weight else empty
+    grad_weight = torch.zeros((V, H), dtype=w_acc, device=weight.device) if need_weight else hidden.new_empty(0)
     b_acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    grad_bias = torch.zeros(V, dtype=b_acc, device=hidden.device) if need_bias else empty
+    grad_bias = torch.zeros(V, dtype=b_acc, device=hidden.device) if need_bias else hidden.new_empty(0)
     weight_t = weight.t()
     for start in range(0, N, chunk):
         end = min(N, start + chunk)

@@ -75,6 +75,12 @@ def _logprob_rows_bwd_torch(logits, targets, grad_logprob, grad_entropy, ignore_
 # --------------------------------------------------------------------------- dispatch
 
 
+def _new_rows(logits: Tensor) -> Tensor:
+    from ._backend import new_output
+
+    return new_output(logits.shape[0], dtype=acc_dtype(logits.dtype), device=logits.device)
+
+
 def xent_rows_(backend, logits, labels, row_scale, ignore_index, label_smoothing, z_loss, softcap, compute_grad):
     args = (logits, labels, row_scale, int(ignore_index), float(label_smoothing), float(z_loss),
             float(softcap), bool(compute_grad))
@@ -83,7 +89,7 @@ def xent_rows_(backend, logits, labels, row_scale, ignore_index, label_smoothing
     if backend == "triton":
         from fastllm.triton_kernels.cross_entropy import xent_rows_ as triton_xent_rows_
 
-        return triton_xent_rows_(*args)
+        return triton_xent_rows_(*args, loss=_new_rows(logits), lse=_new_rows(logits))
     return _xent_rows_torch(*args)
 
 
@@ -94,7 +100,7 @@ def logprob_rows(backend, logits, targets, ignore_index, inv_temperature):
     if backend == "triton":
         from fastllm.triton_kernels.cross_entropy import logprob_rows as triton_logprob_rows
 
-        return triton_logprob_rows(*args)
+        return triton_logprob_rows(*args, logprob=_new_rows(logits), entropy=_new_rows(logits))
     return _logprob_rows_torch(*args)
 
 

@@ -110,19 +110,20 @@ def check_loss_options(reduction: str, label_smoothing: float, z_loss: float, so
 
 def check_labels(labels: Tensor, name: str, rows_shape, n_classes: int, ignore_index: int) -> Tensor:
     """labels (...) integer with shape `rows_shape` -> (N,) int64. Values are range-checked
-    off CUDA (on CUDA that would cost a device sync; the kernels do not check there)."""
+    off CUDA and outside torch.compile (on CUDA that would cost a device sync; the Triton
+    kernels do not check there, the C++ CPU kernels always do)."""
     check_tensor(labels, name)
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"{name}: expected an integer dtype, got {str(labels.dtype).replace('torch.', '')}")
     if tuple(labels.shape) != tuple(rows_shape):
         raise ValueError(f"{name}: expected shape {list(rows_shape)}, got {list(labels.shape)}")
     flat = labels.reshape(-1).long()
-    if flat.device.type != "cuda" and flat.numel() > 0:
-        valid = flat[flat != ignore_index]
-        if valid.numel() > 0 and (int(valid.min()) < 0 or int(valid.max()) >= n_classes):
-            bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
+    if flat.device.type != "cuda" and flat.numel() > 0 and not torch.compiler.is_compiling():
+        valid = flat != ignore_index
+        low, high = int(torch.where(valid, flat, 0).min()), int(torch.where(valid, flat, 0).max())
+        if low < 0 or high >= n_classes:
             raise ValueError(f"{name}: expected values in [0, {n_classes}) or ignore_index "
-                             f"{ignore_index}, got {bad}")
+                             f"{ignore_index}, got {low if low < 0 else high}")
     return flat.contiguous()
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _xent_rows
+from ._backend import new_output
 from ._chunked import run_chunks
 from ._checks import check_dtype, check_same_device, check_shape, check_tensor
 from .cross_entropy import check_labels, check_loss_options, reduce_loss, row_scale
@@ -65,17 +66,16 @@ def _chunked_loss(hidden, weight, labels, bias, scale, options, chunk_size, need
     """(loss rows (N,), grad_hidden, grad_weight, grad_bias) with row i's gradient scaled by scale[i]."""
     chosen = _xent_rows.choose("linear_cross_entropy", hidden.device, backend)
     hidden, weight = hidden.contiguous(), weight.contiguous()
-    loss = torch.empty(hidden.shape[0], dtype=_xent_rows.acc_dtype(hidden.dtype), device=hidden.device)
+    loss = new_output(hidden.shape[0], dtype=_xent_rows.acc_dtype(hidden.dtype), device=hidden.device)
     grads = run_chunks(hidden, weight, bias, chunk_size, _loss_rows_fn(chosen, labels, scale, loss, options, compute_grad),
                        need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2], compute_grad=compute_grad)
     return (loss, *grads)
 
 
 def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else empty,
-            torch.empty_like(weight) if need_weight else empty,
-            torch.empty_like(bias) if need_bias and bias is not None else empty)
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(0))
 
 
 # --------------------------------------------------------------------------- registered ops

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _xent_rows
+from ._backend import new_output
 from ._chunked import run_chunks
 from .cross_entropy import check_labels
 from .linear_cross_entropy import check_linear
@@ -56,8 +57,8 @@ def _logprobs_op(
     chosen = _xent_rows.choose("token_logprobs_and_entropy", hidden.device, backend)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     acc = _xent_rows.acc_dtype(hidden.dtype)
-    logprob = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
-    entropy = torch.empty_like(logprob)
+    logprob = new_output(hidden.shape[0], dtype=acc, device=hidden.device)
+    entropy = new_output(hidden.shape[0], dtype=acc, device=hidden.device)
 
     def row_fn(logits, start, end):
         lp, ent = _xent_rows.logprob_rows(chosen, logits, targets[start:end], ignore_index, inv_temperature)
@@ -96,10 +97,9 @@ def _logprobs_backward_op(
 @_logprobs_backward_op.register_fake
 def _(grad_logprob, grad_entropy, hidden, weight, targets, bias, ignore_index, inv_temperature,
       chunk_size, need_hidden, need_weight, need_bias, backend):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else empty,
-            torch.empty_like(weight) if need_weight else empty,
-            torch.empty_like(bias) if need_bias and bias is not None else empty)
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,266 @@
+"""Linear cross-entropy (no logits) and MLM loss against the full-logits reference, for
+every backend: outputs and every input gradient, all reductions and options, odd vocab
+sizes, ignored rows and batches, huge logits, bf16, gradient-accumulation scaling,
+gradcheck and opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, assert_lowp_rule, compiled_backends
+
+from fastllm.ops import linear_cross_entropy, linear_cross_entropy_reference, mlm_loss, mlm_loss_reference
+
+BACKENDS = compiled_backends("cpu")
+OPTIONS = {
+    "plain": {},
+    "smooth+zloss+softcap": {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0},
+}
+
+
+def _inputs(N, H, V, dtype=torch.float32, bias=True, ignored_every=5, scale=None):
+    hidden = torch.randn(N, H, dtype=dtype)
+    weight = torch.randn(V, H, dtype=dtype) * (scale if scale is not None else H ** -0.5)
+    b = torch.randn(V, dtype=dtype) * 0.1 if bias else None
+    labels = torch.randint(0, V, (N,))
+    if ignored_every:
+        labels[::ignored_every] = -100
+    return hidden, weight, b, labels
+
+
+def _grads(loss, tensors, grad_out=None):
+    tensors = [t for t in tensors if t is not None]
+    return torch.autograd.grad(loss, tensors, grad_out)
+
+
+def _req(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", list(OPTIONS), ids=list(OPTIONS))
+@pytest.mark.parametrize("shape", [(37, 24, 101), (19, 16, 257)], ids=["37x24x101", "19x16x257"])
+def test_matches_reference(backend, reduction, opts, shape):
+    hidden, weight, bias, labels = _inputs(*shape)
+    kw = dict(reduction=reduction, **OPTIONS[opts])
+    h, w, b = _req(hidden, weight, bias)
+    ours = linear_cross_entropy(h, w, labels, b, chunk_size=8, backend=backend, **kw)
+    h2, w2, b2 = _req(hidden, weight, bias)
+    ref = linear_cross_entropy_reference(h2, w2, labels, b2, **kw)
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    assert_close(ours, ref)
+    g = torch.randn_like(ref) if reduction == "none" else torch.tensor(0.7)
+    for name, a, e in zip(("hidden", "weight", "bias"), _grads(ours, (h, w, b), g), _grads(ref, (h2, w2, b2), g)):
+        assert_close(a, e, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_chunking_3d_no_bias_and_partial_grads(backend):
+    hidden, weight, _, labels = _inputs(2 * 21, 32, 203, bias=False)
+    hidden, labels = hidden.view(2, 21, 32), labels.view(2, 21)
+    # only the weight needs a gradient (a frozen trunk), then only hidden (a frozen head)
+    w = weight.clone().requires_grad_(True)
+    ours = linear_cross_entropy(hidden, w, labels, backend=backend)
+    w2 = weight.clone().requires_grad_(True)
+    ref = linear_cross_entropy_reference(hidden, w2, labels)
+    assert_close(ours, ref)
+    assert_close(torch.autograd.grad(ours, w)[0], torch.autograd.grad(ref, w2)[0])
+    h = hidden.clone().requires_grad_(True)
+    h2 = hidden.clone().requires_grad_(True)
+    ours = linear_cross_entropy(h, weight, labels, backend=backend)
+    ref = linear_cross_entropy_reference(h2, weight, labels)
+    assert_close(torch.autograd.grad(ours, h)[0], torch.autograd.grad(ref, h2)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_path_matches(backend):
+    hidden, weight, bias, labels = _inputs(37, 24, 101)
+    with torch.no_grad():
+        for reduction in ("mean", "sum", "none"):
+            assert_close(linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, backend=backend),
+                         linear_cross_entropy_reference(hidden, weight, labels, bias, reduction=reduction))
+
+
+def test_reference_matches_torch():
+    hidden, weight, bias, labels = _inputs(37, 24, 101)
+    logits = hidden @ weight.t() + bias
+    for reduction in ("mean", "sum", "none"):
+        for ls in (0.0, 0.2):
+            ref = linear_cross_entropy_reference(hidden, weight, labels, bias, reduction=reduction, label_smoothing=ls)
+            torch_loss = F.cross_entropy(logits, labels, reduction=reduction, label_smoothing=ls)
+            assert_close(ref, torch_loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_float64(backend, reduction):
+    # the Triton interpreter is slow: a smaller problem, still 2 chunks and an ignored row
+    shape = (4, 3, 7) if backend == "triton" else (7, 5, 13)
+    hidden, weight, bias, labels = _inputs(*shape, dtype=torch.float64, ignored_every=3)
+    h, w, b = _req(hidden, weight, bias)
+
+    def fn(h, w, b):
+        return linear_cross_entropy(h, w, labels, b, reduction=reduction, label_smoothing=0.1, z_loss=0.01,
+                                    softcap=2.0, chunk_size=3, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (h, w, b), eps=1e-6, atol=1e-7, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_rows_and_batch(backend):
+    hidden, weight, bias, labels = _inputs(13, 8, 29)
+    labels[:] = -100
+    for reduction, expected in (("mean", 0.0), ("sum", 0.0)):
+        h, w, b = _req(hidden, weight, bias)
+        loss = linear_cross_entropy(h, w, labels, b, reduction=reduction, backend=backend)
+        assert loss.item() == expected  # documented: an all-ignored batch has loss 0 ...
+        for g in _grads(loss, (h, w, b)):
+            assert torch.isfinite(g).all() and (g == 0).all()  # ... and a zero gradient
+    h, w, b = _req(hidden, weight, bias)
+    rows = linear_cross_entropy(h, w, labels, b, reduction="none", backend=backend)
+    assert (rows == 0).all()
+    for g in _grads(rows, (h, w, b), torch.randn_like(rows)):
+        assert (g == 0).all()
+    # with num_tokens the mean of an all-ignored micro-batch is still 0
+    loss = linear_cross_entropy(hidden, weight, labels, bias, num_tokens=17, backend=backend)
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logits_do_not_overflow(backend):
+    hidden, weight, bias, labels = _inputs(11, 8, 37, scale=3e3)  # logits ~ 1e4
+    h, w, b = _req(hidden, weight, bias)
+    ours = linear_cross_entropy(h, w, labels, b, backend=backend, chunk_size=4)
+    h2, w2, b2 = _req(hidden, weight, bias)
+    ref = linear_cross_entropy_reference(h2, w2, labels, b2)
+    assert torch.isfinite(ours) and ours.item() > 1e3
+    assert_close(ours, ref)
+    for a, e in zip(_grads(ours, (h, w, b)), _grads(ref, (h2, w2, b2))):
+        assert torch.isfinite(a).all()
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_within_twice_torch_error(backend):
+    hidden, weight, bias, labels = _inputs(37, 32, 257)
+    hb, wb, bb = [t.bfloat16() for t in (hidden, weight, bias)]
+    h, w, b = _req(hb, wb, bb)
+    ours = linear_cross_entropy(h, w, labels, b, backend=backend, chunk_size=8)
+    g_ours = _grads(ours, (h, w, b))
+    h32, w32, b32 = _req(hb.float(), wb.float(), bb.float())
+    ref = linear_cross_entropy_reference(h32, w32, labels, b32)
+    g_ref = _grads(ref, (h32, w32, b32))
+    hl, wl, bl = _req(hb, wb, bb)
+    lowp = F.cross_entropy(hl @ wl.t() + bl, labels)  # PyTorch in bf16
+    g_low = _grads(lowp, (hl, wl, bl))
+    assert_lowp_rule(ours.bfloat16(), lowp, ref, "loss")
+    for name, a, low, e in zip(("hidden", "weight", "bias"), g_ours, g_low, g_ref):
+        assert a.dtype == torch.bfloat16
+        assert_lowp_rule(a, low, e, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_accumulation_scaling(backend):
+    hidden, weight, bias, labels = _inputs(40, 16, 61)
+    labels[:13] = -100  # the micro-batches hold different numbers of valid tokens
+    total = int((labels != -100).sum())
+    h, w, b = _req(hidden, weight, bias)
+    full = linear_cross_entropy(h, w, labels, b, backend=backend)
+    g_full = _grads(full, (h, w, b))
+    h, w, b = _req(hidden, weight, bias)
+    parts = [linear_cross_entropy(h[s], w, labels[s], b, num_tokens=total, backend=backend)
+             for s in (slice(0, 16), slice(16, 40))]
+    for p in parts:
+        p.backward()
+    assert_close(parts[0] + parts[1], full)
+    for a, e in zip((h.grad, w.grad, b.grad), g_full):
+        assert_close(a, e)
+    # a tensor count works too (no host sync needed under data parallelism)
+    loss = linear_cross_entropy(hidden[:16], weight, labels[:16], bias, num_tokens=torch.tensor(total), backend=backend)
+    assert_close(loss, parts[0])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_gpt2_vocab_50257(backend):
+    hidden, weight, bias, labels = _inputs(6, 16, 50257, ignored_every=4)
+    h, w, b = _req(hidden, weight, bias)
+    ours = linear_cross_entropy(h, w, labels, b, backend=backend, label_smoothing=0.1)
+    h2, w2, b2 = _req(hidden, weight, bias)
+    ref = linear_cross_entropy_reference(h2, w2, labels, b2, label_smoothing=0.1)
+    assert_close(ours, ref)
+    for a, e in zip(_grads(ours, (h, w, b)), _grads(ref, (h2, w2, b2))):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_mlm_loss(backend, reduction):
+    hidden, weight, bias, labels = _inputs(2 * 19, 16, 101, ignored_every=0)
+    hidden, labels = hidden.view(2, 19, 16), labels.view(2, 19)
+    labels[torch.rand(2, 19) > 0.2] = -100  # ~20% of the positions are masked
+    h, w, b = _req(hidden, weight, bias)
+    ours = mlm_loss(h, w, labels, b, reduction=reduction, backend=backend)
+    h2, w2, b2 = _req(hidden, weight, bias)
+    ref = mlm_loss_reference(h2, w2, labels, b2, reduction=reduction)
+    assert ours.shape == ref.shape
+    assert_close(ours, ref)
+    g = torch.randn_like(ref) if reduction == "none" else None
+    for a, e in zip(_grads(ours, (h, w, b), g), _grads(ref, (h2, w2, b2), g)):
+        assert_close(a, e)
+
+
+def test_mlm_no_masked_position():
+    hidden, weight, bias, labels = _inputs(9, 8, 21)
+    labels[:] = -100
+    h = hidden.clone().requires_grad_(True)
+    loss = mlm_loss(h, weight, labels, bias)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert (h.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    hidden, weight, bias, labels = _inputs(9, 8, 21, dtype=torch.float64)
+    scale = torch.rand(9, dtype=torch.float64)
+    opts = (-100, 0.1, 0.01, 3.0, 4)
+    h, w, b = _req(hidden, weight, bias)
+    torch.library.opcheck(torch.ops.fastllm.linear_cross_entropy_fused,
+                          (h, w, labels, b, scale, *opts, True, True, True, backend))
+    torch.library.opcheck(torch.ops.fastllm.linear_cross_entropy_rows, (h, w, labels, b, *opts, backend))
+    torch.library.opcheck(torch.ops.fastllm.linear_cross_entropy_backward,
+                          (torch.randn(9, dtype=torch.float64), hidden, weight, labels, bias, *opts,
+                           True, False, True, backend))
+
+
+def test_torch_compile_traces():
+    hidden, weight, bias, labels = _inputs(37, 24, 101)
+    h, w, b = _req(hidden, weight, bias)
+    fn = torch.compile(lambda h, w, b: linear_cross_entropy(h, w, labels, b, z_loss=1e-3), backend="aot_eager",
+                       fullgraph=True)
+    ours = fn(h, w, b)
+    h2, w2, b2 = _req(hidden, weight, bias)
+    ref = linear_cross_entropy_reference(h2, w2, labels, b2, z_loss=1e-3)
+    assert_close(ours, ref)
+    for a, e in zip(_grads(ours, (h, w, b)), _grads(ref, (h2, w2, b2))):
+        assert_close(a, e)
+
+
+def test_argument_errors():
+    hidden, weight, bias, labels = _inputs(5, 8, 11)
+    with pytest.raises(ValueError, match="labels: expected values in \\[0, 11\\)"):
+        linear_cross_entropy(hidden, weight, torch.full((5,), 11))
+    with pytest.raises(ValueError, match="weight: expected shape \\[V, 8\\]"):
+        linear_cross_entropy(hidden, weight[:, :7], labels)
+    with pytest.raises(ValueError, match="labels: expected shape \\[5\\]"):
+        linear_cross_entropy(hidden, weight, labels[:4])
+    with pytest.raises(ValueError, match="reduction: expected one of"):
+        linear_cross_entropy(hidden, weight, labels, reduction="avg")
+    with pytest.raises(ValueError, match="softcap"):
+        linear_cross_entropy(hidden, weight, labels, softcap=0.0)
+    with pytest.raises(TypeError, match="weight: expected dtype"):
+        linear_cross_entropy(hidden, weight.double(), labels)
+    with pytest.raises(ValueError, match="bias: expected shape \\[11\\]"):
+        linear_cross_entropy(hidden, weight, labels, bias[:3])
