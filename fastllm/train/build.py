@@ -196,6 +196,16 @@ def pack_examples(items: list[dict]) -> dict:
             "cu_seqlens": cu, "max_seqlen": max(lengths)}
 
 
+def pad_examples(pad_id: int):
+    """Right-padded rows (B, L) with an attention mask (the non-packed layout)."""
+    from fastllm.data import collate_padded
+
+    def collate(items: list[dict]) -> dict:
+        batch = collate_padded(items, pad_id)
+        return {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
+    return collate
+
+
 def eval_batches(dataset, batch_size: int, max_batches: int, info: DistInfo, collate=None) -> list[dict]:
     """Up to max_batches batches of this rank's share of `dataset`; every rank gets the same
     number of batches (FSDP needs matching forwards)."""

@@ -197,6 +197,8 @@ def token_ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     fastllm.ops.linear_cross_entropy (the logits never materialise) when it exists."""
     h = hidden.reshape(-1, hidden.shape[-1])
     t = labels.reshape(-1).to(hidden.device)
+    if weight.dtype != h.dtype:  # autocast: the head runs in the activations' dtype
+        weight = weight.to(h.dtype)
     fused = getattr(fastllm.ops, "linear_cross_entropy", None)
     if fused is not None:
         return fused(h, weight, t, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -213,6 +215,10 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids, labels, position_ids=None, cu_seqlens=None, max_seqlen=None,
                 attention_mask=None) -> Tensor:
+        if cu_seqlens is not None and input_ids.dim() == 2 and input_ids.shape[0] > 1:
+            # (B, T) blocks with cu_seqlens over the B*T flattened tokens -> one packed row (1, B*T)
+            input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
+            position_ids = position_ids.reshape(1, -1) if position_ids is not None else None
         hidden = self.model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                             attention_mask=attention_mask)
         return token_ce_sum(hidden, self.model.lm_head_weight, labels)

@@ -100,8 +100,14 @@ def _coerce(cls, name: str, value: Any) -> Any:
     proto = default.default if default.default is not dataclasses.MISSING else default.default_factory()
     if isinstance(proto, tuple) and isinstance(value, list):
         return tuple(value)
-    if isinstance(proto, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if isinstance(proto, float) and not isinstance(value, bool):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{name}: expected a number, got {value!r}") from None
+        if isinstance(value, int):
+            return float(value)
     if isinstance(proto, bool) and not isinstance(value, bool):
         raise ValueError(f"{name}: expected true or false, got {value!r}")
     if isinstance(proto, int) and not isinstance(proto, bool) and (isinstance(value, bool) or not isinstance(value, int)):

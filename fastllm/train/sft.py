@@ -62,7 +62,7 @@ def sft(config: SFTConfig | str | dict | None = None, *, model=None, tokenizer=N
         model = build.get_model(cfg, tokenizer.vocab_size, cfg.max_length)
     build.check_fit(model, tokenizer.vocab_size, cfg.max_length)
     train_set, eval_set = build.sft_datasets(cfg, tokenizer, records)
-    collate = build.pack_examples if cfg.packing else train_set.collate
+    collate = build.pack_examples if cfg.packing else build.pad_examples(tokenizer.pad_id)
     loader = BatchLoader(train_set, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     loader.collate_fn = collate
     eval_data = build.eval_batches(eval_set, cfg.batch_size, cfg.eval_batches, info, collate)
