@@ -150,7 +150,6 @@ def save_training_state(cfg, step: int, wrapped: nn.Module, optimizer, scheduler
         weights = {k: v for k, v in weights.items() if k in trainable or k.replace("module.", "") in trainable}
     state = {"scheduler": scheduler.state_dict(), "data": loader.state_dict(), "config": to_dict(cfg),
              "trainable_only": trainable_only, **(extra or {})}
-    state["scheduler"].pop("lr_lambdas", None)
     return save_checkpoint(cfg.output_dir, step, model_state=weights, optimizer_state=optim_state, rng=rng_state(),
                            state=state, keep_last=cfg.keep_last, rank=info.rank, world_size=info.world_size,
                            barrier=info.barrier if info.world_size > 1 else None)
