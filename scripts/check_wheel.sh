@@ -17,5 +17,8 @@ assert "site-packages" in fastllm.__file__, fastllm.__file__
 x, w = torch.randn(4, 33), torch.randn(33)
 y = torch.ops.fastllm.rms_norm(x, w, 1e-6, "native")
 torch.testing.assert_close(y, fastllm.ops.rms_norm_reference(x, w))
+from fastllm.data import load_corpus, load_instructions, load_preferences  # package data
+assert len(load_corpus("botchan")) == 12 and len(load_instructions()) == 2025
+assert len(load_preferences()) == 1957
 print("wheel ok:", fastllm.__file__)
 PY

@@ -18,7 +18,9 @@ from fastllm.data.corpus import (
 from fastllm.data.loader import BatchLoader, default_collate
 from fastllm.data.mlm import MLMDataset, mask_tokens
 from fastllm.data.packing import IGNORE_INDEX, PackedDataset, collate_blocks, segments
+from fastllm.data.prompts import PromptDataset, collate_left_padded
 from fastllm.data.sft import (
+    PackedSFTDataset,
     PreferenceDataset,
     SFTDataset,
     build_sft_example,
@@ -27,8 +29,25 @@ from fastllm.data.sft import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "BatchLoader", "MLMDataset", "PackedDataset", "PreferenceDataset",
-    "SFTDataset", "build_sft_example", "collate_blocks", "collate_padded", "data_path",
-    "default_collate", "load_corpus", "load_instructions", "load_preferences", "mask_tokens",
-    "pad_batch", "segments", "train_test_split",
+    "IGNORE_INDEX",
+    "BatchLoader",
+    "MLMDataset",
+    "PackedDataset",
+    "PackedSFTDataset",
+    "PreferenceDataset",
+    "PromptDataset",
+    "collate_left_padded",
+    "SFTDataset",
+    "build_sft_example",
+    "collate_blocks",
+    "collate_padded",
+    "data_path",
+    "default_collate",
+    "load_corpus",
+    "load_instructions",
+    "load_preferences",
+    "mask_tokens",
+    "pad_batch",
+    "segments",
+    "train_test_split",
 ]

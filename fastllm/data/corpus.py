@@ -5,7 +5,8 @@ SFT and a synthetic preference set for reward modelling.
     load_corpus("shakespeare")  -> list[str], 12 plays (about 1.5 MB of text)
     load_corpus("botchan")      -> list[str], 12 documents (the novel, chapter by chapter)
     load_instructions()         -> list[dict] {"category", "messages", "prompt", "response"}
-    load_preferences()          -> list[dict] {"category", "prompt", "chosen", "rejected", "rejected_kind"}
+    load_preferences()          -> list[dict] {"category", "prompt", "chosen", "rejected",
+                                              "rejected_kind"}
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ def default_collate(items: list) -> dict:
     if not items:
         raise ValueError("items: cannot collate an empty batch")
     if not isinstance(items[0], dict):
-        raise TypeError(f"items: default_collate expects dict items, got {type(items[0]).__name__}; "
-                        "pass collate_fn=")
+        raise TypeError(
+            f"items: default_collate expects dict items, got {type(items[0]).__name__}; "
+            "pass collate_fn="
+        )
     out = {}
     for key in items[0]:
         vals = [it[key] for it in items]
@@ -49,9 +51,18 @@ class BatchLoader:
     state = loader.state_dict(); loader.load_state_dict(state)
     """
 
-    def __init__(self, dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True, collate_fn: Callable | None = None,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        collate_fn: Callable | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         n = len(dataset)
         if n == 0:
             raise ValueError("dataset: empty dataset")
@@ -62,11 +73,15 @@ class BatchLoader:
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank: expected an int in [0, world_size={world_size}), got {rank!r}")
         if world_size > 1 and not drop_last:
-            raise ValueError("drop_last: must be True when world_size > 1 (ranks must stay in step)")
+            raise ValueError(
+                "drop_last: must be True when world_size > 1 (ranks must stay in step)"
+            )
         if drop_last and n < batch_size * world_size:
-            raise ValueError(f"batch_size: the dataset has {n} examples, fewer than one global batch "
-                             f"of batch_size * world_size = {batch_size * world_size} (use drop_last=False "
-                             "or a smaller batch_size)")
+            raise ValueError(
+                f"batch_size: the dataset has {n} examples, fewer than one global batch "
+                f"of batch_size * world_size = {batch_size * world_size} (use drop_last=False "
+                "or a smaller batch_size)"
+            )
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -100,7 +115,7 @@ class BatchLoader:
     def _indices(self, epoch_position: int) -> list[int]:
         g = self.batch_size * self.world_size
         start = epoch_position * g + self.rank * self.batch_size
-        return self._epoch_order()[start:start + self.batch_size].tolist()
+        return self._epoch_order()[start : start + self.batch_size].tolist()
 
     def next_batch(self):
         """The next batch; at the end of an epoch, moves on to the next one."""
@@ -128,10 +143,17 @@ class BatchLoader:
 
     def state_dict(self) -> dict:
         """Everything needed to resume: plain ints and bools (JSON- and safetensors-friendly)."""
-        return {"version": _STATE_VERSION, "seed": self.seed, "epoch": self.epoch,
-                "position": self.position, "batch_size": self.batch_size,
-                "world_size": self.world_size, "num_examples": len(self.dataset),
-                "shuffle": self.shuffle, "drop_last": self.drop_last}
+        return {
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_examples": len(self.dataset),
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict()`. The dataset size, batch size, world size, shuffle and
@@ -141,8 +163,10 @@ class BatchLoader:
             if key not in state:
                 raise KeyError(f"state: missing {key!r}")
             if state[key] != mine:
-                raise ValueError(f"state: {key} is {state[key]!r} in the saved state but {mine!r} "
-                                 "in this loader; resuming would change the data order")
+                raise ValueError(
+                    f"state: {key} is {state[key]!r} in the saved state but {mine!r} "
+                    "in this loader; resuming would change the data order"
+                )
         if not 0 <= int(state["position"]) <= len(self):
             raise ValueError(f"state: position {state['position']} is outside [0, {len(self)}]")
         self.seed = int(state["seed"])

@@ -26,8 +26,10 @@ def _check_stream(stream: torch.Tensor, doc_of_token: torch.Tensor, vocab_size: 
     if bool(bad.any()):
         pos = int(bad.nonzero()[0, 0])
         doc = int(doc_of_token[pos])
-        raise ValueError(f"documents: token id {int(stream[pos])} in document {doc} is outside "
-                         f"the vocabulary [0, {vocab_size})")
+        raise ValueError(
+            f"documents: token id {int(stream[pos])} in document {doc} is outside "
+            f"the vocabulary [0, {vocab_size})"
+        )
 
 
 def segments(doc_of_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +61,14 @@ class PackedDataset:
     flattened tokens plus "max_seqlen" (int).
     """
 
-    def __init__(self, documents: Sequence[Sequence[int]], block_size: int, *,
-                 vocab_size: int | None = None, doc_boundaries: bool = True):
+    def __init__(
+        self,
+        documents: Sequence[Sequence[int]],
+        block_size: int,
+        *,
+        vocab_size: int | None = None,
+        doc_boundaries: bool = True,
+    ):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
         if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
@@ -81,16 +89,26 @@ class PackedDataset:
         _check_stream(self.stream, self.doc_of_token, vocab_size)
         n = self.stream.numel()
         if n < block_size + 1:
-            raise ValueError(f"block_size: the corpus has {n} tokens, fewer than "
-                             f"block_size + 1 = {block_size + 1} needed for one block")
+            raise ValueError(
+                f"block_size: the corpus has {n} tokens, fewer than "
+                f"block_size + 1 = {block_size + 1} needed for one block"
+            )
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.doc_boundaries = doc_boundaries
         self.num_blocks = (n - 1) // block_size
 
     @classmethod
-    def from_texts(cls, tokenizer, texts: Sequence[str], block_size: int, *, add_bos: bool = True,
-                   add_eos: bool = True, doc_boundaries: bool = True) -> PackedDataset:
+    def from_texts(
+        cls,
+        tokenizer,
+        texts: Sequence[str],
+        block_size: int,
+        *,
+        add_bos: bool = True,
+        add_eos: bool = True,
+        doc_boundaries: bool = True,
+    ) -> PackedDataset:
         """Encode texts (one document each) with bos/eos and pack them."""
         if len(texts) == 0:
             raise ValueError("texts: empty corpus (no documents)")
@@ -106,20 +124,30 @@ class PackedDataset:
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not -self.num_blocks <= index < self.num_blocks:
-            raise IndexError(f"index: expected a block index in [0, {self.num_blocks}), got {index}")
+            raise IndexError(
+                f"index: expected a block index in [0, {self.num_blocks}), got {index}"
+            )
         index %= self.num_blocks
         T = self.block_size
         s = index * T
-        input_ids = self.stream[s:s + T].clone()
-        labels = self.stream[s + 1:s + T + 1].clone()
+        input_ids = self.stream[s : s + T].clone()
+        labels = self.stream[s + 1 : s + T + 1].clone()
         if not self.doc_boundaries:
-            return {"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(T),
-                    "cu_seqlens": torch.tensor([0, T], dtype=torch.int32)}
-        docs = self.doc_of_token[s:s + T + 1]
+            return {
+                "input_ids": input_ids,
+                "labels": labels,
+                "position_ids": torch.arange(T),
+                "cu_seqlens": torch.tensor([0, T], dtype=torch.int32),
+            }
+        docs = self.doc_of_token[s : s + T + 1]
         labels[docs[1:] != docs[:-1]] = IGNORE_INDEX  # never predict across a document start
         position_ids, cu_seqlens = segments(docs[:-1])
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "cu_seqlens": cu_seqlens}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "cu_seqlens": cu_seqlens,
+        }
 
     @staticmethod
     def collate(items: list[dict[str, torch.Tensor]]) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from fastllm.tokenizer.base import TokenizerBase, check_token_ids
+from fastllm.tokenizer.base import TokenizerBase, check_token_ids, check_vocab_fits
 from fastllm.tokenizer.chat import (
     ASSISTANT_TOKEN,
     CHAT_SPECIAL_TOKENS,
@@ -43,7 +43,17 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> TokenizerBase:
 
 
 __all__ = [
-    "ASSISTANT_TOKEN", "CHAT_SPECIAL_TOKENS", "HFTokenizer", "MASK_TOKEN", "SYSTEM_TOKEN",
-    "Tokenizer", "TokenizerBase", "USER_TOKEN", "check_token_ids", "format_chat",
-    "format_prompt", "load_tokenizer",
+    "ASSISTANT_TOKEN",
+    "CHAT_SPECIAL_TOKENS",
+    "HFTokenizer",
+    "MASK_TOKEN",
+    "SYSTEM_TOKEN",
+    "Tokenizer",
+    "TokenizerBase",
+    "USER_TOKEN",
+    "check_token_ids",
+    "check_vocab_fits",
+    "format_chat",
+    "format_prompt",
+    "load_tokenizer",
 ]

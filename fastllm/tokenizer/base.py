@@ -12,19 +12,21 @@ TextInput = str | Sequence[str]
 
 
 def _as_id_lists(ids: Any, name: str = "ids") -> tuple[list[list[int]], bool]:
-    """ids (list[int] | list[list[int]] | 1-D/2-D tensor or array) -> (rows, was_batched)."""
+    """ids (list[int] | list[list[int]] | list of 1-D tensors | 1-D/2-D tensor or array)
+    -> (rows, was_batched)."""
     if hasattr(ids, "tolist") and not isinstance(ids, list):  # torch.Tensor, numpy array
-        if getattr(ids, "ndim", 1) not in (0, 1, 2):
+        if getattr(ids, "ndim", 1) > 2:
             raise ValueError(f"{name}: expected a 1-D or 2-D tensor, got {ids.ndim} dimensions")
         ids = ids.tolist()
-        if isinstance(ids, int):
+        if isinstance(ids, int):  # a 0-d tensor
             ids = [ids]
     if not isinstance(ids, (list, tuple)):
-        raise TypeError(f"{name}: expected a list of token ids (or a list of lists), got {type(ids).__name__}")
-    if len(ids) > 0 and isinstance(ids[0], (list, tuple)) or (
-        len(ids) > 0 and hasattr(ids[0], "tolist") and getattr(ids[0], "ndim", 0) == 1
-    ):
-        return [list(r.tolist() if hasattr(r, "tolist") else r) for r in ids], True
+        raise TypeError(
+            f"{name}: expected a list of token ids (or a list of lists), got {type(ids).__name__}"
+        )
+    rows = [r.tolist() if hasattr(r, "tolist") and getattr(r, "ndim", 0) >= 1 else r for r in ids]
+    if rows and isinstance(rows[0], (list, tuple)):
+        return [list(r) for r in rows], True
     return [list(ids)], False
 
 
@@ -35,11 +37,25 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, name: str = "ids") -> N
         try:
             v = operator.index(i)
         except TypeError:
-            raise TypeError(f"{name}: expected integer token ids, got {type(i).__name__} "
-                            f"at position {pos}") from None
+            raise TypeError(
+                f"{name}: expected integer token ids, got {type(i).__name__} at position {pos}"
+            ) from None
         if not 0 <= v < vocab_size:
-            raise ValueError(f"{name}: token id {v} at position {pos} is outside the "
-                             f"vocabulary [0, {vocab_size})")
+            raise ValueError(
+                f"{name}: token id {v} at position {pos} is outside the "
+                f"vocabulary [0, {vocab_size})"
+            )
+
+
+def check_vocab_fits(tokenizer, vocab_size: int, name: str = "vocab_size") -> None:
+    """Raise ValueError naming `name` when a model's embedding (vocab_size rows) cannot hold
+    every id the tokenizer produces. A larger model vocabulary is fine (checkpoints often
+    pad it to a multiple of 64)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"{name}: the model has {vocab_size} embeddings but the tokenizer produces ids up to "
+            f"{tokenizer.vocab_size - 1} (vocab_size {tokenizer.vocab_size})"
+        )
 
 
 class TokenizerBase:
@@ -79,8 +95,10 @@ class TokenizerBase:
         elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
             texts, batched = list(text), True
         else:
-            raise TypeError(f"text: expected a str or a list of str, got {type(text).__name__}"
-                            + ("" if not isinstance(text, (list, tuple)) else " with non-str items"))
+            raise TypeError(
+                f"text: expected a str or a list of str, got {type(text).__name__}"
+                + ("" if not isinstance(text, (list, tuple)) else " with non-str items")
+            )
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos: this tokenizer has no bos token")
         if add_eos and self.eos_id is None:
@@ -109,11 +127,17 @@ class TokenizerBase:
     @property
     def special_ids(self) -> set[int]:
         """Ids of bos/eos/pad/unk/mask that exist in this vocabulary."""
-        return {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id, self.mask_id) if i is not None}
+        return {
+            i
+            for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id, self.mask_id)
+            if i is not None
+        }
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+        return (
+            f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+            f"eos_id={self.eos_id}, pad_id={self.pad_id})"
+        )

@@ -34,22 +34,36 @@ def _messages(conversation: Any, name: str) -> list[dict]:
             return _messages(conversation["messages"], name)
         if "prompt" in conversation and "response" in conversation:
             return _messages((conversation["prompt"], conversation["response"]), name)
-        raise ValueError(f"{name}: a dict needs 'messages' or 'prompt' and 'response' keys, "
-                         f"got keys {sorted(conversation)}")
-    if isinstance(conversation, tuple) and len(conversation) == 2 and all(isinstance(x, str) for x in conversation):
-        return [{"role": "user", "content": conversation[0]},
-                {"role": "assistant", "content": conversation[1]}]
+        raise ValueError(
+            f"{name}: a dict needs 'messages' or 'prompt' and 'response' keys, "
+            f"got keys {sorted(conversation)}"
+        )
+    if (
+        isinstance(conversation, tuple)
+        and len(conversation) == 2
+        and all(isinstance(x, str) for x in conversation)
+    ):
+        return [
+            {"role": "user", "content": conversation[0]},
+            {"role": "assistant", "content": conversation[1]},
+        ]
     if isinstance(conversation, Sequence) and not isinstance(conversation, str):
         out = []
         for i, m in enumerate(conversation):
             if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-                raise ValueError(f"{name}[{i}]: expected a dict with 'role' and 'content', got {m!r:.80}")
+                raise ValueError(
+                    f"{name}[{i}]: expected a dict with 'role' and 'content', got {m!r:.80}"
+                )
             if not isinstance(m["content"], str):
-                raise TypeError(f"{name}[{i}]['content']: expected str, got {type(m['content']).__name__}")
+                raise TypeError(
+                    f"{name}[{i}]['content']: expected str, got {type(m['content']).__name__}"
+                )
             out.append({"role": m["role"], "content": m["content"]})
         return out
-    raise TypeError(f"{name}: expected (prompt, response), a list of messages or a record dict, "
-                    f"got {type(conversation).__name__}")
+    raise TypeError(
+        f"{name}: expected (prompt, response), a list of messages or a record dict, "
+        f"got {type(conversation).__name__}"
+    )
 
 
 def _check_roles(messages: list[dict], name: str, last: str | None) -> None:
@@ -59,10 +73,14 @@ def _check_roles(messages: list[dict], name: str, last: str | None) -> None:
     for i, m in enumerate(messages[start:], start):
         want = "user" if (i - start) % 2 == 0 else "assistant"
         if m["role"] != want:
-            raise ValueError(f"{name}[{i}]['role']: expected {want!r} (optional system message, "
-                             f"then user and assistant alternating), got {m['role']!r}")
+            raise ValueError(
+                f"{name}[{i}]['role']: expected {want!r} (optional system message, "
+                f"then user and assistant alternating), got {m['role']!r}"
+            )
     if last is not None and messages[-1]["role"] != last:
-        raise ValueError(f"{name}: the last message must have role {last!r}, got {messages[-1]['role']!r}")
+        raise ValueError(
+            f"{name}: the last message must have role {last!r}, got {messages[-1]['role']!r}"
+        )
 
 
 def _render(messages: list[dict]) -> str:

@@ -48,12 +48,20 @@ class HFTokenizer(TokenizerBase):
     masked by the data pipeline, never compared against eos).
     """
 
-    def __init__(self, tokenizer, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None, unk_token: str | None = None,
-                 mask_token: str | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        mask_token: str | None = None,
+    ):
         tokenizers = _import_tokenizers()
         if not isinstance(tokenizer, tokenizers.Tokenizer):
-            raise TypeError(f"tokenizer: expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+            raise TypeError(
+                f"tokenizer: expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}"
+            )
         self.tk = tokenizer
         self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
         self._tokens = {}
@@ -100,7 +108,11 @@ class HFTokenizer(TokenizerBase):
                     cfg = json.load(f)
                 for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
                     content = _token_content(cfg.get(key))
-                    if content is not None and key not in found and tk.token_to_id(content) is not None:
+                    if (
+                        content is not None
+                        and key not in found
+                        and tk.token_to_id(content) is not None
+                    ):
                         found[key] = content
         found.update({k: v for k, v in special_tokens.items() if v is not None})
         return cls(tk, **found)

@@ -115,9 +115,11 @@ class Tokenizer(TokenizerBase):
             with open(texts, encoding="utf-8") as f:
                 docs: Iterable[str] = [f.read()]
         elif isinstance(texts, (str, os.PathLike)):
-            raise FileNotFoundError(f"texts: a str is read as a path to a text file, and "
-                                    f"{os.fspath(texts)!r} is not a file (pass a list of documents "
-                                    f"to train on strings)")
+            raise FileNotFoundError(
+                f"texts: a str is read as a path to a text file, and "
+                f"{os.fspath(texts)!r} is not a file (pass a list of documents "
+                f"to train on strings)"
+            )
         else:
             docs = texts
         sentences = []
@@ -130,10 +132,12 @@ class Tokenizer(TokenizerBase):
         user_symbols = list(user_symbols)
         minimum = 4 + len(user_symbols) + (256 if byte_fallback else 0) + 1
         if not isinstance(vocab_size, int) or vocab_size < minimum:
-            raise ValueError(f"vocab_size: expected an int >= {minimum} (4 control pieces, "
-                             f"{len(user_symbols)} user symbols"
-                             f"{', 256 byte pieces' if byte_fallback else ''} and at least one "
-                             f"more), got {vocab_size!r}")
+            raise ValueError(
+                f"vocab_size: expected an int >= {minimum} (4 control pieces, "
+                f"{len(user_symbols)} user symbols"
+                f"{', 256 byte pieces' if byte_fallback else ''} and at least one "
+                f"more), got {vocab_size!r}"
+            )
         model = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
@@ -147,15 +151,20 @@ class Tokenizer(TokenizerBase):
                 remove_extra_whitespaces=False,
                 split_digits=True,
                 max_sentence_length=MAX_SENTENCE_BYTES * 2,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=3,
                 user_defined_symbols=user_symbols,
                 num_threads=num_threads or min(8, os.cpu_count() or 1),
                 minloglevel=2,
             )
         except RuntimeError as exc:
             # e.g. "Vocabulary size too high (5000). Please set it to a value <= 1234."
-            raise ValueError(f"vocab_size: SentencePiece could not train a {vocab_size}-piece "
-                             f"{model_type} model on this corpus: {exc}") from exc
+            raise ValueError(
+                f"vocab_size: SentencePiece could not train a {vocab_size}-piece "
+                f"{model_type} model on this corpus: {exc}"
+            ) from exc
         tok = cls(model.getvalue())
         if out_dir is not None:
             tok.save(out_dir)
@@ -167,11 +176,19 @@ class Tokenizer(TokenizerBase):
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         _atomic_write(os.path.join(directory, MODEL_FILE), self._proto)
-        config = {"tokenizer_class": "sentencepiece", "vocab_size": self.vocab_size,
-                  "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                  "unk_id": self.unk_id, "mask_id": self.mask_id}
-        _atomic_write(os.path.join(directory, CONFIG_FILE),
-                      (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+        config = {
+            "tokenizer_class": "sentencepiece",
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "unk_id": self.unk_id,
+            "mask_id": self.mask_id,
+        }
+        _atomic_write(
+            os.path.join(directory, CONFIG_FILE),
+            (json.dumps(config, indent=2) + "\n").encode("utf-8"),
+        )
         return directory
 
     @classmethod

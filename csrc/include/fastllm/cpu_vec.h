@@ -7,6 +7,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -40,6 +42,27 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
+// bfloat16 <-> float as integer bit operations, which the compiler vectorises (the
+// c10::BFloat16 conversions go through a per-element call).
+inline void bf16_to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
+    std::memcpy(dst + i, &bits, sizeof(float));
+  }
+}
+
+// Round to nearest even, as c10::BFloat16 does; NaN stays a quiet NaN.
+inline void float_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, src + i, sizeof(float));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    d[i] = src[i] != src[i] ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+}
+
 // Returns a pointer to row `src` as acc_t: the row itself when no conversion is needed,
 // otherwise `scratch` filled with the widened values.
 template <typename scalar_t, typename acc_t>
@@ -48,7 +71,11 @@ inline const acc_t* widen(const scalar_t* src, int64_t n, std::vector<acc_t>& sc
     return src;
   } else {
     scratch.resize(n);
-    for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<acc_t>(src[i]);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+      bf16_to_float(src, scratch.data(), n);
+    } else {
+      for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<acc_t>(src[i]);
+    }
     return scratch.data();
   }
 }
@@ -56,7 +83,11 @@ inline const acc_t* widen(const scalar_t* src, int64_t n, std::vector<acc_t>& sc
 // dst[i] = scalar_t(src[i]) for a row computed in acc_t.
 template <typename scalar_t, typename acc_t>
 inline void narrow(const acc_t* src, scalar_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    float_to_bf16(src, dst, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
 }
 
 }  // namespace fastllm::cpu
