@@ -42,4 +42,13 @@ TORCH_LIBRARY(fastllm, m) {
   // Overwrites logits with d(sum g*logprob + h*entropy)/d(logits) for the given g, h.
   m.def("logprob_rows_bwd_(Tensor(a!) logits, Tensor targets, Tensor grad_logprob, "
         "Tensor grad_entropy, int ignore_index, float inv_temperature) -> ()");
+
+  // LoRA linear: x (rows, in), weight (out, in), bias (out,) or None, lora_a (r, in),
+  // lora_b (out, r), keep bool (rows, in) or None. y = x W^T + b + scale * (xd A^T) B^T with
+  // xd = x * keep / (1 - dropout_p). Returns (y (rows, out), u = xd A^T (rows, r)).
+  m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+        "float scale, Tensor? keep, float dropout_p) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_lora_a, grad_lora_b); no gradient for the frozen weight and bias.
+  m.def("lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+        "Tensor u, float scale, Tensor? keep, float dropout_p) -> (Tensor, Tensor, Tensor)");
 }

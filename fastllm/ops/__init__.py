@@ -9,6 +9,13 @@ from ._backend import BACKENDS, choose
 from .cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy_reference
 from .linear_cross_entropy import linear_cross_entropy, mlm_loss, mlm_loss_reference
 from .logprobs import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
+from .attention import (
+    attention,
+    attention_lse_reference,
+    attention_reference,
+    attention_varlen_reference,
+)
+from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linear_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
 from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
 from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
@@ -16,6 +23,13 @@ from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
 __all__ = [
     "BACKENDS",
     "choose",
+    "attention",
+    "attention_reference",
+    "attention_lse_reference",
+    "attention_varlen_reference",
+    "lora_linear",
+    "lora_linear_reference",
+    "lora_linear_backward_reference",
     "RMSNorm",
     "rms_norm",
     "rms_norm_reference",

@@ -1,0 +1,110 @@
+// LoRA linear on the CPU, built from BLAS calls ordered so that the dense update B A
+// (out, in) and the LoRA branch's own (rows, out) output are never formed:
+//   forward : u = xd A^T                       (rows, r)    one skinny GEMM
+//             y = x W^T + b, then y += s u B^T                one GEMM + one in-place addmm
+//   backward: g = s * dy B                     (rows, r)
+//             dx = dy W, then dx += g A (* keep / (1 - p))    one GEMM + one in-place addmm
+//             dA = g^T xd (r, in),  dB = dy^T (s u) (out, r)
+// xd = x * keep / (1 - p) when a dropout mask is given, else x. W and b are frozen: no dW.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "fastllm/checks.h"
+
+namespace fastllm::cpu {
+namespace {
+
+void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+                  const at::Tensor& lora_b, const std::optional<at::Tensor>& keep,
+                  double dropout_p) {
+  check_dtype(x, "x", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  check_dim(x, "x", 2);
+  check_dim(weight, "weight", 2);
+  check_dim(lora_a, "lora_a", 2);
+  check_dim(lora_b, "lora_b", 2);
+  const at::Tensor* others[] = {&weight, &lora_a, &lora_b};
+  const char* names[] = {"weight", "lora_a", "lora_b"};
+  for (int i = 0; i < 3; ++i) {
+    check_same_device(x, "x", *others[i], names[i]);
+    TORCH_CHECK(others[i]->scalar_type() == x.scalar_type(), names[i], ": expected dtype ",
+                x.scalar_type(), " (same as x), got ", others[i]->scalar_type());
+  }
+  const int64_t in = x.size(1), out = weight.size(0), r = lora_a.size(0);
+  TORCH_CHECK(weight.size(1) == in, "weight: expected shape [", out, ", ", in,
+              "] (in_features from x), got ", weight.sizes());
+  TORCH_CHECK(lora_a.size(1) == in, "lora_a: expected shape [r, ", in, "], got ", lora_a.sizes());
+  TORCH_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b: expected shape [", out, ", ",
+              r, "] (out_features, r), got ", lora_b.sizes());
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a value in [0, 1), got ",
+              dropout_p);
+  if (keep.has_value()) {
+    TORCH_CHECK(keep->scalar_type() == at::kBool, "keep: expected dtype bool, got ",
+                keep->scalar_type());
+    TORCH_CHECK(keep->sizes() == x.sizes(), "keep: expected shape ", x.sizes(),
+                " (same as x), got ", keep->sizes());
+  }
+}
+
+// x * keep / (1 - p), or x itself without a mask.
+at::Tensor dropped(const at::Tensor& x, const std::optional<at::Tensor>& keep, double p) {
+  if (!keep.has_value()) return x;
+  return at::mul(x, *keep).mul_(1.0 / (1.0 - p));
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
+    const std::optional<at::Tensor>& keep, double dropout_p) {
+  check_common(x, weight, lora_a, lora_b, keep, dropout_p);
+  if (bias.has_value()) {
+    check_dim(*bias, "bias", 1);
+    TORCH_CHECK(bias->size(0) == weight.size(0), "bias: expected shape [", weight.size(0),
+                "] (out_features), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias: expected dtype ", x.scalar_type(),
+                " (same as x), got ", bias->scalar_type());
+  }
+  at::Tensor u = at::mm(dropped(x, keep, dropout_p), lora_a.t());  // (rows, r)
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  y.addmm_(u, lora_b.t(), /*beta=*/1.0, /*alpha=*/scale);  // the low-rank term lands in y
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, double scale,
+    const std::optional<at::Tensor>& keep, double dropout_p) {
+  check_common(x, weight, lora_a, lora_b, keep, dropout_p);
+  check_dim(grad_out, "grad_out", 2);
+  TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),
+              "grad_out: expected shape [", x.size(0), ", ", weight.size(0), "], got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out: expected dtype ",
+              x.scalar_type(), " (same as x), got ", grad_out.scalar_type());
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == lora_a.size(0),
+              "u: expected shape [", x.size(0), ", ", lora_a.size(0), "], got ", u.sizes());
+  at::Tensor g = at::mm(grad_out, lora_b).mul_(scale);  // (rows, r), already scaled
+  at::Tensor dx = at::mm(grad_out, weight);              // (rows, in)
+  if (keep.has_value()) {
+    dx.add_(at::mm(g, lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
+  } else {
+    dx.addmm_(g, lora_a);
+  }
+  at::Tensor da = at::mm(g.t(), dropped(x, keep, dropout_p));  // (r, in)
+  at::Tensor db = at::mm(grad_out.t(), at::mul(u, scale));     // (out, r)
+  return {dx, da, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastllm, CPU, m) {
+  m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
+  m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
+}
+
+}  // namespace fastllm::cpu
