@@ -58,7 +58,7 @@ def fastllm_step(cfg, mode, batch, seq, device, dtype):
             raise NotImplementedError("fastllm.peft is not available") from exc
         if not hasattr(peft, "apply_lora"):
             raise NotImplementedError("fastllm.peft.apply_lora is not available")
-        peft.apply_lora(model, targets=LORA_TARGETS, r=8, alpha=16)
+        peft.apply_lora(model, target_modules=LORA_TARGETS, r=8, alpha=16)
         model.to(device)
     module = CausalLMLoss(model)
     opt = build_optimizer(module, lr=1e-4, weight_decay=0.0)
@@ -113,13 +113,13 @@ def main(argv=None):
     p.add_argument("--modes", nargs="*", default=["full", "lora"], choices=["full", "lora"])
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=None, help="default: 1 on the CPU, 8 on the GPU")
-    p.add_argument("--reps", type=int, default=None, help="timed steps (default: 5 on the CPU, 20 on the GPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed steps (default: 3 on the CPU, 20 on the GPU)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     batch = args.batch or (8 if gpu else 1)
-    reps = args.reps or (20 if gpu else 5)
+    reps = args.reps or (20 if gpu else 3)
     dtype = torch.bfloat16 if gpu else torch.float32
     env = environment(device)
     print(f"\n## train step on {env['device']} (torch {env['torch']}, commit {env['commit']}), "
@@ -139,7 +139,7 @@ def main(argv=None):
                 except NotImplementedError as exc:
                     print(f"{name:<14} {mode:<5} {pname:<13} n/a: {exc}")
                     continue
-                times = time_ms(step, device, warmup=2, reps=reps, max_seconds=120.0)
+                times = time_ms(step, device, warmup=1, reps=reps, max_seconds=120.0)
                 peak = peak_memory_mb(step, device)
                 q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
                 results[pname] = (statistics.median(times), q[0], q[3], peak, len(times))
