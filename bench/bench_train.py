@@ -114,8 +114,11 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=None, help="default: 1 on the CPU, 8 on the GPU")
     p.add_argument("--reps", type=int, default=None, help="timed steps (default: 3 on the CPU, 20 on the GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     batch = args.batch or (8 if gpu else 1)

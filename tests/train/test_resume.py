@@ -18,11 +18,8 @@ def _fields(tok_dir, text_file, out):
 
 def test_sigkill_then_resume_repeats_the_losses(tmp_path, tok_dir, text_file):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    ref = run_cli(["pretrain", *as_args(_fields(tok_dir, text_file, ref_dir))])
-    assert ref.returncode == 0, ref.stdout + ref.stderr
-    expected = read_metrics(ref_dir / "metrics.jsonl")
-    assert list(expected) == list(range(1, 25))
-
+    # the uninterrupted reference runs alongside the run that gets killed
+    ref = run_cli(["pretrain", *as_args(_fields(tok_dir, text_file, ref_dir))], background=True)
     proc = run_cli(["pretrain", *as_args(_fields(tok_dir, text_file, run_dir))], background=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 180
@@ -32,6 +29,9 @@ def test_sigkill_then_resume_repeats_the_losses(tmp_path, tok_dir, text_file):
             break
         time.sleep(0.01)
     rc = proc.wait(timeout=60)
+    assert ref.wait(timeout=240) == 0, ref.stdout.read().decode()[-3000:]
+    expected = read_metrics(ref_dir / "metrics.jsonl")
+    assert list(expected) == list(range(1, 25))
     assert rc == -signal.SIGKILL, f"the run was not killed mid-way (rc={rc}): {proc.stdout.read().decode()[-2000:]}"
     seen = read_metrics(metrics)
     assert 11 <= max(seen) < 24
