@@ -29,6 +29,7 @@ from torch import Tensor, nn
 import fastllm.ops
 
 IGNORE_INDEX = -100
+CPU_XENT_CHUNK = 256  # rows per logits block of the fused cross-entropy on the CPU
 
 
 # --------------------------------------------------------------------------- device, dtype, seed
@@ -201,7 +202,10 @@ def token_ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
         weight = weight.to(h.dtype)
     fused = getattr(fastllm.ops, "linear_cross_entropy", None)
     if fused is not None:
-        return fused(h, weight, t, ignore_index=IGNORE_INDEX, reduction="sum")
+        # On the CPU each chunk re-reads the whole (V, H) head, so skinny chunks are memory-bound:
+        # 256 rows measured 3x faster than 16 for SmolLM2's head (V=49152, H=576).
+        chunk = min(h.shape[0], CPU_XENT_CHUNK) if h.device.type == "cpu" else None
+        return fused(h, weight, t, ignore_index=IGNORE_INDEX, reduction="sum", chunk_size=chunk)
     return F.cross_entropy(F.linear(h, weight).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
