@@ -157,10 +157,12 @@ def main(argv=None):
                 print(f"{name:<14} {mode:<5} {pname:<13} {med:>10.1f} {f'{p20:.1f}-{p80:.1f}':>17} {tok_s:>9.0f} "
                       f"{peak:>9.1f} {'-' if speed is None else f'{speed:.2f}':>10} "
                       f"{'-' if mem is None else f'{mem:.2f}':>7}")
-                rows.append({"bench": "train", "config": name, "mode": mode, "provider": pname, "batch": batch,
+                rows.append({"bench": "train", "case": f"{name} {mode} b{batch}x{args.seq}", "config": name,
+                             "mode": mode, "provider": pname, "batch": batch,
                              "seq": args.seq, "dtype": str(dtype), "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                              "reps": n, "tokens_per_s": tok_s, "peak_mib": peak, "tokens_per_s_vs_hf": speed,
-                             "memory_vs_hf": mem, **env})
+                             "memory_vs_hf": mem, "speedup_vs_baseline": speed, "memory_vs_baseline": mem,
+                             "baseline": "transformers" if base else None, **env})
     if rows and not args.no_write:
         os.makedirs(RESULTS_DIR, exist_ok=True)
         with open(os.path.join(RESULTS_DIR, "train.jsonl"), "a") as f:
