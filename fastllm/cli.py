@@ -1,4 +1,6 @@
-"""The `fastllm` command: `fastllm demo`."""
+"""The `fastllm` command: `fastllm demo`, `fastllm pretrain|sft [CONFIG.yaml] key=value ...`,
+`fastllm plot metrics.jsonl`. Under `torchrun --nproc_per_node N -m fastllm.cli sft ...` the
+loops run distributed (DDP, or FSDP2 with distributed=fsdp)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,45 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--rows", type=int, default=2048)
     demo.add_argument("--hidden", type=int, default=2048)
     demo.add_argument("--device", default=None)
+    for name, what in (("pretrain", "causal or masked LM pre-training"), ("sft", "supervised fine-tuning (full, layers, PEFT)")):
+        p = sub.add_parser(name, help=what, description=f"{what}. Options: a YAML config and/or key=value overrides "
+                           "(values parsed as YAML: lr=1e-4, freeze=[a,b], peft.r=8).")
+        p.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value")
+    plot = sub.add_parser("plot", help="turn a metrics.jsonl into a loss-curve PNG")
+    plot.add_argument("metrics")
+    plot.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.command in ("pretrain", "sft"):
+        return _train(args.command, args.args)
+    if args.command == "plot":
+        from fastllm.train.logging import plot_loss_curve
+
+        print(plot_loss_curve(args.metrics, args.out))
+        return 0
     if args.command == "demo":
         from fastllm import demo as demo_mod
 
         demo_mod.run(args.rows, args.hidden, args.device)
+    return 0
+
+
+def _train(command: str, items: list[str]) -> int:
+    import json
+
+    from fastllm import train
+
+    files = [a for a in items if "=" not in a]
+    if len(files) > 1:
+        raise SystemExit(f"fastllm {command}: expected at most one CONFIG.yaml, got {files}")
+    overrides = [a for a in items if "=" in a]
+    cls = train.PretrainConfig if command == "pretrain" else train.SFTConfig
+    try:
+        config = train.load_config(cls, files[0] if files else None, overrides)
+    except ValueError as exc:
+        raise SystemExit(f"fastllm {command}: {exc}") from None
+    result = getattr(train, command)(config)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
     return 0
 
 

@@ -1,0 +1,174 @@
+"""Training-step throughput and peak memory: full SFT and LoRA SFT, fastllm against the same
+model in Hugging Face transformers (+ peft for LoRA), side by side in one run.
+
+    python bench/bench_train.py                          # CPU, or the GPU when there is one
+    python bench/bench_train.py --configs smollm2-135m --seq 512 --modes lora
+
+One step = forward + loss + backward + AdamW step + zero_grad on one (batch, seq) block of
+random tokens (all positions labelled). tokens/s = batch * seq / median step time. Peak
+memory is what the step allocates above the model and optimizer state already in place (CUDA:
+the caching allocator's peak; CPU: the allocations torch.profiler records): activations,
+logits, gradients. Both sides: the same config (fastllm preset -> HF LlamaConfig), float32 on
+the CPU and bfloat16 autocast on the GPU, SDPA attention for transformers, LoRA r=8, alpha=16
+on q/k/v/o/gate/up/down with the base frozen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import fastllm  # noqa: E402,F401
+from bench.harness import RESULTS_DIR, default_device, environment, peak_memory_mb, time_ms  # noqa: E402
+from fastllm import models  # noqa: E402
+from fastllm.train.common import CausalLMLoss, autocast, build_optimizer  # noqa: E402
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY = "tiny-llama"
+
+
+def _config(name: str, seq: int):
+    overrides = {"max_position_embeddings": max(seq, 128)} if name == TINY else {}
+    return models.preset(name, **overrides)
+
+
+def _batch(cfg, batch: int, seq: int, device):
+    """input_ids (B, seq) and fastllm's pre-shifted labels: the next token, -100 at the last
+    position, so both sides score the same seq-1 targets (transformers shifts labels=input_ids)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], 1)
+    return ids.to(device), labels.to(device)
+
+
+def fastllm_step(cfg, mode, batch, seq, device, dtype):
+    torch.manual_seed(0)
+    model = models.build_model(cfg).to(device)
+    if mode == "lora":
+        try:
+            import fastllm.peft as peft
+        except ImportError as exc:
+            raise NotImplementedError("fastllm.peft is not available") from exc
+        if not hasattr(peft, "apply_lora"):
+            raise NotImplementedError("fastllm.peft.apply_lora is not available")
+        peft.apply_lora(model, target_modules=LORA_TARGETS, r=8, alpha=16)
+        model.to(device)
+    module = CausalLMLoss(model)
+    opt = build_optimizer(module, lr=1e-4, weight_decay=0.0)
+    inputs, labels = _batch(cfg, batch, seq, device)
+    n = int((labels != -100).sum())
+
+    def step():
+        with autocast(device, dtype):
+            loss = module(inputs, labels) / n
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def hf_step(cfg, mode, batch, seq, device, dtype):
+    try:
+        import transformers
+    except ImportError as exc:
+        raise NotImplementedError("transformers is not installed") from exc
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    model = transformers.LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    if mode == "lora":
+        try:
+            import peft
+        except ImportError as exc:
+            raise NotImplementedError("peft is not installed") from exc
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                           target_modules=LORA_TARGETS))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda" or None)
+    inputs, _ = _batch(cfg, batch, seq, device)
+
+    def step():
+        with autocast(device, dtype):
+            out = model(input_ids=inputs, labels=inputs)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+PROVIDERS = {"fastllm": fastllm_step, "transformers": hf_step}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--configs", nargs="*", default=[TINY, "smollm2-135m"])
+    p.add_argument("--modes", nargs="*", default=["full", "lora"], choices=["full", "lora"])
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=None, help="default: 1 on the CPU, 8 on the GPU")
+    p.add_argument("--reps", type=int, default=None, help="timed steps (default: 3 on the CPU, 20 on the GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    batch = args.batch or (8 if gpu else 1)
+    reps = args.reps or (20 if gpu else 3)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    env = environment(device)
+    print(f"\n## train step on {env['device']} (torch {env['torch']}, commit {env['commit']}), "
+          f"batch {batch} x seq {args.seq}, {dtype}, threads {torch.get_num_threads()}")
+    header = (f"{'config':<14} {'mode':<5} {'provider':<13} {'median ms':>10} {'p20-p80 ms':>17} {'tokens/s':>9} "
+              f"{'peak MiB':>9} {'x HF tok/s':>10} {'mem/HF':>7}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for name in args.configs:
+        cfg = _config(name, args.seq)
+        for mode in args.modes:
+            results = {}
+            for pname, factory in PROVIDERS.items():
+                try:
+                    step = factory(cfg, mode, batch, args.seq, device, dtype)
+                except NotImplementedError as exc:
+                    print(f"{name:<14} {mode:<5} {pname:<13} n/a: {exc}")
+                    continue
+                times = time_ms(step, device, warmup=1, reps=reps, max_seconds=120.0)
+                peak = peak_memory_mb(step, device)
+                q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+                results[pname] = (statistics.median(times), q[0], q[3], peak, len(times))
+                del step
+                if gpu:
+                    torch.cuda.empty_cache()
+            base = results.get("transformers")
+            for pname, (med, p20, p80, peak, n) in results.items():
+                tok_s = batch * args.seq / (med * 1e-3)
+                speed = base[0] / med if base else None
+                mem = peak / base[3] if base and base[3] > 0 else None
+                print(f"{name:<14} {mode:<5} {pname:<13} {med:>10.1f} {f'{p20:.1f}-{p80:.1f}':>17} {tok_s:>9.0f} "
+                      f"{peak:>9.1f} {'-' if speed is None else f'{speed:.2f}':>10} "
+                      f"{'-' if mem is None else f'{mem:.2f}':>7}")
+                rows.append({"bench": "train", "case": f"{name} {mode} b{batch}x{args.seq}", "config": name,
+                             "mode": mode, "provider": pname, "batch": batch,
+                             "seq": args.seq, "dtype": str(dtype), "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+                             "reps": n, "tokens_per_s": tok_s, "peak_mib": peak, "tokens_per_s_vs_hf": speed,
+                             "memory_vs_hf": mem, "speedup_vs_baseline": speed, "memory_vs_baseline": mem,
+                             "baseline": "transformers" if base else None, **env})
+    if rows and not args.no_write:
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        with open(os.path.join(RESULTS_DIR, "train.jsonl"), "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

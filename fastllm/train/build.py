@@ -1,0 +1,217 @@
+"""Set-up shared by the loops: tokenizer, model, datasets and the eval batches, with the
+input checks that must fail before training starts (empty data, sequences longer than the
+context, a tokenizer whose vocabulary does not fit the model)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastllm import models
+from fastllm.data import (
+    MLMDataset,
+    PackedDataset,
+    SFTDataset,
+    load_corpus,
+    load_instructions,
+    train_test_split,
+)
+from fastllm.data.corpus import CORPORA
+from fastllm.tokenizer import Tokenizer, format_chat, load_tokenizer
+
+from .distributed import DistInfo
+
+
+# --------------------------------------------------------------------------- raw data
+
+def read_texts(data) -> list[str]:
+    """A shipped corpus name, or text file path(s) (one document per file)."""
+    if isinstance(data, str) and data in CORPORA:
+        return load_corpus(data)
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if not paths:
+        raise ValueError("data: empty dataset (no files given)")
+    texts = []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"data: {str(p)!r} is neither a shipped corpus ({', '.join(CORPORA)}) "
+                                    "nor an existing file")
+        with open(p, encoding="utf-8") as f:
+            texts.append(f.read())
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"data: empty dataset (the files {[str(p) for p in paths]} hold no text)")
+    return texts
+
+
+def is_token_file(data) -> bool:
+    return isinstance(data, (str, os.PathLike)) and str(data).endswith(".bin")
+
+
+def read_records(data) -> list:
+    """SFT records: "instructions" (shipped), or a .jsonl / .json file of records."""
+    if data == "instructions":
+        return load_instructions()
+    if not os.path.isfile(data):
+        raise FileNotFoundError(f"data: {str(data)!r} is neither 'instructions' nor an existing .jsonl/.json file")
+    with open(data, encoding="utf-8") as f:
+        if str(data).endswith(".jsonl"):
+            records = [json.loads(line) for line in f if line.strip()]
+        else:
+            records = json.load(f)
+    if not records:
+        raise ValueError(f"data: empty dataset ({str(data)!r} holds no records)")
+    return records
+
+
+# --------------------------------------------------------------------------- tokenizer and model
+
+def get_tokenizer(cfg, info: DistInfo, training_texts: Callable[[], list[str]]):
+    """The configured tokenizer; else the checkpoint's; else one trained on the data (rank 0
+    trains and saves it under output_dir/tokenizer, a resumed run reloads it)."""
+    if cfg.tokenizer is not None:
+        return load_tokenizer(cfg.tokenizer)
+    if os.path.isdir(cfg.model):
+        return load_tokenizer(cfg.model)
+    saved = Path(cfg.output_dir) / "tokenizer"
+    if info.is_main and not saved.is_dir():
+        texts = training_texts()
+        if not texts:
+            raise ValueError("data: empty dataset (nothing to train a tokenizer on)")
+        tok = Tokenizer.train(texts, vocab_size=cfg.tokenizer_vocab_size)
+        tok.save(saved)
+    info.barrier()
+    return load_tokenizer(saved)
+
+
+def get_model(cfg, vocab_size: int | None, context: int) -> torch.nn.Module:
+    """A preset (randomly initialised under the seed; its vocab sized to the tokenizer unless
+    model_overrides says otherwise) or a checkpoint directory. Checks vocab and context."""
+    if os.path.isdir(cfg.model):
+        model = models.from_pretrained(cfg.model)
+    else:
+        overrides = dict(cfg.model_overrides)
+        if vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size
+        model = models.build_model(models.preset(cfg.model, **overrides))
+    check_fit(model, vocab_size, context)
+    return model
+
+
+def check_fit(model, vocab_size: int | None, context: int) -> None:
+    mcfg = model.config
+    if vocab_size is not None and vocab_size > mcfg.vocab_size:
+        raise ValueError(f"tokenizer: its vocabulary has {vocab_size} tokens but the model's vocab_size is "
+                         f"{mcfg.vocab_size}; ids >= {mcfg.vocab_size} would not fit (use a matching tokenizer "
+                         "or a larger model vocab_size)")
+    if context > mcfg.max_position_embeddings:
+        raise ValueError(f"seq_len/max_length: {context} tokens exceed the model's context of "
+                         f"{mcfg.max_position_embeddings} positions (max_position_embeddings)")
+
+
+# --------------------------------------------------------------------------- datasets
+
+class Subset:
+    """Items `indices` of a dataset, keeping its collate and set_epoch."""
+
+    def __init__(self, base, indices):
+        self.base, self.indices = base, list(indices)
+        self.collate = getattr(base, "collate", None)
+        if hasattr(base, "set_epoch"):
+            self.set_epoch = base.set_epoch
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[self.indices[i]]
+
+
+def split_tail(dataset, fraction: float, want_eval: bool):
+    """(train, eval): the last ~fraction of the items (at least one) are held out."""
+    n = len(dataset)
+    if not want_eval or n < 2:
+        return dataset, None
+    n_eval = min(n - 1, max(1, round(n * fraction)))
+    return Subset(dataset, range(n - n_eval)), Subset(dataset, range(n - n_eval, n))
+
+
+def pretrain_datasets(cfg, tokenizer, vocab_size: int):
+    """Packed blocks of cfg.seq_len tokens (+ MLM masking), split into train / eval."""
+    if is_token_file(cfg.data):
+        tokens = np.fromfile(cfg.data, dtype=np.dtype(cfg.bin_dtype)).astype(np.int64)
+        if tokens.size == 0:
+            raise ValueError(f"data: empty dataset ({str(cfg.data)!r} holds no tokens)")
+        docs = [torch.from_numpy(tokens)]
+    else:
+        add_bos, add_eos = tokenizer.bos_id is not None, tokenizer.eos_id is not None
+        docs = tokenizer.encode(read_texts(cfg.data), add_bos=add_bos, add_eos=add_eos)
+        if sum(len(d) for d in docs) == 0:
+            raise ValueError("data: empty dataset (no tokens after encoding)")
+    try:
+        blocks = PackedDataset(docs, cfg.seq_len, vocab_size=vocab_size,
+                               doc_boundaries=cfg.doc_boundaries and cfg.objective == "causal")
+    except ValueError as exc:
+        raise ValueError(f"data: {exc}") from None
+    train, held = split_tail(blocks, cfg.eval_fraction, cfg.eval_batches > 0)
+    if cfg.objective == "mlm":
+        if tokenizer is None or tokenizer.mask_id is None:
+            raise ValueError("tokenizer: masked LM needs a tokenizer with a mask token")
+        def wrap(d, seed):
+            return MLMDataset.from_tokenizer(d, tokenizer, mask_prob=cfg.mask_prob, seed=seed)
+        train, held = wrap(train, cfg.seed), (wrap(held, cfg.seed + 1) if held is not None else None)
+    elif cfg.objective != "causal":
+        raise ValueError(f"objective: expected causal or mlm, got {cfg.objective!r}")
+    return train, held
+
+
+def sft_datasets(cfg, tokenizer, records):
+    """Tokenised chat examples (prompt labels -100), split into train / eval."""
+    if not records:
+        raise ValueError("data: empty dataset (no records)")
+    held = None
+    if cfg.eval_batches > 0 and len(records) >= 2:
+        records, held = train_test_split(records, cfg.eval_fraction, seed=cfg.seed)
+    def make(recs):
+        return SFTDataset(recs, tokenizer, cfg.max_length, system=cfg.system, too_long=cfg.too_long)
+    return make(records), (make(held) if held else None)
+
+
+def chat_texts(records, system=None) -> list[str]:
+    return [format_chat(r, system=system)[1] for r in records]
+
+
+def pack_examples(items: list[dict]) -> dict:
+    """Concatenate variable-length examples into one row (1, N) with cu_seqlens, so attention
+    stays inside each example and positions restart at 0 (no padding)."""
+    lengths = [it["input_ids"].numel() for it in items]
+    cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return {"input_ids": torch.cat([it["input_ids"] for it in items])[None],
+            "labels": torch.cat([it["labels"] for it in items])[None],
+            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+            "cu_seqlens": cu, "max_seqlen": max(lengths)}
+
+
+def pad_examples(pad_id: int):
+    """Right-padded rows (B, L) with an attention mask (the non-packed layout)."""
+    from fastllm.data import collate_padded
+
+    def collate(items: list[dict]) -> dict:
+        batch = collate_padded(items, pad_id)
+        return {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
+    return collate
+
+
+def eval_batches(dataset, batch_size: int, max_batches: int, info: DistInfo, collate=None) -> list[dict]:
+    """Up to max_batches batches of this rank's share of `dataset`; every rank gets the same
+    number of batches (FSDP needs matching forwards)."""
+    if dataset is None or max_batches <= 0:
+        return []
+    per_rank = len(dataset) // info.world_size
+    idx = [info.rank + info.world_size * j for j in range(per_rank)][: batch_size * max_batches]
+    collate = collate or dataset.collate
+    return [collate([dataset[i] for i in idx[s:s + batch_size]]) for s in range(0, len(idx), batch_size)]

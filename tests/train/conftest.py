@@ -1,0 +1,63 @@
+"""Fixtures for the training-loop tests: a small SentencePiece tokenizer trained once, a
+short text corpus, and tiny configs (2-layer, hidden 64) that run a step in milliseconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastllm.data import load_corpus
+from fastllm.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> str:
+    """About 40 KB of Shakespeare in one file."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(load_corpus("shakespeare")[0][:40_000], encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory, text_file) -> str:
+    path = tmp_path_factory.mktemp("tok")
+    with open(text_file, encoding="utf-8") as f:
+        Tokenizer.train([f.read()], vocab_size=400).save(path)
+    return str(path)
+
+
+def tiny(tok_dir, out, **kw) -> dict:
+    """Fields of a tiny, fast, quiet run."""
+    base = dict(model="tiny-llama", tokenizer=tok_dir, output_dir=str(out), max_steps=6, batch_size=4,
+                warmup_steps=2, lr=3e-3, eval_batches=2, progress=False, plot=False, seed=1)
+    base.update(kw)
+    return base
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 240, **popen) -> subprocess.Popen | subprocess.CompletedProcess:
+    """Run `fastllm ...` (under torchrun with nproc > 1) with single-threaded, repeatable math."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "fastllm.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "fastllm.cli", *args]
+    if popen.pop("background", False):
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def as_args(fields: dict) -> list[str]:
+    out = []
+    for k, v in fields.items():
+        if v is None:
+            v = "null"
+        elif isinstance(v, bool):
+            v = str(v).lower()
+        out.append(f"{k}={v}")
+    return out
