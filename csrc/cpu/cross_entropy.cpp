@@ -317,7 +317,7 @@ void check_acc_vector(const at::Tensor& t, const char* name, const at::Tensor& l
 at::Tensor new_acc_vector(const at::Tensor& logits) {
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(acc));
-  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  maybe_poison(out);
   return out;
 }
 

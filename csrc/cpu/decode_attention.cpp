@@ -120,7 +120,7 @@ at::Tensor decode_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cac
                 "] (the cache length), got ", len[b], " at index ", b);
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
-  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  maybe_poison(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     decode_attention_rows<scalar_t>(q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
                                     v_cache.const_data_ptr<scalar_t>(), len,

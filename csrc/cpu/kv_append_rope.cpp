@@ -72,7 +72,7 @@ at::Tensor kv_append_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at
                 ") (the cache length), got ", pos[b], " at index ", b);
   }
   at::Tensor q_out = at::empty(q.sizes(), q.options());
-  if (poison_outputs()) q_out.fill_(std::numeric_limits<double>::quiet_NaN());
+  maybe_poison(q_out);
   const float* freq = inv_freq.const_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "kv_append_rope", [&] {
     using acc_t = acc_type_t<scalar_t>;

@@ -53,7 +53,7 @@ at::Tensor kv_append_rope_fwd_cuda(const at::Tensor& q, const at::Tensor& k, con
               "] (head_dim / 2), got ", inv_freq.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor q_out = at::empty(q.sizes(), q.options());
-  if (poison_outputs()) q_out.fill_(std::numeric_limits<double>::quiet_NaN());
+  maybe_poison(q_out);
   C10_CUDA_CHECK(kv_append_rope_fwd(
       q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), k_cache.mutable_data_ptr(),
       v_cache.mutable_data_ptr(), q_out.mutable_data_ptr(), positions.const_data_ptr<int32_t>(),

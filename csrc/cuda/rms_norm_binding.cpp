@@ -8,31 +8,20 @@
 
 #include "fastllm/cuda/rms_norm.h"
 #include "fastllm/cuda_binding.h"
+#include "fastllm/rms_norm_checks.h"
 
 namespace fastllm::cuda {
 namespace {
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_cuda(x, "x");
-  check_same_device(x, "x", weight, "weight");
-  to_dtype(x, "x");
-  check_dtype(weight, "weight", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
-  TORCH_CHECK(x.dim() >= 1, "x: expected at least 1 dimension, got shape ", x.sizes());
-  check_dim(weight, "weight", 1);
-  TORCH_CHECK(weight.size(0) == x.size(-1), "weight: expected shape [", x.size(-1),
-              "] (the last dimension of x), got ", weight.sizes());
-  check_contiguous(x, "x");
-  TORCH_CHECK(eps > 0, "eps: expected a positive value, got ", eps);
-}
-
 at::Tensor new_output(const at::Tensor& like) {
   at::Tensor out = at::empty(like.sizes(), like.options());
-  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  maybe_poison(out);
   return out;
 }
 
 at::Tensor rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_inputs(x, weight, eps);
+  check_cuda(x, "x");
+  check_rms_norm_inputs(x, weight, eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t hidden = x.size(-1);
   const int64_t rows = hidden == 0 ? 0 : x.numel() / hidden;
@@ -46,12 +35,9 @@ at::Tensor rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, doub
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_out,
                                                      const at::Tensor& x,
                                                      const at::Tensor& weight, double eps) {
-  check_inputs(x, weight, eps);
-  check_contiguous(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out: expected shape ", x.sizes(),
-              " (same as x), got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out: expected dtype ",
-              x.scalar_type(), " (same as x), got ", grad_out.scalar_type());
+  check_cuda(x, "x");
+  check_rms_norm_inputs(x, weight, eps);
+  check_rms_norm_grad(grad_out, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t hidden = x.size(-1);
   const int64_t rows = hidden == 0 ? 0 : x.numel() / hidden;

@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <initializer_list>
+#include <limits>
 #include <string>
 
 namespace fastllm {
@@ -52,6 +53,12 @@ inline bool poison_outputs() {
     return v != nullptr && v[0] == '1';
   }();
   return on;
+}
+
+// Fills a freshly allocated output with NaN under FASTLLM_POISON=1; returns it.
+inline at::Tensor& maybe_poison(at::Tensor& out) {
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
 }
 
 }  // namespace fastllm
