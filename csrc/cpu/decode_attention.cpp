@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "fastllm/decode_attention_checks.h"
 #include "fastllm/checks.h"
 #include "fastllm/cpu_vec.h"
 
@@ -91,25 +92,9 @@ at::Tensor decode_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cac
                                     const at::Tensor& v_cache, const at::Tensor& lengths,
                                     double scale) {
   check_dtype(q, "q", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
-  check_dim(q, "q", 3);
-  check_dim(k_cache, "k_cache", 4);
-  check_dim(lengths, "lengths", 1);
-  check_same_device(q, "q", k_cache, "k_cache");
-  check_same_device(q, "q", v_cache, "v_cache");
-  check_same_device(q, "q", lengths, "lengths");
-  check_dtype(lengths, "lengths", {at::kInt});
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "k_cache: expected dtype ", q.scalar_type(),
-              " (same as q), got ", k_cache.scalar_type());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
-              "v_cache: expected shape ", k_cache.sizes(), " and dtype ", k_cache.scalar_type(),
-              " (same as k_cache), got ", v_cache.sizes(), " ", v_cache.scalar_type());
+  check_decode_attention_inputs(q, k_cache, v_cache, lengths);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Smax = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D, "k_cache: expected shape [", B,
-              ", Smax, Hkv, ", D, "] (batch and head_dim of q), got ", k_cache.sizes());
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "k_cache: the number of kv heads (", Hkv,
-              ") must divide the number of query heads (", Hq, ")");
-  TORCH_CHECK(lengths.size(0) == B, "lengths: expected shape [", B, "], got ", lengths.sizes());
   check_contiguous(q, "q");
   check_contiguous(k_cache, "k_cache");
   check_contiguous(v_cache, "v_cache");
