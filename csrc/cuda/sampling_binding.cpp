@@ -5,6 +5,7 @@
 
 #include <utility>
 
+#include "fastllm/sampling_checks.h"
 #include "fastllm/cuda/generation.h"
 #include "fastllm/cuda_binding.h"
 
@@ -17,22 +18,8 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits,
                                                       const at::Tensor& top_p,
                                                       const at::Tensor& uniforms) {
   check_cuda(logits, "logits");
-  check_dim(logits, "logits", 2);
-  check_dtype(logits, "logits", {at::kFloat});
-  check_contiguous(logits, "logits");
+  check_sampling_inputs(logits, temperature, top_k, top_p, uniforms);
   const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V > 0, "logits: expected a non-empty vocabulary, got shape ", logits.sizes());
-  const std::pair<const at::Tensor*, const char*> params[] = {
-      {&temperature, "temperature"}, {&top_k, "top_k"}, {&top_p, "top_p"}, {&uniforms, "uniforms"}};
-  for (const auto& [t, name] : params) {
-    check_same_device(logits, "logits", *t, name);
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, name, ": expected shape [", B, "], got ", t->sizes());
-    check_contiguous(*t, name);
-  }
-  check_dtype(temperature, "temperature", {at::kFloat});
-  check_dtype(top_k, "top_k", {at::kInt});
-  check_dtype(top_p, "top_p", {at::kFloat});
-  check_dtype(uniforms, "uniforms", {at::kFloat});
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor tokens = at::empty({B}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({B}, logits.options());
