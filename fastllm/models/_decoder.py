@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 import fastllm.ops
@@ -217,6 +218,18 @@ def self_attention(
         prefix_k=prefix_k,
         prefix_v=prefix_v,
     )
+
+
+def run_blocks(blocks, x: Tensor, *args, checkpoint: bool = False) -> Tensor:
+    """x through every block in order. With checkpoint (and gradients enabled) each block runs
+    under torch.utils.checkpoint: its activations are recomputed in the backward pass instead
+    of kept (the model's `activation_checkpointing` switch)."""
+    for block in blocks:
+        if checkpoint and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
 
 
 def finish(step: Step) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fastllm.ops.attention import attention
 
-from ._decoder import IGNORE_INDEX, check_token_ids
+from ._decoder import IGNORE_INDEX, check_token_ids, run_blocks
 from .checkpoint import HFCheckpointMixin
 from .config import BertConfig
 
@@ -167,6 +167,7 @@ class BertForMaskedLM(HFCheckpointMixin, nn.Module):
         self.config = config
         self.bert = BertModel(config)
         self.cls = BertOnlyMLMHead(config, self.bert.embeddings.word_embeddings)
+        self.activation_checkpointing = False  # recompute each block in the backward pass
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -223,8 +224,7 @@ class BertForMaskedLM(HFCheckpointMixin, nn.Module):
                 )
             key_padding_mask = attention_mask.bool()
         x = self.bert.embeddings(input_ids, token_type_ids)
-        for layer in self.bert.encoder.layer:
-            x = layer(x, key_padding_mask)
+        x = run_blocks(self.bert.encoder.layer, x, key_padding_mask, checkpoint=self.activation_checkpointing)
         return x
 
     def mlm_loss(

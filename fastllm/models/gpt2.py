@@ -90,6 +90,7 @@ class GPT2LMHeadModel(HFCheckpointMixin, nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
+        self.activation_checkpointing = False  # recompute each block in the backward pass
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -152,8 +153,7 @@ class GPT2LMHeadModel(HFCheckpointMixin, nn.Module):
         )
         tok = self.transformer.wte(input_ids) if input_ids is not None else inputs_embeds
         x = tok + self.transformer.wpe(step.position_ids)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, step)
+        x = _decoder.run_blocks(self.transformer.h, x, step, checkpoint=self.activation_checkpointing)
         _decoder.finish(step)
         return self.transformer.ln_f(x)
 

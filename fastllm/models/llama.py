@@ -120,6 +120,7 @@ class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        self.activation_checkpointing = False  # recompute each block in the backward pass
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -211,8 +212,7 @@ class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         # cos/sin once per forward, shared by every layer: (B, T, D/2)
         cos, sin = rope_cos_sin(self.model.inv_freq(x.device), step.position_ids, acc)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, step)
+        x = _decoder.run_blocks(self.model.layers, x, cos, sin, step, checkpoint=self.activation_checkpointing)
         _decoder.finish(step)
         return self.model.norm(x)
 

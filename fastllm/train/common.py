@@ -178,16 +178,16 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block in the backward pass instead of keeping its activations."""
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in transformer_layers(model):
-        forward = layer.forward
-
-        def checkpointed(*args, _forward=forward, **kwargs):
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        layer.forward = checkpointed
+    """Recompute each transformer block in the backward pass instead of keeping its
+    activations: switches on the `activation_checkpointing` flag of the fastllm model inside
+    `model` (a PEFT wrapper included), whose forward then runs every block under
+    torch.utils.checkpoint. Parameter names and the state dict do not change."""
+    found = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
+    if not found:
+        raise ValueError(f"model: {type(model).__name__} has no activation_checkpointing switch "
+                         "(expected a fastllm model)")
+    for m in found:
+        m.activation_checkpointing = True
 
 
 # --------------------------------------------------------------------------- losses
