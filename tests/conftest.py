@@ -77,3 +77,21 @@ def compiled_backends(device: str) -> list[str]:
 def _seed():
     torch.manual_seed(0)
     yield
+    from fastllm.ops import _backend
+
+    _backend.clear_cache()  # a test that changed FASTLLM_BACKEND leaves no stale choice behind
+
+
+@pytest.fixture
+def backend_env(monkeypatch):
+    """set(value): set FASTLLM_BACKEND (None: unset) and forget the cached backend choices."""
+    from fastllm.ops import _backend
+
+    def set_env(value):
+        if value is None:
+            monkeypatch.delenv("FASTLLM_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("FASTLLM_BACKEND", value)
+        _backend.clear_cache()
+
+    return set_env

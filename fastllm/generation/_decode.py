@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from fastllm.models.llama import LlamaMLP
 from fastllm.ops import RMSNorm, _backend, swiglu
-from fastllm.ops.decode_attention import choose_native_or_reference, decode_attention_reference
+from fastllm.ops.decode_attention import decode_attention_reference
 from fastllm.ops.kv_append_rope import kv_append_rope_reference
 from fastllm.ops.sampling import sample_reference
 
@@ -41,7 +41,7 @@ class Kernels:
     gradients, and on the CPU the wrappers cost more than the tiny kernels)."""
 
     def __init__(self, device: torch.device, backend: str = "auto"):
-        use = {op: choose_native_or_reference(op, device, backend, native)
+        use = {op: _backend.choose(op, device, backend, native_op=native, cuda_order=("native",), has_triton=False)
                for op, native in (("decode_attention", "decode_attention_fwd"),
                                   ("kv_append_rope", "kv_append_rope_fwd"), ("sample", "sample_tokens"))}
         self.backends = use

@@ -6,9 +6,6 @@ against.
 """
 
 from ._backend import BACKENDS, choose
-from .cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy_reference
-from .linear_cross_entropy import causal_lm_loss, linear_cross_entropy, mlm_loss, mlm_loss_reference
-from .logprobs import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
 from .attention import (
     attention,
     attention_backward_reference,
@@ -16,13 +13,16 @@ from .attention import (
     attention_reference,
     attention_varlen_reference,
 )
+from .cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy_reference
+from .decode_attention import decode_attention, decode_attention_reference
+from .kv_append_rope import kv_append_rope, kv_append_rope_reference
+from .linear_cross_entropy import causal_lm_loss, linear_cross_entropy, mlm_loss, mlm_loss_reference
+from .logprobs import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
 from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linear_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
 from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
-from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
-from .decode_attention import decode_attention, decode_attention_reference
-from .kv_append_rope import kv_append_rope, kv_append_rope_reference
 from .sampling import sample, sample_reference, sampling_params
+from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
 
 __all__ = [
     "BACKENDS",

@@ -8,6 +8,8 @@ Every fused op has three implementations:
 "auto" picks native on the CPU and the op's preferred compiled backend on CUDA, falling
 back to the reference. FASTLLM_BACKEND=reference|triton|native forces one for every call;
 an op's `backend=` argument forces one for that call and wins over the variable.
+`choose` is the one chooser of every op; it resolves each (op, device, backend) once and
+caches the answer (`clear_cache()` after changing the variable).
 """
 
 from __future__ import annotations
@@ -70,6 +72,25 @@ def _why_unavailable(backend: str, native_op: str | None, device: torch.device) 
     return None
 
 
+_CACHE: dict[tuple, str] = {}
+
+
+def clear_cache() -> None:
+    """Forget every resolved choice (after changing FASTLLM_BACKEND or loading the extension)."""
+    _CACHE.clear()
+
+
+def env_backend() -> str:
+    """FASTLLM_BACKEND, validated ("auto" when unset or empty); cached like every choice."""
+    key = ("FASTLLM_BACKEND",)
+    if key not in _CACHE:
+        value = os.environ.get("FASTLLM_BACKEND", "auto") or "auto"
+        if value not in CHOICES:
+            raise ValueError(f"FASTLLM_BACKEND: expected one of {CHOICES}, got {value!r}")
+        _CACHE[key] = value
+    return _CACHE[key]
+
+
 def choose(
     op: str,
     device: torch.device,
@@ -77,18 +98,36 @@ def choose(
     *,
     native_op: str | None = None,
     cuda_order: tuple[str, ...] = ("triton", "native"),
+    has_triton: bool = True,
 ) -> str:
-    """Resolve `backend` ("auto" or one of BACKENDS) for `op` on `device`.
+    """Resolve `backend` ("auto" or one of BACKENDS) for `op` on `device`: the one chooser of
+    every fused op. Resolved once per (op, device, backend, ...) and cached, so a call costs a
+    dictionary look-up; `clear_cache()` makes the next call read FASTLLM_BACKEND again.
 
     native_op: the name of the op's C++ forward (to look up its registered kernels).
     cuda_order: which compiled backend "auto" prefers on CUDA (decided by benchmark).
+    has_triton: False for ops without a Triton kernel (the inference ops): FASTLLM_BACKEND=triton
+        then falls back to auto for them, and an explicit backend="triton" is an error.
     """
+    key = (op, device, backend, native_op, cuda_order, has_triton)
+    chosen = _CACHE.get(key)
+    if chosen is None:
+        chosen = _CACHE[key] = _resolve(op, device, backend, native_op, cuda_order, has_triton)
+    return chosen
+
+
+def _resolve(op, device, backend, native_op, cuda_order, has_triton) -> str:
     if backend not in CHOICES:
         raise ValueError(f"backend: expected one of {CHOICES}, got {backend!r}")
+    if not has_triton:
+        if backend == "triton":
+            raise RuntimeError(f"{op}: backend 'triton' is unavailable: this op has no Triton kernel "
+                               "(use 'reference' or 'native')")
+        cuda_order = tuple(b for b in cuda_order if b != "triton")
     if backend == "auto":
-        backend = os.environ.get("FASTLLM_BACKEND", "auto") or "auto"
-        if backend not in CHOICES:
-            raise ValueError(f"FASTLLM_BACKEND: expected one of {CHOICES}, got {backend!r}")
+        backend = env_backend()
+        if backend == "triton" and not has_triton:
+            backend = "auto"
     if backend != "auto":
         why = _why_unavailable(backend, native_op, device)
         if why is not None:

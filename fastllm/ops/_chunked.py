@@ -21,7 +21,7 @@ chunk and the bf16 GEMM speed).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -55,7 +55,8 @@ def run_chunks(
     chunk = chunk_size if chunk_size > 0 else default_chunk_size(N, H, V, 256 if hidden.is_cuda else 128)
     need_hidden, need_weight = compute_grad and need_hidden, compute_grad and need_weight
     need_bias = compute_grad and need_bias and bias is not None
-    grad_hidden = new_output(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else hidden.new_empty(0)
+    grad_hidden = (new_output(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden
+                   else hidden.new_empty(0))
     upcast_w = weight.dtype in LOW_PRECISION and hidden.device.type != "cuda"
     w_acc = torch.float32 if upcast_w else weight.dtype
     grad_weight = torch.zeros((V, H), dtype=w_acc, device=weight.device) if need_weight else hidden.new_empty(0)

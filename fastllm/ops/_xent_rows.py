@@ -116,12 +116,7 @@ def logprob_rows_bwd_(backend, logits, targets, grad_logprob, grad_entropy, igno
         _logprob_rows_bwd_torch(*args)
 
 
-def choose(op: str, device: torch.device, backend: str) -> str:
-    """Backend for the cross-entropy family: the row kernels decide (they are the only
-    backend-specific part); on CUDA Triton first."""
-    from . import _backend
-
-    return _backend.choose(op, device, backend, native_op="xent_rows_")
+NATIVE_OP = "xent_rows_"  # the row kernels are the only backend-specific part of the family
 
 
 def _register_native_fakes() -> None:

@@ -16,7 +16,6 @@ and GQA calls the same way.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
@@ -233,7 +232,7 @@ def _choose(q: Tensor, backend: str) -> str:
     chosen = _backend.choose("attention", q.device, backend, native_op="attention_fwd",
                              cuda_order=("triton",))
     if chosen == "triton" and q.dtype == torch.float64:
-        if backend == "triton" or os.environ.get("FASTLLM_BACKEND") == "triton":
+        if backend == "triton" or (backend == "auto" and _backend.env_backend() == "triton"):
             raise RuntimeError("attention: backend 'triton' supports float32, bfloat16 and float16, got float64")
         return "reference"
     return chosen

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _xent_rows
+from . import _backend, _xent_rows
 from ._backend import new_output
-from ._checks import check_dtype, check_same_device, check_tensor
+from ._checks import check_dtype, check_tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -151,7 +151,7 @@ def _cross_entropy_rows_op(
     softcap: float, backend: str,
 ) -> Tensor:
     """Per-row losses (N,) of logits (N, V). The softmax is not kept."""
-    chosen = _xent_rows.choose("cross_entropy", logits.device, backend)
+    chosen = _backend.choose("cross_entropy", logits.device, backend, native_op=_xent_rows.NATIVE_OP)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     scale = torch.zeros(x.shape[0], dtype=_xent_rows.acc_dtype(x.dtype), device=x.device)
     loss, _ = _xent_rows.xent_rows_(chosen, x, labels, scale, ignore_index, label_smoothing, z_loss,
@@ -171,7 +171,7 @@ def _cross_entropy_backward_op(
 ) -> Tensor:
     """d(sum_i grad_rows_i * loss_i) / d logits, (N, V): written in one pass over a copy of
     the logits, which becomes the gradient."""
-    chosen = _xent_rows.choose("cross_entropy", logits.device, backend)
+    chosen = _backend.choose("cross_entropy", logits.device, backend, native_op=_xent_rows.NATIVE_OP)
     grad = new_output(logits.shape, dtype=logits.dtype, device=logits.device)
     grad.copy_(logits)
     scale = grad_rows.to(_xent_rows.acc_dtype(logits.dtype)).contiguous()

@@ -20,7 +20,6 @@ choice, fake) -> functional `decode_attention()`.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
@@ -50,17 +49,6 @@ def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, leng
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def choose_native_or_reference(op: str, device: torch.device, backend: str, native_op: str) -> str:
-    """Backend choice for the inference ops, which have no Triton kernel: FASTLLM_BACKEND=triton
-    falls back to auto for them; an explicit backend="triton" is an error."""
-    if backend == "triton":
-        raise RuntimeError(f"{op}: backend 'triton' is unavailable: this op has no Triton kernel "
-                           "(use 'reference' or 'native')")
-    if backend == "auto" and os.environ.get("FASTLLM_BACKEND") == "triton":
-        return "native" if _backend.native_has(native_op, device) else "reference"
-    return _backend.choose(op, device, backend, native_op=native_op, cuda_order=("native",))
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> None:
@@ -95,7 +83,8 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor) -> None
 def _decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float,
                          backend: str = "auto") -> Tensor:
     _check(q, k_cache, v_cache, lengths)
-    chosen = choose_native_or_reference("decode_attention", q.device, backend, "decode_attention_fwd")
+    chosen = _backend.choose("decode_attention", q.device, backend, native_op="decode_attention_fwd",
+                             cuda_order=("native",), has_triton=False)
     if chosen == "reference":
         return decode_attention_reference(q, k_cache, v_cache, lengths, scale)
     return torch.ops.fastllm.decode_attention_fwd(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _backend
 from ._checks import check_dtype, check_same_device, check_tensor
-from .decode_attention import choose_native_or_reference
 
 # --------------------------------------------------------------------------- reference
 
@@ -84,7 +84,8 @@ def _check(q, k, v, k_cache, v_cache, positions, inv_freq) -> None:
 def _kv_append_rope_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
                        inv_freq: Tensor, backend: str = "auto") -> Tensor:
     _check(q, k, v, k_cache, v_cache, positions, inv_freq)
-    chosen = choose_native_or_reference("kv_append_rope", q.device, backend, "kv_append_rope_fwd")
+    chosen = _backend.choose("kv_append_rope", q.device, backend, native_op="kv_append_rope_fwd",
+                             cuda_order=("native",), has_triton=False)
     if chosen == "reference":
         return kv_append_rope_reference(q, k, v, k_cache, v_cache, positions, inv_freq)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):

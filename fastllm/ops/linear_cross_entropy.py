@@ -18,15 +18,13 @@ matmul, so the unmasked ~85% of the rows cost nothing.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from . import _xent_rows
+from . import _backend, _xent_rows
 from ._backend import new_output
-from ._chunked import run_chunks
 from ._checks import check_dtype, check_same_device, check_shape, check_tensor
+from ._chunked import run_chunks
 from .cross_entropy import check_labels, check_loss_options, reduce_loss, row_scale
 
 # --------------------------------------------------------------------------- checks
@@ -64,10 +62,11 @@ def _loss_rows_fn(backend, labels, scale, loss, options, compute_grad):
 
 def _chunked_loss(hidden, weight, labels, bias, scale, options, chunk_size, needs, backend, compute_grad):
     """(loss rows (N,), grad_hidden, grad_weight, grad_bias) with row i's gradient scaled by scale[i]."""
-    chosen = _xent_rows.choose("linear_cross_entropy", hidden.device, backend)
+    chosen = _backend.choose("linear_cross_entropy", hidden.device, backend, native_op=_xent_rows.NATIVE_OP)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     loss = new_output(hidden.shape[0], dtype=_xent_rows.acc_dtype(hidden.dtype), device=hidden.device)
-    grads = run_chunks(hidden, weight, bias, chunk_size, _loss_rows_fn(chosen, labels, scale, loss, options, compute_grad),
+    row_fn = _loss_rows_fn(chosen, labels, scale, loss, options, compute_grad)
+    grads = run_chunks(hidden, weight, bias, chunk_size, row_fn,
                        need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2], compute_grad=compute_grad)
     return (loss, *grads)
 
@@ -83,7 +82,7 @@ def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
 
 @torch.library.custom_op("fastllm::linear_cross_entropy_fused", mutates_args=())
 def _fused_op(
-    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], row_scale: Tensor,
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, row_scale: Tensor,
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
     need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -147,7 +146,7 @@ _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 @torch.library.custom_op("fastllm::linear_cross_entropy_rows", mutates_args=())
 def _rows_op(
-    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None, ignore_index: int,
     label_smoothing: float, z_loss: float, softcap: float, chunk_size: int, backend: str,
 ) -> Tensor:
     """Per-row losses (N,), chunk by chunk, no gradients."""
@@ -163,7 +162,7 @@ def _(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, softc
 
 @torch.library.custom_op("fastllm::linear_cross_entropy_backward", mutates_args=())
 def _rows_backward_op(
-    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
     need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,12 +15,10 @@ over it in place, then into grad_hidden / grad_weight / grad_bias (see _chunked.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from . import _xent_rows
+from . import _backend, _xent_rows
 from ._backend import new_output
 from ._chunked import run_chunks
 from .cross_entropy import check_labels
@@ -51,10 +49,10 @@ def token_logprobs_and_entropy_reference(
 
 @torch.library.custom_op("fastllm::token_logprobs_and_entropy", mutates_args=())
 def _logprobs_op(
-    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], ignore_index: int,
+    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, ignore_index: int,
     inv_temperature: float, chunk_size: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    chosen = _xent_rows.choose("token_logprobs_and_entropy", hidden.device, backend)
+    chosen = _backend.choose("token_logprobs_and_entropy", hidden.device, backend, native_op=_xent_rows.NATIVE_OP)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     acc = _xent_rows.acc_dtype(hidden.dtype)
     logprob = new_output(hidden.shape[0], dtype=acc, device=hidden.device)
@@ -78,10 +76,10 @@ def _(hidden, weight, targets, bias, ignore_index, inv_temperature, chunk_size, 
 @torch.library.custom_op("fastllm::token_logprobs_and_entropy_backward", mutates_args=())
 def _logprobs_backward_op(
     grad_logprob: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
-    bias: Optional[Tensor], ignore_index: int, inv_temperature: float, chunk_size: int,
+    bias: Tensor | None, ignore_index: int, inv_temperature: float, chunk_size: int,
     need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    chosen = _xent_rows.choose("token_logprobs_and_entropy", hidden.device, backend)
+    chosen = _backend.choose("token_logprobs_and_entropy", hidden.device, backend, native_op=_xent_rows.NATIVE_OP)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     acc = _xent_rows.acc_dtype(hidden.dtype)
     g, h = grad_logprob.to(acc).contiguous(), grad_entropy.to(acc).contiguous()

@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _backend
 from ._checks import check_dtype, check_same_device, check_tensor
-from .decode_attention import choose_native_or_reference
 
 # --------------------------------------------------------------------------- references
 
@@ -116,7 +116,8 @@ def _check(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, un
 def _sample_op(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, uniforms: Tensor,
                backend: str = "auto") -> tuple[Tensor, Tensor]:
     _check(logits, temperature, top_k, top_p, uniforms)
-    chosen = choose_native_or_reference("sample", logits.device, backend, "sample_tokens")
+    chosen = _backend.choose("sample", logits.device, backend, native_op="sample_tokens",
+                             cuda_order=("native",), has_triton=False)
     if chosen == "reference":
         return sample_reference(logits, temperature, top_k, top_p, uniforms)
     return torch.ops.fastllm.sample_tokens(logits.contiguous(), temperature.contiguous(), top_k.contiguous(),

@@ -162,13 +162,13 @@ def test_loss_num_tokens_divides_the_sum():
 
 
 @pytest.mark.parametrize("backend", compiled_backends("cpu"))
-def test_every_op_backend_gives_the_same_model(backend, monkeypatch):
+def test_every_op_backend_gives_the_same_model(backend, backend_env):
     model = _model("tiny-llama")
     ids = torch.randint(0, 128, (2, 9))
-    monkeypatch.setenv("FASTLLM_BACKEND", "reference")
+    backend_env("reference")
     ref_loss = model.loss(ids, ids)
     ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
-    monkeypatch.setenv("FASTLLM_BACKEND", backend)
+    backend_env(backend)
     loss = model.loss(ids, ids)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert_close(loss, ref_loss)

@@ -106,14 +106,14 @@ def test_torch_compile_fullgraph_traces_module():
         torch.testing.assert_close(g, p.grad)
 
 
-def test_env_variable_forces_backend(monkeypatch):
+def test_env_variable_forces_backend(backend_env):
     x, w = torch.randn(3, 8), torch.randn(8)
-    monkeypatch.setenv("FASTLLM_BACKEND", "bogus")
+    backend_env("bogus")
     with pytest.raises(ValueError, match="FASTLLM_BACKEND"):
         rms_norm(x, w)
-    monkeypatch.setenv("FASTLLM_BACKEND", "reference")
+    backend_env("reference")
     assert fastllm.ops.choose("rms_norm", x.device, native_op="rms_norm_fwd") == "reference"
-    monkeypatch.delenv("FASTLLM_BACKEND")
+    backend_env(None)
     assert fastllm.ops.choose("rms_norm", x.device, native_op="rms_norm_fwd") == "native"
 
 
