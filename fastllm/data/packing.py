@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from fastllm.labels import IGNORE_INDEX
 
 
 def _check_stream(stream: torch.Tensor, doc_of_token: torch.Tensor, vocab_size: int | None) -> None:

@@ -1,21 +1,21 @@
 """Pieces shared by the causal decoders (Llama family, GPT-2): input checks, position ids,
-the per-forward attention arguments, and the next-token loss."""
+the per-forward attention arguments, and the next-token loss (`NextTokenLoss.loss`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-import fastllm.ops
+from fastllm.labels import IGNORE_INDEX, check_shifted
+from fastllm.ops import next_token_loss
 from fastllm.ops.attention import attention
 
 from .kv_cache import KVCache
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "NextTokenLoss", "Step", "check_token_ids", "prepare", "run_blocks"]
 
 
 def check_token_ids(input_ids: Tensor, vocab_size: int, name: str = "input_ids") -> None:
@@ -238,41 +238,19 @@ def finish(step: Step) -> None:
         step.kv_cache.advance(step.num_new)
 
 
-def causal_lm_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    cu_seqlens: Tensor | None = None,
-    num_tokens: int | None = None,
-) -> Tensor:
-    """Mean next-token cross-entropy: hidden[..., t, :] predicts labels[..., t+1]; labels equal
-    to -100 are ignored, as are targets that start a new packed sequence (cu_seqlens).
-    hidden (B, T, H) or (1, N, H); labels (B, T) or (N,); weight (V, H).
+class NextTokenLoss:
+    """`loss()` for every causal decoder and decoder wrapper (PEFT): the module's forward, then
+    fastllm.ops.next_token_loss against its lm_head_weight. Defined once here."""
 
-    Uses fastllm.ops.linear_cross_entropy (never materialises the logits) when it exists,
-    else logits + F.cross_entropy. num_tokens: divide the summed loss by this instead of
-    the number of counted targets (gradient accumulation across micro-batches)."""
-    if labels.dim() == 1:
-        labels = labels[None]
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"labels: expected shape {list(hidden.shape[:-1])} (as input_ids), "
-            f"got {list(labels.shape)}"
-        )
-    targets = labels[:, 1:]
-    if cu_seqlens is not None and cu_seqlens.numel() > 2:
-        targets = targets.clone()
-        # the token at a sequence start is not predicted from the previous sequence's last token
-        targets[:, cu_seqlens[1:-1].long() - 1] = IGNORE_INDEX
-    h2 = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
-    t1 = targets.reshape(-1)
-    fused = getattr(fastllm.ops, "linear_cross_entropy", None)
-    if fused is not None:
-        return fused(
-            h2, weight, t1, ignore_index=IGNORE_INDEX, reduction="mean", num_tokens=num_tokens
-        )
-    logits = F.linear(h2, weight).float()
-    if num_tokens is None:
-        return F.cross_entropy(logits, t1, ignore_index=IGNORE_INDEX, reduction="mean")
-    return F.cross_entropy(logits, t1, ignore_index=IGNORE_INDEX, reduction="sum") / num_tokens
+    def loss(self, input_ids: Tensor, labels: Tensor, *, reduction: str = "mean", num_tokens=None,
+             **kwargs) -> Tensor:
+        """Next-token cross-entropy. labels: already shifted (fastllm.labels: labels[t] is the
+        token after position t, -100 where no loss is taken; `next_token_labels(input_ids)`
+        makes them), shaped like input_ids. reduction "mean" (over counted targets, or divided
+        by num_tokens), "sum" or "none". kwargs go to forward (attention_mask, cu_seqlens, ...)."""
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels: expected shape {list(input_ids.shape)} (as input_ids), got {list(labels.shape)}")
+        check_shifted(input_ids, labels)
+        hidden = self(input_ids, **kwargs)  # (B, T, H), or (1, N, H) packed
+        return next_token_loss(hidden, self.lm_head_weight, labels.reshape(hidden.shape[:-1]),
+                               reduction=reduction, num_tokens=num_tokens)

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastllm.ops import mlm_loss
 from fastllm.ops.attention import attention
 
-from ._decoder import IGNORE_INDEX, check_token_ids, run_blocks
+from ._decoder import check_token_ids, run_blocks
 from .checkpoint import HFCheckpointMixin
 from .config import BertConfig
 
@@ -233,18 +234,23 @@ class BertForMaskedLM(HFCheckpointMixin, nn.Module):
         labels: Tensor,
         token_type_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        *,
+        reduction: str = "mean",
+        num_tokens=None,
     ) -> Tensor:
-        """Mean cross-entropy of the MLM head over positions whose label is not -100 (no shift).
-        Only those rows go through the head."""
+        """Cross-entropy of the MLM head over positions whose label is not -100 (labels
+        unshifted: fastllm.labels), through fastllm.ops.mlm_loss: only the masked rows go
+        through the head's transform and the tied decoder. reduction "mean" (0 for a batch
+        with no masked position), "sum" or "none"."""
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels: expected shape {list(input_ids.shape)} (as input_ids), "
                 f"got {list(labels.shape)}"
             )
         hidden = self(input_ids, token_type_ids, attention_mask)
-        keep = labels != IGNORE_INDEX
-        logits = self.mlm_head(hidden[keep]).float()  # (n_masked, V)
-        return F.cross_entropy(logits, labels[keep])
+        head = self.mlm_head
+        return mlm_loss(hidden, head._embeddings[0].weight, labels, head.bias, transform=head.transform,
+                        reduction=reduction, num_tokens=num_tokens)
 
     # -- Hugging Face names ------------------------------------------------------------
     @classmethod

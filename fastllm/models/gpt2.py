@@ -78,7 +78,7 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
-class GPT2LMHeadModel(HFCheckpointMixin, nn.Module):
+class GPT2LMHeadModel(_decoder.NextTokenLoss, HFCheckpointMixin, nn.Module):
     """GPT-2 with its tied output head. Same calling convention as LlamaForCausalLM:
     forward -> final hidden states, logits(hidden), lm_head_weight, loss(input_ids, labels)."""
 
@@ -159,19 +159,6 @@ class GPT2LMHeadModel(HFCheckpointMixin, nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.lm_head_weight)
-
-    def loss(
-        self, input_ids: Tensor, labels: Tensor, *, num_tokens: int | None = None, **kwargs
-    ) -> Tensor:
-        """Mean next-token cross-entropy, as LlamaForCausalLM.loss."""
-        hidden = self(input_ids, **kwargs)
-        return _decoder.causal_lm_loss(
-            hidden,
-            self.lm_head_weight,
-            labels,
-            cu_seqlens=kwargs.get("cu_seqlens"),
-            num_tokens=num_tokens,
-        )
 
     # -- Hugging Face names: optional `transformer.` prefix, Conv1D (in, out) weights ------
     @classmethod

@@ -104,7 +104,7 @@ class LlamaModel(nn.Module):
         return self._inv_freq[device]
 
 
-class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
+class LlamaForCausalLM(_decoder.NextTokenLoss, HFCheckpointMixin, nn.Module):
     """The decoder plus output head. forward returns the final-normed hidden states; the
     head is applied by `logits()` or folded into `loss()` (see forward's docstring)."""
 
@@ -219,17 +219,3 @@ class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden (..., hidden) -> logits (..., V) in hidden's dtype."""
         return F.linear(hidden, self.lm_head_weight)
-
-    def loss(
-        self, input_ids: Tensor, labels: Tensor, *, num_tokens: int | None = None, **kwargs
-    ) -> Tensor:
-        """Mean next-token cross-entropy (labels aligned with input_ids, shifted inside; -100
-        ignored; packed-sequence starts ignored). kwargs go to forward."""
-        hidden = self(input_ids, **kwargs)
-        return _decoder.causal_lm_loss(
-            hidden,
-            self.lm_head_weight,
-            labels,
-            cu_seqlens=kwargs.get("cu_seqlens"),
-            num_tokens=num_tokens,
-        )

@@ -16,7 +16,7 @@ from .attention import (
 from .cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy_reference
 from .decode_attention import decode_attention, decode_attention_reference
 from .kv_append_rope import kv_append_rope, kv_append_rope_reference
-from .linear_cross_entropy import causal_lm_loss, linear_cross_entropy, mlm_loss, mlm_loss_reference
+from .linear_cross_entropy import linear_cross_entropy, mlm_loss, mlm_loss_reference, next_token_loss
 from .logprobs import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
 from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linear_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
@@ -41,11 +41,11 @@ __all__ = [
     "rms_norm_backward_reference",
     "cross_entropy",
     "cross_entropy_reference",
-    "causal_lm_loss",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "mlm_loss",
     "mlm_loss_reference",
+    "next_token_loss",
     "token_logprobs",
     "token_logprobs_and_entropy",
     "token_logprobs_and_entropy_reference",

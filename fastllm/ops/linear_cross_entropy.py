@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastllm.labels import IGNORE_INDEX
+
 from . import _backend, _xent_rows
 from ._backend import new_output
 from ._checks import check_dtype, check_same_device, check_shape, check_tensor
@@ -202,7 +204,7 @@ _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup_context)
 
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
-    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+    ignore_index: int = IGNORE_INDEX, reduction: str = "mean", label_smoothing: float = 0.0,
     z_loss: float = 0.0, softcap: float | None = None, num_tokens=None,
     chunk_size: int | None = None, backend: str | None = None,
 ) -> Tensor:
@@ -241,40 +243,55 @@ def linear_cross_entropy(
     return reduce_loss(rows, valid, reduction, num_tokens)
 
 
-def causal_lm_loss(
+def next_token_loss(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
-    ignore_index: int = -100, **kwargs,
+    reduction: str = "mean", num_tokens=None, **kwargs,
 ) -> Tensor:
-    """Next-token loss of a decoder: position t predicts labels[..., t + 1].
+    """The next-token loss of a decoder: the one entry that models, PEFT wrappers, trainers and
+    benches call. Labels follow fastllm.labels: already shifted, labels[..., t] is the target of
+    position t (IGNORE_INDEX where no loss is taken), so hidden is never sliced or copied.
 
-    hidden: (B, T, H) final hidden states (after the last norm); weight: (V, H) the LM head;
-    labels: (B, T) usually the input ids with padding / prompt set to ignore_index. The
-    labels are shifted (the last position gets ignore_index) instead of slicing hidden, so
-    hidden is never copied. Other keyword arguments go to linear_cross_entropy.
+    hidden: (..., H) final hidden states; weight: (V, H) the LM head; labels: (...) ints.
+    reduction: "mean" (over counted targets, or / num_tokens), "sum" or "none" (per position).
+    The head runs in the activations' dtype (under autocast the hidden states are low precision
+    while the weight stays float32). Other keyword arguments go to linear_cross_entropy.
     """
-    if labels.dim() < 1 or labels.shape[-1] < 1:
-        raise ValueError(f"labels: expected shape [..., T] with T >= 1, got {list(labels.shape)}")
-    shifted = torch.cat([labels[..., 1:], labels.new_full(labels.shape[:-1] + (1,), ignore_index)], dim=-1)
-    return linear_cross_entropy(hidden, weight, shifted, bias, ignore_index=ignore_index, **kwargs)
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    if bias is not None and bias.dtype != hidden.dtype:
+        bias = bias.to(hidden.dtype)
+    return linear_cross_entropy(hidden, weight, labels, bias, ignore_index=IGNORE_INDEX, reduction=reduction,
+                                num_tokens=num_tokens, **kwargs)
 
 
 def mlm_loss(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
-    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+    transform=None, ignore_index: int = IGNORE_INDEX, reduction: str = "mean", label_smoothing: float = 0.0,
     num_tokens=None, chunk_size: int | None = None, backend: str | None = None,
 ) -> Tensor:
-    """Masked-LM loss: cross-entropy on the positions whose label is not ignore_index.
+    """Masked-LM loss, the one entry: cross-entropy on the positions whose label is not
+    ignore_index (labels unshifted: the original token at each masked position).
 
-    hidden: (..., H) (after the MLM head's transform), weight: (V, H), labels: (...).
-    The masked rows are gathered first (one device sync for their count), then go through
-    linear_cross_entropy. reduction "none" returns a loss per position (0 where unmasked).
+    hidden: (..., H') encoder states; transform: the MLM head's transform (..., H') -> (..., H),
+    applied to the masked rows only (None: identity); weight: (V, H), bias: (V,) or None;
+    labels: (...). The masked rows are gathered first (one device sync for their count), so
+    the unmasked ~85% cost nothing, then go through linear_cross_entropy. An all-ignored batch
+    gives 0 (mean) with a zero gradient, like every loss here. reduction "none" returns a loss
+    per position (0 where unmasked).
     """
-    check_linear(hidden, weight, bias)
-    H = hidden.shape[-1]
-    check_labels(labels, "labels", hidden.shape[:-1], weight.shape[0], ignore_index)
+    check_tensor(hidden, "hidden")
+    V = weight.shape[0]
+    check_labels(labels, "labels", hidden.shape[:-1], V, ignore_index)
     flat_labels = labels.reshape(-1).long()
     rows = torch.nonzero(flat_labels != ignore_index).squeeze(1)  # (M,)
-    picked = hidden.reshape(-1, H).index_select(0, rows)  # (M, H)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (M, H')
+    if transform is not None:
+        picked = transform(picked)  # (M, H)
+    if weight.dtype != picked.dtype:  # autocast: the head runs in the activations' dtype
+        weight = weight.to(picked.dtype)
+    if bias is not None and bias.dtype != picked.dtype:
+        bias = bias.to(picked.dtype)
+    check_linear(picked, weight, bias)
     loss = linear_cross_entropy(picked, weight, flat_labels.index_select(0, rows), bias,
                                 ignore_index=ignore_index, reduction=reduction,
                                 label_smoothing=label_smoothing, num_tokens=num_tokens,

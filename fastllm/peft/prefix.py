@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastllm.models._decoder import causal_lm_loss
+from fastllm.models._decoder import NextTokenLoss
 
 from .utils import mark_only_adapters_trainable
 
@@ -58,7 +58,7 @@ class PrefixEncoder(nn.Module):
         self.embedding = self.mlp = None
 
 
-class PrefixTuningModel(nn.Module):
+class PrefixTuningModel(NextTokenLoss, nn.Module):
     """A frozen causal decoder with trainable key/value prefixes in every layer."""
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int = 10, reparam_hidden: int | None = None):
@@ -93,8 +93,6 @@ class PrefixTuningModel(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits(hidden)
 
-    def loss(self, input_ids: Tensor, labels: Tensor, **kwargs) -> Tensor:
-        return causal_lm_loss(self(input_ids, **kwargs), self.model.lm_head_weight, labels)
 
     def fold(self) -> None:
         self.prefix.fold()

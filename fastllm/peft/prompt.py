@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastllm.models._decoder import causal_lm_loss
+from fastllm.models._decoder import NextTokenLoss
 
 from .utils import mark_only_adapters_trainable
 
@@ -36,7 +36,7 @@ def _input_embeddings(model: nn.Module) -> nn.Embedding:
     raise TypeError(f"model: expected a decoder with model.embed_tokens (Llama family), got {type(model).__name__}")
 
 
-class PromptTuningModel(nn.Module):
+class PromptTuningModel(NextTokenLoss, nn.Module):
     """A frozen causal decoder with a trainable soft prompt before every sequence."""
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int = 8, *, init_token_ids=None,
@@ -85,5 +85,3 @@ class PromptTuningModel(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits(hidden)
 
-    def loss(self, input_ids: Tensor, labels: Tensor, **kwargs) -> Tensor:
-        return causal_lm_loss(self(input_ids, **kwargs), self.model.lm_head_weight, labels)

@@ -23,14 +23,9 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-import fastllm.ops
-
-IGNORE_INDEX = -100
-CPU_XENT_CHUNK = 256  # rows per logits block of the fused cross-entropy on the CPU
-
+from fastllm.labels import IGNORE_INDEX
 
 # --------------------------------------------------------------------------- device, dtype, seed
 
@@ -192,26 +187,10 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 # --------------------------------------------------------------------------- losses
 
-def token_ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    """Summed cross-entropy of logits = hidden @ weight.T against labels aligned with positions
-    (already shifted; -100 ignored). hidden (..., H), weight (V, H), labels (...). Through
-    fastllm.ops.linear_cross_entropy (the logits never materialise) when it exists."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = labels.reshape(-1).to(hidden.device)
-    if weight.dtype != h.dtype:  # autocast: the head runs in the activations' dtype
-        weight = weight.to(h.dtype)
-    fused = getattr(fastllm.ops, "linear_cross_entropy", None)
-    if fused is not None:
-        # On the CPU each chunk re-reads the whole (V, H) head, so skinny chunks are memory-bound:
-        # 256 rows measured 3x faster than 16 for SmolLM2's head (V=49152, H=576).
-        chunk = min(h.shape[0], CPU_XENT_CHUNK) if h.device.type == "cpu" else None
-        return fused(h, weight, t, ignore_index=IGNORE_INDEX, reduction="sum", chunk_size=chunk)
-    return F.cross_entropy(F.linear(h, weight).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 class CausalLMLoss(nn.Module):
-    """model + the next-token loss in one forward, so DDP and FSDP see the head's weight used
-    inside forward. forward(batch) -> summed cross-entropy over the labelled tokens."""
+    """model + its next-token loss in one forward, so DDP and FSDP see the head's weight used
+    inside forward. forward(batch) -> summed cross-entropy over the labelled tokens (labels
+    already shifted, as fastllm.data makes them; see fastllm.labels)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -223,23 +202,19 @@ class CausalLMLoss(nn.Module):
             # (B, T) blocks with cu_seqlens over the B*T flattened tokens -> one packed row (1, B*T)
             input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
             position_ids = position_ids.reshape(1, -1) if position_ids is not None else None
-        hidden = self.model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                            attention_mask=attention_mask)
-        return token_ce_sum(hidden, self.model.lm_head_weight, labels)
+        return self.model.loss(input_ids, labels, reduction="sum", position_ids=position_ids,
+                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, attention_mask=attention_mask)
 
 
 class MaskedLMLoss(nn.Module):
-    """An encoder + its MLM head: summed cross-entropy at the masked positions (no shift)."""
+    """An encoder + its MLM loss: summed cross-entropy at the masked positions (no shift)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, labels, attention_mask=None, **_) -> Tensor:
-        hidden = self.model(input_ids, attention_mask=attention_mask)
-        keep = labels.to(hidden.device) != IGNORE_INDEX
-        logits = self.model.mlm_head(hidden[keep]).float()  # (n_masked, V): only masked rows
-        return F.cross_entropy(logits, labels.to(hidden.device)[keep], reduction="sum")
+        return self.model.mlm_loss(input_ids, labels, attention_mask=attention_mask, reduction="sum")
 
 
 def count_tokens(batch: dict) -> int:

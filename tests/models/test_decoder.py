@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastllm.ops
+from fastllm.labels import next_token_labels
 from fastllm.models import KVCache, build_model, preset
 from tests.conftest import assert_close, compiled_backends
 
@@ -88,8 +88,8 @@ def test_packed_sequences_equal_separate_forwards(name):
         assert_close(hidden[0, start : start + s.numel()], model(s[None])[0])
         start += s.numel()
     # the loss over the pack equals the token-weighted mean of the separate losses
-    loss = model.loss(packed, packed, cu_seqlens=cu)
-    sums = [model.loss(s[None], s[None]) * (s.numel() - 1) for s in seqs]
+    loss = model.loss(packed, next_token_labels(packed, cu_seqlens=cu), cu_seqlens=cu)
+    sums = [model.loss(s[None], next_token_labels(s[None])) * (s.numel() - 1) for s in seqs]
     assert_close(loss, sum(sums) / sum(n - 1 for n in lengths))
 
 
@@ -134,42 +134,52 @@ def test_lm_head_weight_tied_and_untied():
     assert "lm_head.weight" not in tied.state_dict() and "lm_head.weight" in untied.state_dict()
 
 
-def test_loss_uses_fused_linear_cross_entropy_when_present(monkeypatch):
+@pytest.mark.parametrize("name", DECODERS)
+def test_loss_is_the_next_token_cross_entropy_of_the_logits(name):
+    # labels are already shifted (fastllm.labels): hidden[t] pairs with labels[t] = ids[t + 1]
+    model = _model(name)
+    ids = torch.randint(0, 128, (2, 8))
+    labels = next_token_labels(ids)
+    labels[1, 3] = -100
+    logits = model.logits(model(ids))  # (B, T, V)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1), reduction="none")
+    expected = expected.view(2, 7)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[1, 3] = False
+    assert_close(model.loss(ids, labels), expected[keep].mean())
+    assert_close(model.loss(ids, labels, reduction="sum"), expected[keep].sum())
+    per_token = model.loss(ids, labels, reduction="none")
+    assert_close(per_token[:, :-1][keep], expected[keep])
+    assert (per_token[:, -1] == 0).all() and per_token[1, 3] == 0
+
+
+def test_loss_rejects_unshifted_labels():
     model = _model("tiny-llama")
     ids = torch.randint(0, 128, (2, 8))
-    labels = ids.clone()
-    labels[1, 3] = -100
-    expected = model.loss(ids, labels)
-    calls = []
-
-    def fake_lce(hidden2d, weight, labels1d, ignore_index=-100, reduction="mean", num_tokens=None):
-        calls.append((hidden2d.shape, weight.shape, labels1d.shape, ignore_index, reduction))
-        return F.cross_entropy(
-            F.linear(hidden2d, weight).float(), labels1d, ignore_index=ignore_index
-        )
-
-    monkeypatch.setattr(fastllm.ops, "linear_cross_entropy", fake_lce, raising=False)
-    fused = model.loss(ids, labels)
-    assert calls == [((14, 64), (128, 64), (14,), -100, "mean")]
-    assert_close(fused, expected)
+    with pytest.raises(ValueError, match="labels: equal to input_ids.*next_token_labels"):
+        model.loss(ids, ids)
+    with pytest.raises(ValueError, match="labels: equal to input_ids"):
+        model.loss(ids, ids.clone())
 
 
 def test_loss_num_tokens_divides_the_sum():
     model = _model("tiny-llama")
     ids = torch.randint(0, 128, (2, 8))
-    mean = model.loss(ids, ids)
-    assert_close(model.loss(ids, ids, num_tokens=7), mean * 14 / 7)
+    labels = next_token_labels(ids)
+    mean = model.loss(ids, labels)
+    assert_close(model.loss(ids, labels, num_tokens=7), mean * 14 / 7)
 
 
 @pytest.mark.parametrize("backend", compiled_backends("cpu"))
 def test_every_op_backend_gives_the_same_model(backend, backend_env):
     model = _model("tiny-llama")
     ids = torch.randint(0, 128, (2, 9))
+    labels = next_token_labels(ids)
     backend_env("reference")
-    ref_loss = model.loss(ids, ids)
+    ref_loss = model.loss(ids, labels)
     ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
     backend_env(backend)
-    loss = model.loss(ids, ids)
+    loss = model.loss(ids, labels)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert_close(loss, ref_loss)
     for g, r in zip(grads, ref_grads, strict=True):
@@ -214,10 +224,11 @@ def test_torch_compile_fullgraph_loss_and_gradients(name):
     torch._dynamo.reset()
     model = _model(name)
     ids = torch.randint(0, 128, (2, 9))
-    compiled = torch.compile(lambda i: model.loss(i, i), fullgraph=True, backend="aot_eager")
-    loss = compiled(ids)
+    labels = next_token_labels(ids)
+    compiled = torch.compile(lambda i, lab: model.loss(i, lab), fullgraph=True, backend="aot_eager")
+    loss = compiled(ids, labels)
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    ref = model.loss(ids, ids)
+    ref = model.loss(ids, labels)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     assert_close(loss, ref)
     for g, r in zip(grads, ref_grads, strict=True):

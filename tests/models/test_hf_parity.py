@@ -20,6 +20,7 @@ from tests.conftest import assert_lowp_rule
 
 transformers = pytest.importorskip("transformers")
 
+from fastllm.labels import next_token_labels  # noqa: E402
 from fastllm.models import build_model, from_pretrained, preset  # noqa: E402
 
 FP32_TOL = 1e-4
@@ -118,7 +119,7 @@ def test_loss_and_gradients_match(name, tmp_path):
     labels[0, :5] = -100  # ignored positions
     hf_loss = hf(ids, labels=labels).loss
     hf_loss.backward()
-    loss = ours.loss(ids, labels)
+    loss = ours.loss(ids, next_token_labels(ids, labels=labels))  # HF shifts inside; we shift once, here
     loss.backward()
     assert abs(loss.item() - hf_loss.item()) <= FP32_TOL
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from tests.conftest import assert_close, assert_lowp_rule, compiled_backends
 
-from fastllm.ops import linear_cross_entropy, linear_cross_entropy_reference, mlm_loss, mlm_loss_reference
+from fastllm.labels import next_token_labels
+from fastllm.ops import (
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+    mlm_loss,
+    mlm_loss_reference,
+    next_token_loss,
+)
 
 BACKENDS = compiled_backends("cpu")
 OPTIONS = {
@@ -280,19 +287,85 @@ def test_fused_backward_twice_on_a_retained_graph():
         assert_close(b, 2.0 * e)
 
 
-def test_causal_lm_loss_shifts_labels():
-    B, T, H, V = 2, 9, 16, 53
-    hidden = torch.randn(B, T, H, requires_grad=True)
-    weight = torch.randn(V, H) * H ** -0.5
-    ids = torch.randint(0, V, (B, T))
-    ids[0, :3] = -100  # a masked prompt
-    from fastllm.ops import causal_lm_loss
+def test_next_token_loss_closed_form():
+    # hidden rows are log-probabilities and weight the identity, so logits = log p_t and the
+    # loss of position t is exactly -log p_t[ids[t + 1]]: an off-by-one in the label shift
+    # (unshifted, or shifted twice) gives a different value.
+    V = 5
+    p = torch.softmax(torch.randn(1, 4, V), -1)
+    hidden = p.log().requires_grad_(True)
+    weight = torch.eye(V)
+    ids = torch.tensor([[3, 1, 4, 0]])
+    labels = next_token_labels(ids)
+    assert labels.tolist() == [[1, 4, 0, -100]]
+    expected = -(p[0, 0, 1].log() + p[0, 1, 4].log() + p[0, 2, 0].log()) / 3
+    assert_close(next_token_loss(hidden, weight, labels), expected)
+    per_token = next_token_loss(hidden, weight, labels, reduction="none")
+    assert_close(per_token[0, :3], -torch.stack([p[0, 0, 1], p[0, 1, 4], p[0, 2, 0]]).log())
+    assert per_token[0, 3] == 0
 
-    ours = causal_lm_loss(hidden, weight, ids)
-    logits = hidden @ weight.t()
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+
+def test_next_token_labels_packed_padded_and_prompt_masked():
+    ids = torch.tensor([5, 6, 7, 8, 9])
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    # the last token of each packed sequence predicts nothing (never the next document's first)
+    assert next_token_labels(ids, cu_seqlens=cu).tolist() == [6, -100, 8, 9, -100]
+    batch = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert next_token_labels(batch, attention_mask=mask).tolist() == [[2, 3, -100, -100], [5, -100, -100, -100]]
+    hf_style = torch.tensor([[-100, -100, 3, 0]])  # prompt masked, unshifted
+    assert next_token_labels(batch[:1], labels=hf_style).tolist() == [[-100, 3, 0, -100]]
+
+
+def test_packed_and_padded_batches_give_the_same_per_token_losses():
+    from fastllm.models import build_model, preset
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-llama"))
+    seqs = [torch.randint(0, 128, (n,)) for n in (5, 8, 3)]
+    packed = torch.cat(seqs)[None]
+    cu = torch.tensor([0, 5, 13, 16], dtype=torch.int32)
+    per_packed = model.loss(packed, next_token_labels(packed, cu_seqlens=cu), cu_seqlens=cu, reduction="none")[0]
+    padded = torch.zeros(3, 8, dtype=torch.long)
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        padded[b, :len(s)], mask[b, :len(s)] = s, 1
+    per_padded = model.loss(padded, next_token_labels(padded, attention_mask=mask), attention_mask=mask,
+                            reduction="none")
+    start = 0
+    for b, s in enumerate(seqs):
+        assert_close(per_packed[start:start + len(s)], per_padded[b, :len(s)])
+        start += len(s)
+    assert (per_padded[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", compiled_backends("cpu"))
+def test_mlm_loss_transform_equals_full_logits_reference(backend):
+    # the one MLM entry gathers the masked rows before the head's transform: same value and
+    # gradients as the full logits with ignore_index
+    N, H, V = 23, 16, 37
+    hidden = torch.randn(2, N, H, requires_grad=True)
+    dense = torch.nn.Linear(H, H)
+    weight = (torch.randn(V, H) * H ** -0.5).requires_grad_(True)
+    bias = torch.randn(V, requires_grad=True)
+    labels = torch.full((2, N), -100)
+    labels[0, 3], labels[1, 7], labels[1, 20] = 4, 36, 0
+    ours = mlm_loss(hidden, weight, labels, bias, transform=dense, backend=backend)
+    logits = dense(hidden) @ weight.t() + bias
+    expected = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
     assert_close(ours, expected)
-    assert_close(torch.autograd.grad(ours, hidden)[0], torch.autograd.grad(expected, hidden)[0])
+    inputs = (hidden, weight, bias, dense.weight)
+    for a, b in zip(torch.autograd.grad(ours, inputs), torch.autograd.grad(expected, inputs), strict=True):
+        assert_close(a, b)
+
+
+def test_mlm_loss_all_ignored_is_zero_with_zero_gradient():
+    hidden = torch.randn(3, 8, requires_grad=True)
+    weight = torch.randn(11, 8)
+    loss = mlm_loss(hidden, weight, torch.full((3,), -100))
+    assert loss.item() == 0.0
+    (g,) = torch.autograd.grad(loss, hidden)
+    assert (g == 0).all()
 
 
 @pytest.mark.gpu

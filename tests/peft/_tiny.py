@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastllm import peft
+from fastllm.labels import next_token_labels
 from fastllm.models import build_model, preset
 
 
@@ -22,7 +23,7 @@ def successor_task(vocab: int, batch: int = 16, length: int = 12, seed: int = 1)
     g = torch.Generator().manual_seed(seed)
     start = torch.randint(0, vocab, (batch, 1), generator=g)
     ids = (start + torch.arange(length)) % vocab
-    return ids, ids.clone()
+    return ids, next_token_labels(ids)
 
 
 def constant_task(vocab: int, batch: int = 8, length: int = 10, target: int = 7, seed: int = 1):
@@ -31,7 +32,7 @@ def constant_task(vocab: int, batch: int = 8, length: int = 10, target: int = 7,
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, length), generator=g)
     ids[:, 1:] = target
-    return ids, ids.clone()
+    return ids, next_token_labels(ids)
 
 
 def train(model, loss_fn, steps: int = 60, lr: float = 1e-2) -> tuple[float, float]:
