@@ -159,7 +159,8 @@ def freeze_parameters(model: nn.Module, patterns: Iterable[str] = (), train_laye
                 p.requires_grad_(False)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n == 0:
-        raise ValueError(f"freeze: no trainable parameter left (freeze={list(patterns)}, train_layers={train_layers!r})")
+        raise ValueError(f"freeze: no trainable parameter left (freeze={list(patterns)}, "
+                         f"train_layers={train_layers!r})")
     return n
 
 
@@ -227,25 +228,35 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 # --------------------------------------------------------------------------- the step
 
+def _nothing_counted(count_fn: Callable[[dict], int]) -> str:
+    if count_fn is count_tokens:
+        return "batch: no labelled tokens in this step (every label is -100)"
+    name = getattr(count_fn, "__name__", repr(count_fn))
+    return f"batch: count_fn {name} counted 0 over every micro-batch of every rank in this step; expected > 0"
+
+
 def optimizer_step(micro_batches: list[dict], loss_sum_fn: Callable[[dict], Tensor], model: nn.Module, optimizer,
                    scheduler, *, device: torch.device, dtype: torch.dtype, max_grad_norm: float | None,
-                   world_size: int = 1, no_sync: Callable | None = None) -> dict:
+                   world_size: int = 1, no_sync: Callable | None = None,
+                   count_fn: Callable[[dict], int] = count_tokens) -> dict:
     """One optimizer step over micro-batches (gradient accumulation).
 
-    loss_sum_fn(batch) -> the summed loss over the batch's counted tokens (a closure, so PPO
-    or reward losses can reuse this step). Each micro-batch's sum is divided by the global
-    token count N (all ranks, all micro-batches); DDP and FSDP average gradients over ranks,
-    so the loss is also multiplied by world_size. Returns {"loss", "tokens", "grad_norm",
-    "lr"} with loss = global sum / N. A non-finite loss raises FloatingPointError before
-    the optimizer touches the weights.
+    loss_sum_fn(batch) -> the summed loss over what count_fn(batch) counts in the batch (a
+    closure, so reward, DPO or PPO losses reuse this step). count_fn says what the loss is
+    normalised by: labelled tokens (labels != -100) by default, pairs for a reward or DPO
+    loss, response tokens for PPO. Each micro-batch's sum is divided by the global count N
+    (all ranks, all micro-batches); DDP and FSDP average gradients over ranks, so the loss is
+    also multiplied by world_size. Returns {"loss", "tokens", "grad_norm", "lr"} with loss =
+    global sum / N and tokens = N. A non-finite loss raises FloatingPointError before the
+    optimizer touches the weights.
     """
-    counts = torch.tensor([count_tokens(b) for b in micro_batches], dtype=torch.float64)
+    counts = torch.tensor([count_fn(b) for b in micro_batches], dtype=torch.float64)
     total = counts.sum().to(device)
     if world_size > 1:
         torch.distributed.all_reduce(total)
     n_tokens = float(total)
     if n_tokens == 0:
-        raise ValueError("batch: no labelled tokens in this step (every label is -100)")
+        raise ValueError(_nothing_counted(count_fn))
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -275,13 +286,14 @@ def optimizer_step(micro_batches: list[dict], loss_sum_fn: Callable[[dict], Tens
 
 @torch.no_grad()
 def evaluate(loss_sum_fn: Callable[[dict], Tensor], batches: Iterable[dict], *, device: torch.device,
-             dtype: torch.dtype, world_size: int = 1) -> dict:
-    """Token-weighted mean loss and perplexity = exp(loss) over `batches` (all ranks pooled)."""
+             dtype: torch.dtype, world_size: int = 1, count_fn: Callable[[dict], int] = count_tokens) -> dict:
+    """Mean loss (summed loss / what count_fn counts: labelled tokens by default) and
+    perplexity = exp(loss) over `batches`, all ranks pooled."""
     acc = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
     for batch in batches:
         with autocast(device, dtype):
             acc[0] += loss_sum_fn(to_device(batch, device)).double()
-        acc[1] += count_tokens(batch)
+        acc[1] += count_fn(batch)
     if world_size > 1:
         torch.distributed.all_reduce(acc)
     if float(acc[1]) == 0:

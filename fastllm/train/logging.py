@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 
@@ -90,7 +91,8 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ImportError("plot_loss_curve needs matplotlib: pip install matplotlib") from exc
+        raise ImportError("plot_loss_curve needs matplotlib: pip install fastllm[plot] (or pip install matplotlib)"
+                          ) from exc
     metrics_path = Path(metrics_path)
     png_path = Path(png_path) if png_path else metrics_path.with_name("loss_curve.png")
     train = read_metrics(metrics_path, "loss")
@@ -110,3 +112,14 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     fig.savefig(png_path)
     plt.close(fig)
     return png_path
+
+
+def write_loss_curve(metrics_path: str | os.PathLike) -> Path | None:
+    """`plot_loss_curve` at the end of a run (plot=True): the PNG's path, or None and a warning
+    saying the plot was skipped and how to install matplotlib when it is missing."""
+    try:
+        return plot_loss_curve(metrics_path)
+    except ImportError as exc:
+        png = Path(metrics_path).with_name("loss_curve.png")
+        warnings.warn(f"plot: {png} not written, {exc}", stacklevel=2)
+        return None

@@ -12,30 +12,27 @@ restarting at 0); without it, rows are right-padded and masked.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from fastllm.data import BatchLoader
 
 from . import build
-from .checkpoint import latest_checkpoint, resume_training_state, save_training_state
+from .checkpoint import resume_training_state
 from .common import (
     CausalLMLoss,
     build_optimizer,
     build_scheduler,
     enable_activation_checkpointing,
-    evaluate,
     freeze_parameters,
-    optimizer_step,
     resolve_device,
     resolve_dtype,
     seed_everything,
     transformer_layers,
 )
 from .config import SFTConfig, as_config, save_config
-from .distributed import init_distributed, no_sync_fn, wrap_model
+from .distributed import init_distributed, wrap_model
 from .export import export_final
-from .logging import MetricsLogger, ProgressBar, plot_loss_curve
+from .loop import supervised_loop
 from .peft_glue import apply_peft
 
 
@@ -83,51 +80,12 @@ def sft(config: SFTConfig | str | dict | None = None, *, model=None, tokenizer=N
     def loss_sum(batch):
         return wrapped(**batch)
 
-    def run_eval():
-        wrapped.eval()
-        result = evaluate(loss_sum, eval_data, device=device, dtype=dtype, world_size=info.world_size)
-        wrapped.train()
-        return result
+    # ---- train (fastllm.train.loop: steps, eval, logging, checkpoints, final eval + checkpoint + plot)
+    result = supervised_loop(cfg, info, step, loss_sum, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
+                             loader=loader, eval_batches=eval_data, device=device, dtype=dtype,
+                             trainable_only=adapters_only)
 
-    # ---- train
-    logger = MetricsLogger(out, enabled=info.is_main)
-    bar = ProgressBar(cfg.max_steps, step, enabled=info.is_main and cfg.progress)
-    wrapped.train()
-    last = {"step": step}
-    while step < cfg.max_steps:
-        micro = [loader.next_batch() for _ in range(cfg.grad_accum)]
-        t0 = time.perf_counter()
-        try:
-            metrics = optimizer_step(micro, loss_sum, wrapped, optimizer, scheduler, device=device, dtype=dtype,
-                                     max_grad_norm=cfg.max_grad_norm, world_size=info.world_size,
-                                     no_sync=no_sync_fn(wrapped, info))
-        except FloatingPointError as exc:
-            bar.close()
-            good = latest_checkpoint(out)
-            raise FloatingPointError(f"{exc} at step {step + 1}: training stopped; last good checkpoint: "
-                                     f"{good if good else 'none'}") from None
-        step += 1
-        metrics.update(step=step, tokens_per_s=metrics["tokens"] / (time.perf_counter() - t0))
-        bar.update(step, metrics["loss"], metrics["tokens"])
-        if eval_data and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            metrics.update(run_eval())
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            logger.log(metrics)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save_training_state(cfg, step, wrapped, optimizer, scheduler, loader, info, trainable_only=adapters_only)
-        last = metrics
-    bar.close()
-
-    # ---- finish: last evaluation, checkpoint, exported model or adapters, loss curve
-    result = {"step": step, "loss": last.get("loss"), "trainable_params": n_trainable, "output_dir": str(out)}
-    if eval_data:
-        result.update(run_eval())
-        logger.log({"step": step, **{k: v for k, v in result.items() if k.startswith("eval_")}})
-    save_training_state(cfg, step, wrapped, optimizer, scheduler, loader, info, trainable_only=adapters_only)
+    # ---- finish: the exported model or adapters
     export_final(model, wrapped, tokenizer, out / "final", info, adapters_only=adapters_only)
-    if info.is_main and cfg.plot:
-        try:
-            result["loss_curve"] = str(plot_loss_curve(out / "metrics.jsonl"))
-        except ImportError:
-            pass
+    result["trainable_params"] = n_trainable
     return result

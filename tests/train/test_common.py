@@ -45,7 +45,7 @@ def _batch(g, B, T, n_ignore):
     return {"input_ids": ids, "labels": labels}
 
 
-def _step(model, micro):
+def _step(model, micro, **kw):
     module = CausalLMLoss(model)
     # SGD with lr 1: the weight change is exactly the gradient (AdamW's first step is ~sign(g))
     opt = torch.optim.SGD(module.parameters(), lr=1.0)
@@ -56,7 +56,7 @@ def _step(model, micro):
         return module(**b)
 
     out = optimizer_step(micro, loss_sum, module, opt, sched, device=torch.device("cpu"), dtype=torch.float32,
-                         max_grad_norm=None)
+                         max_grad_norm=None, **kw)
     return out, {n: start[n] - p.detach() for n, p in model.named_parameters()}, None
 
 
@@ -76,6 +76,31 @@ def test_grad_accumulation_weighs_every_token_equally():
     # the mean of the two micro-batch means would give a different gradient
     na, nb = (int((x["labels"] != -100).sum()) for x in (a, b))
     assert na != nb
+
+
+def test_count_fn_sets_what_the_step_normalises_by():
+    """count_fn counting rows (as a reward loss counts pairs): the step's loss and update are
+    those of (summed loss over both micro-batches) / rows."""
+    g = torch.Generator().manual_seed(3)
+    a, b = _batch(g, 2, 12, 2), _batch(g, 3, 12, 5)
+
+    def rows(batch):
+        return batch["input_ids"].shape[0]
+
+    model = _model()
+    ref = (CausalLMLoss(model)(**a) + CausalLMLoss(model)(**b)) / 5
+    ref.backward()
+    out, w, _ = _step(_model(), [a, b], count_fn=rows)
+    assert out["tokens"] == 5
+    assert out["loss"] == pytest.approx(float(ref.detach()), rel=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(w[n], p.grad, rtol=1e-5, atol=1e-7)
+
+    def pairs(batch):
+        return 0
+
+    with pytest.raises(ValueError, match="batch: count_fn pairs counted 0 over every micro-batch"):
+        _step(_model(), [a], count_fn=pairs)
 
 
 def test_clipping_and_nonfinite():
