@@ -185,8 +185,9 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model_state: di
 def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict:
     """{"model": tensors, "optimizer": state dict, "rng": RNG states, "state": state.json}."""
     path = Path(path)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"resume: {str(path)!r} is not a checkpoint directory (no state.json)")
+    if not any((path / name).is_file() for name in ("state.json", "model.safetensors", "optimizer.pt")):
+        raise FileNotFoundError(f"resume: {str(path)!r} is not a checkpoint directory (no state.json, "
+                                "model.safetensors or optimizer.pt)")
     problem = checkpoint_problem(path, rank)
     if problem is not None:
         raise ValueError(f"resume: the checkpoint {str(path)!r} is damaged: {problem}; pass resume=auto to use the "
