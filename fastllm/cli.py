@@ -15,9 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--rows", type=int, default=2048)
     demo.add_argument("--hidden", type=int, default=2048)
     demo.add_argument("--device", default=None)
-    for name, what in (("pretrain", "causal or masked LM pre-training"), ("sft", "supervised fine-tuning (full, layers, PEFT)")):
+    from fastllm.train.config import CONFIGS, describe_fields
+
+    commands = (("pretrain", "causal or masked LM pre-training"),
+                ("sft", "supervised fine-tuning (full, layers, PEFT)"))
+    for name, what in commands:
         p = sub.add_parser(name, help=what, description=f"{what}. Options: a YAML config and/or key=value overrides "
-                           "(values parsed as YAML: lr=1e-4, freeze=[a,b], peft.r=8).")
+                           "(values parsed as YAML: lr=1e-4, freeze=[a,b], peft.r=8).",
+                           epilog=f"config fields (key, type, default: meaning):\n{describe_fields(CONFIGS[name])}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value")
     plot = sub.add_parser("plot", help="turn a metrics.jsonl into a loss-curve PNG")
     plot.add_argument("metrics")
@@ -51,7 +57,10 @@ def _train(command: str, items: list[str]) -> int:
         config = train.load_config(cls, files[0] if files else None, overrides)
     except ValueError as exc:
         raise SystemExit(f"fastllm {command}: {exc}") from None
-    result = getattr(train, command)(config)
+    try:
+        result = getattr(train, command)(config)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: the message says what to fix
+        raise SystemExit(f"fastllm {command}: {exc}") from None
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0

@@ -40,6 +40,21 @@ from fastllm.ops.sampling import sample_reference, sampling_params
 from . import _decode
 
 
+def _check_generate_args(vocab: int, stop_token_ids, temperature, pad_token_id) -> None:
+    """Arguments of `generate` that would otherwise be silent no-ops: stop tokens that can
+    never be drawn, a negative tensor temperature (run as greedy), a pad id outside the vocab."""
+    stop = (stop_token_ids if isinstance(stop_token_ids, Tensor) else torch.as_tensor(list(stop_token_ids))).flatten()
+    bad = [t for t in stop.tolist() if t != int(t) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"stop_token_ids: expected token ids in [0, {vocab}) (vocab_size), got {bad}; such a stop "
+                         "token could never be drawn")
+    if isinstance(temperature, Tensor) and temperature.numel() and not bool((temperature >= 0).all()):
+        raise ValueError(f"temperature: expected values >= 0 (0: greedy), got a minimum of "
+                         f"{float(temperature.min())}")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
+        raise ValueError(f"pad_token_id: expected a token id in [0, {vocab}) (vocab_size), got {pad_token_id!r}")
+
+
 @dataclass
 class GenerationOutput:
     tokens: Tensor  # (B, L) int64: prompt, response, padding per row
@@ -166,6 +181,7 @@ def generate(
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    _check_generate_args(model.config.vocab_size, stop_token_ids, temperature, pad_token_id)
     weight = next(model.parameters())
     device = weight.device
     ids, plens = _prompts_tensor(prompts, prompt_lengths, pad_token_id, device)

@@ -35,6 +35,28 @@ class Packed:
     prefix_rows: Tensor | None = None  # (B * P,) int64
 
 
+def check_cu_seqlens(cu_seqlens: Tensor, total_q: int, total_k: int, max_seqlen: int = 0) -> None:
+    """The values of cu_seqlens, checked the same way for every backend: start at 0, never
+    decrease, end at the row count of q and k. Read on the host when they live there, or
+    when max_seqlen is not given (the layout then reads them anyway); on an accelerator with
+    max_seqlen given, the kernels trust them (checking would wait on the device every call)."""
+    if cu_seqlens.device.type != "cpu" and max_seqlen > 0:
+        return
+    cu = cu_seqlens.tolist()
+    if not cu or cu[0] != 0:
+        raise ValueError(f"cu_seqlens: expected offsets starting at 0, got {cu[:8]}")
+    if cu[-1] != total_q or cu[-1] != total_k:
+        raise ValueError(f"cu_seqlens: expected the last offset to equal the number of rows of q and k "
+                         f"({total_q}, {total_k}), got {cu[-1]}")
+    for b in range(len(cu) - 1):
+        if cu[b + 1] < cu[b]:
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {cu[b]} then {cu[b + 1]} at "
+                             f"index {b}")
+    longest = max((cu[b + 1] - cu[b] for b in range(len(cu) - 1)), default=0)
+    if max_seqlen > 0 and longest > max_seqlen:
+        raise ValueError(f"max_seqlen: expected at least the longest sequence, {longest}, got {max_seqlen}")
+
+
 def _offsets(batch: int, length: int, device) -> Tensor:
     return torch.arange(batch + 1, device=device, dtype=torch.int32) * length
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._attention_layout import pack, unpack_kv_grad
+from ._attention_layout import check_cu_seqlens, pack, unpack_kv_grad
 from ._checks import check_dtype, check_same_device, check_shape, check_tensor
 
 
@@ -291,6 +291,8 @@ def _attention_op(
 ) -> tuple[Tensor, Tensor]:
     """Returns (out like q, lse (Hq, total_q) float32: the log-sum-exp saved for the backward)."""
     _check(q, k, v, key_padding_mask, prefix_k, prefix_v, cu_seqlens)
+    if cu_seqlens is not None:  # every backend: the reference alone would index past the end
+        check_cu_seqlens(cu_seqlens, q.shape[0], k.shape[0], max_seqlen)
     args = (q, k, v, key_padding_mask, prefix_k, prefix_v, cu_seqlens, causal, softmax_scale)
     chosen = _choose(q, backend)
     if chosen == "reference":

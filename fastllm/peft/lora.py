@@ -50,10 +50,19 @@ class LoraConfig:
     init: bool | str = True
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r: expected a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
+                or self.alpha == 0:
+            raise ValueError(f"alpha: expected a finite non-zero number (the adapter output is scaled by alpha / r, "
+                             f"so 0 would train nothing), got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a value in [0, 1), got {self.dropout}")
+        if not isinstance(self.target_modules, (str, list, tuple)) or (
+                not isinstance(self.target_modules, str) and not all(isinstance(t, str) for t in self.target_modules)):
+            raise ValueError(f"target_modules: expected module-name suffixes (a list of strings), a regular expression "
+                             f"or 'all-linear', got {self.target_modules!r}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"init: expected one of {INIT_CHOICES}, got {self.init!r}")
 

@@ -33,6 +33,9 @@ def _messages(conversation: Any, name: str) -> list[dict]:
         if "messages" in conversation:
             return _messages(conversation["messages"], name)
         if "prompt" in conversation and "response" in conversation:
+            for key in ("prompt", "response"):
+                if not isinstance(conversation[key], str):
+                    raise TypeError(f"{name}[{key!r}]: expected str, got {type(conversation[key]).__name__}")
             return _messages((conversation["prompt"], conversation["response"]), name)
         raise ValueError(
             f"{name}: a dict needs 'messages' or 'prompt' and 'response' keys, "

@@ -4,7 +4,6 @@ context, a tokenizer whose vocabulary does not fit the model)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +21,10 @@ from fastllm.data import (
     train_test_split,
 )
 from fastllm.data.corpus import CORPORA
+from fastllm.data.files import read_records_file, read_text_file
 from fastllm.tokenizer import Tokenizer, format_chat, load_tokenizer
 
 from .distributed import DistInfo
-
 
 # --------------------------------------------------------------------------- raw data
 
@@ -41,8 +40,7 @@ def read_texts(data) -> list[str]:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"data: {str(p)!r} is neither a shipped corpus ({', '.join(CORPORA)}) "
                                     "nor an existing file")
-        with open(p, encoding="utf-8") as f:
-            texts.append(f.read())
+        texts.append(read_text_file(p))
     if not any(t.strip() for t in texts):
         raise ValueError(f"data: empty dataset (the files {[str(p) for p in paths]} hold no text)")
     return texts
@@ -58,11 +56,7 @@ def read_records(data) -> list:
         return load_instructions()
     if not os.path.isfile(data):
         raise FileNotFoundError(f"data: {str(data)!r} is neither 'instructions' nor an existing .jsonl/.json file")
-    with open(data, encoding="utf-8") as f:
-        if str(data).endswith(".jsonl"):
-            records = [json.loads(line) for line in f if line.strip()]
-        else:
-            records = json.load(f)
+    records = read_records_file(data)
     if not records:
         raise ValueError(f"data: empty dataset ({str(data)!r} holds no records)")
     return records
@@ -93,6 +87,9 @@ def get_model(cfg, vocab_size: int | None, context: int) -> torch.nn.Module:
     model_overrides says otherwise) or a checkpoint directory. Checks vocab and context."""
     if os.path.isdir(cfg.model):
         model = models.from_pretrained(cfg.model)
+    elif cfg.model not in models.PRESETS:
+        raise ValueError(f"model: {cfg.model!r} is neither a preset ({', '.join(models.PRESETS)}) nor an existing "
+                         "checkpoint directory")
     else:
         overrides = dict(cfg.model_overrides)
         if vocab_size is not None and "vocab_size" not in overrides:
@@ -102,8 +99,15 @@ def get_model(cfg, vocab_size: int | None, context: int) -> torch.nn.Module:
     return model
 
 
-def check_fit(model, vocab_size: int | None, context: int) -> None:
+def check_fit(model, vocab_size: int | None, context: int, objective: str | None = None) -> None:
     mcfg = model.config
+    encoder = hasattr(model, "mlm_head")
+    if objective == "mlm" and not encoder:
+        raise ValueError(f"objective: mlm needs an encoder with a masked-LM head (e.g. model=bert-base), but "
+                         f"{type(model).__name__} is a decoder; use objective=causal")
+    if objective == "causal" and encoder:
+        raise ValueError(f"objective: causal needs a decoder, but {type(model).__name__} is a bidirectional "
+                         "encoder; use objective=mlm")
     if vocab_size is not None and vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer: its vocabulary has {vocab_size} tokens but the model's vocab_size is "
                          f"{mcfg.vocab_size}; ids >= {mcfg.vocab_size} would not fit (use a matching tokenizer "
@@ -143,6 +147,12 @@ def split_tail(dataset, fraction: float, want_eval: bool):
 def pretrain_datasets(cfg, tokenizer, vocab_size: int):
     """Packed blocks of cfg.seq_len tokens (+ MLM masking), split into train / eval."""
     if is_token_file(cfg.data):
+        if not os.path.isfile(cfg.data):
+            raise FileNotFoundError(f"data: {str(cfg.data)!r} does not exist (a .bin file of token ids)")
+        itemsize, size = np.dtype(cfg.bin_dtype).itemsize, os.path.getsize(cfg.data)
+        if size % itemsize:
+            raise ValueError(f"data: {str(cfg.data)!r} holds {size} bytes, not a whole number of {cfg.bin_dtype} "
+                             f"tokens ({itemsize} bytes each); is bin_dtype right?")
         tokens = np.fromfile(cfg.data, dtype=np.dtype(cfg.bin_dtype)).astype(np.int64)
         if tokens.size == 0:
             raise ValueError(f"data: empty dataset ({str(cfg.data)!r} holds no tokens)")

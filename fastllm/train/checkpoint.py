@@ -11,6 +11,13 @@ A checkpoint is a directory `output_dir/checkpoints/step_00000042/` holding
 It is written into `step_00000042.tmp/` and renamed into place only once complete (a rename
 is atomic), so a killed run leaves either a whole checkpoint or a temp dir that is ignored
 and cleaned up. The newest `keep_last` checkpoints are kept.
+
+A checkpoint damaged after the fact (a file truncated or deleted, a disk that filled up) is
+caught before use: `checkpoint_problem` checks that every file is there and readable (the
+safetensors header and the byte ranges it promises, the optimizer archive's directory, the
+JSON files), and `latest_checkpoint` skips a damaged checkpoint with a warning that names it
+and falls back to the newest complete one. A save at step N removes checkpoints past N: they
+belong to the run this one replaced.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import json
 import os
 import re
 import shutil
+import struct
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -41,9 +51,68 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
+def latest_checkpoint(output_dir: str | os.PathLike, rank: int = 0) -> Path | None:
+    """The newest complete checkpoint; damaged newer ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path, rank)
+        if problem is None:
+            return path
+        warnings.warn(f"resume: skipping the damaged checkpoint {str(path)!r} ({problem}); trying the one "
+                      "before it", stacklevel=2)
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a safetensors file cannot be read, judged from its header and size alone."""
+    size = file.stat().st_size
+    if size < 8:
+        return f"{file.name} is truncated ({size} bytes, shorter than its 8-byte header length)"
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            return f"{file.name} is truncated ({size} bytes; its header alone needs {8 + n})"
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return f"{file.name} has an unreadable header (not a safetensors file?)"
+    if not isinstance(header, dict):
+        return f"{file.name} has an unreadable header (not a safetensors file?)"
+    end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"
+               and isinstance(t, dict) and "data_offsets" in t), default=0)
+    if 8 + n + end > size:
+        return f"{file.name} is truncated ({size} bytes; its header promises {8 + n + end})"
+    return None
+
+
+def checkpoint_problem(path: str | os.PathLike, rank: int = 0) -> str | None:
+    """None for a complete, readable checkpoint directory, else what is wrong with it (which
+    file is missing, truncated or unreadable)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    for name in ("state.json", "model.safetensors", "optimizer.pt"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    for name in ("state.json", f"rng_rank{rank}.json"):
+        file = path / name
+        if not file.is_file():
+            continue  # rng files are optional (an older layout)
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return f"{name} is unreadable ({type(exc).__name__}: {exc})"
+        if name == "state.json" and not (isinstance(data, dict) and "step" in data):
+            return "state.json has no 'step'"
+    problem = _safetensors_problem(path / "model.safetensors")
+    if problem:
+        return problem
+    try:
+        with zipfile.ZipFile(path / "optimizer.pt") as z:  # torch.save writes a zip archive
+            z.infolist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"optimizer.pt is truncated or unreadable ({exc})"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,7 +169,11 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model_state: di
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+        kept = list_checkpoints(output_dir)
+        for later in [c for c in kept if int(c.name[len("step_"):]) > step]:  # an abandoned run's
+            shutil.rmtree(later, ignore_errors=True)
+        kept = [c for c in kept if int(c.name[len("step_"):]) <= step]
+        for old in kept[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -112,8 +185,13 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model_state: di
 def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict:
     """{"model": tensors, "optimizer": state dict, "rng": RNG states, "state": state.json}."""
     path = Path(path)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"resume: {str(path)!r} is not a checkpoint directory (no state.json)")
+    if not any((path / name).is_file() for name in ("state.json", "model.safetensors", "optimizer.pt")):
+        raise FileNotFoundError(f"resume: {str(path)!r} is not a checkpoint directory (no state.json, "
+                                "model.safetensors or optimizer.pt)")
+    problem = checkpoint_problem(path, rank)
+    if problem is not None:
+        raise ValueError(f"resume: the checkpoint {str(path)!r} is damaged: {problem}; pass resume=auto to use the "
+                         "newest complete one, or resume=null to start afresh")
     with open(path / "state.json", encoding="utf-8") as f:
         state = json.load(f)
     rng_file = path / f"rng_rank{rank}.json"
@@ -163,7 +241,7 @@ def resume_training_state(cfg, wrapped: nn.Module, optimizer, scheduler, loader,
 
     if cfg.resume is None:
         return 0, {}
-    path = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
+    path = latest_checkpoint(cfg.output_dir, info.rank) if cfg.resume == "auto" else Path(cfg.resume)
     if path is None:
         return 0, {}
     ckpt = load_checkpoint(path, info.rank)

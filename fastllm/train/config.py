@@ -6,16 +6,35 @@
 A YAML file holds the fields of one config (unknown keys are an error). An override
 `key=value` parses value as YAML (`lr=3e-4` is a float, `freeze=[a, b]` a list, `peft=null`
 None) and sets key; `a.b=value` sets the key b of the dict field a (model_overrides, peft).
+
+Every field carries its one-line meaning in `metadata["help"]` (what `fastllm <command> --help`
+prints) and is checked against its annotation when a config is made, however it is made
+(Python, YAML or overrides): ints stay ints (and counts are >= their `min`), ints become
+floats, a list of two numbers becomes `betas`, a path is a string, a choice is one of its
+`choices`; anything else is a ValueError naming the field, what was expected and what came.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
-from typing import Any
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Union
 
 import yaml
+
+
+def _field(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING, min=None, max=None,
+           choices=None, pattern=None, expect=None):
+    """A dataclass field with its help line and value constraints in metadata."""
+    meta = {"help": help}
+    for key, value in (("min", min), ("max", max), ("choices", choices), ("pattern", pattern), ("expect", expect)):
+        if value is not None:
+            meta[key] = value
+    return dataclasses.field(default=default, default_factory=factory, metadata=meta)
 
 
 @dataclass
@@ -24,95 +43,287 @@ class TrainConfig:
     batch_size * grad_accum * world_size examples (blocks)."""
 
     # model
-    model: str = "tiny-llama"  # a preset name (fastllm.models.PRESETS) or a Hugging Face checkpoint dir
-    model_overrides: dict = field(default_factory=dict)  # preset fields to replace, e.g. {num_hidden_layers: 4}
-    tokenizer: str | None = None  # tokenizer dir/file; None: the checkpoint's, else one trained on the data
-    tokenizer_vocab_size: int = 1000  # vocabulary of a tokenizer trained here
+    model: str = _field("tiny-llama", "a preset name (fastllm.models.PRESETS) or a Hugging Face checkpoint dir")
+    model_overrides: dict = _field(factory=dict, help="preset fields to replace, e.g. {num_hidden_layers: 4}")
+    tokenizer: str | None = _field(None, "tokenizer dir/file; null: the checkpoint's, else one trained on the data")
+    tokenizer_vocab_size: int = _field(1000, "vocabulary of a tokenizer trained here", min=1)
     # optimisation
-    max_steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0  # None or 0: no clipping
+    max_steps: int = _field(100, "optimizer steps to train for", min=1)
+    batch_size: int = _field(8, "examples (blocks) per micro-batch, per process", min=1)
+    grad_accum: int = _field(1, "micro-batches per optimizer step", min=1)
+    lr: float = _field(3e-4, "peak learning rate", min=0.0)
+    min_lr_ratio: float = _field(0.1, "the schedule ends at lr * min_lr_ratio", min=0.0, max=1.0)
+    warmup_steps: int = _field(10, "steps of linear warm-up from 0 to lr", min=0)
+    schedule: str = _field("cosine", "learning-rate decay after warm-up", choices=("cosine", "linear", "constant"))
+    weight_decay: float = _field(0.1, "AdamW weight decay (not on norms and biases)", min=0.0)
+    betas: tuple[float, float] = _field((0.9, 0.95), "AdamW betas [beta1, beta2]", min=0.0,
+                                        max=1.0)
+    eps: float = _field(1e-8, "AdamW epsilon", min=0.0)
+    max_grad_norm: float | None = _field(1.0, "gradient-norm clip; null or 0: no clipping", min=0.0)
     # numerics and memory
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
-    activation_checkpointing: bool = False
-    distributed: str = "auto"  # auto (ddp under torchrun) | none | ddp | fsdp
+    device: str = _field("auto", "auto | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?",
+                        expect="auto, cpu, cuda or cuda:N")
+    dtype: str = _field("auto", "autocast dtype: auto (bfloat16 on GPU, float32 on CPU)",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    activation_checkpointing: bool = _field(False, "recompute each block's activations in the backward")
+    distributed: str = _field("auto", "auto (ddp under torchrun) | none | ddp | fsdp",
+                              choices=("auto", "none", "ddp", "fsdp"))
     # evaluation, logging, checkpoints
-    eval_every: int = 0  # steps between evaluations (0: only at the end)
-    eval_batches: int = 8  # batches per evaluation (0: no evaluation)
-    eval_fraction: float = 0.05  # held-out share of the data
-    log_every: int = 1
-    output_dir: str = "runs/out"
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    keep_last: int = 2  # checkpoints kept on disk
-    resume: str | None = "auto"  # auto (latest checkpoint in output_dir, if any) | a checkpoint dir | None
-    progress: bool = True
-    plot: bool = True  # write loss_curve.png at the end (needs matplotlib)
-    seed: int = 0
+    eval_every: int = _field(0, "steps between evaluations (0: only at the end)", min=0)
+    eval_batches: int = _field(8, "batches per evaluation (0: no evaluation)", min=0)
+    eval_fraction: float = _field(0.05, "held-out share of the data", min=0.0, max=1.0)
+    log_every: int = _field(1, "steps between metric lines", min=1)
+    output_dir: str = _field("runs/out", "directory for checkpoints, metrics, the final model")
+    save_every: int = _field(0, "steps between checkpoints (0: only at the end)", min=0)
+    keep_last: int = _field(2, "checkpoints kept on disk (0: all)", min=0)
+    resume: str | None = _field("auto", "auto (newest complete checkpoint in output_dir, if any) | a checkpoint "
+                                "dir | null")
+    progress: bool = _field(True, "show a progress bar")
+    plot: bool = _field(True, "write loss_curve.png at the end (needs matplotlib)")
+    seed: int = _field(0, "seed of weights, data order and masking", min=0)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
     """Causal LM (next token) or masked LM on fixed-length blocks of a packed token stream."""
 
-    objective: str = "causal"  # causal | mlm
-    data: Any = "shakespeare"  # a shipped corpus name, text file path(s), or a tokenised .bin
-    bin_dtype: str = "uint16"  # element type of a .bin token file
-    seq_len: int = 128
-    doc_boundaries: bool = True  # positions and attention stay inside documents (causal LM)
-    mask_prob: float = 0.15  # masked LM
+    objective: str = _field("causal", "causal (decoder models) | mlm (encoder models)", choices=("causal", "mlm"))
+    data: str | list[str] = _field("shakespeare", "a shipped corpus name, text file path(s), or a tokenised .bin")
+    bin_dtype: str = _field("uint16", "element type of a .bin token file",
+                            choices=("uint8", "uint16", "int16", "uint32", "int32", "int64"))
+    seq_len: int = _field(128, "tokens per training block", min=2)
+    doc_boundaries: bool = _field(True, "positions and attention stay inside documents (causal LM)")
+    mask_prob: float = _field(0.15, "share of tokens masked (masked LM)", min=0.0, max=1.0)
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on chat examples; only response tokens carry loss."""
 
-    data: Any = "instructions"  # the shipped instruction set, or a .jsonl path of records
-    max_length: int = 256  # longest example in tokens
-    too_long: str = "error"  # error | truncate | skip
-    system: str | None = None  # system message put first in every conversation
-    packing: bool = True  # one row of concatenated examples, varlen attention (else padded rows)
-    freeze: list = field(default_factory=list)  # parameter-name globs to freeze ("*embed*", "model.layers.0.*")
-    train_layers: str | None = None  # "a:b": train only decoder layers a..b-1, freeze everything else
-    peft: dict | None = None  # e.g. {method: lora, r: 8, alpha: 16, targets: [q_proj, v_proj]}
-    lr: float = 1e-4
-    warmup_steps: int = 5
+    data: str = _field("instructions", "the shipped instruction set, or a .jsonl/.json file of records")
+    max_length: int = _field(256, "longest example in tokens", min=2)
+    too_long: str = _field("error", "what to do with a longer example", choices=("error", "truncate", "skip"))
+    system: str | None = _field(None, "system message put first in every conversation")
+    packing: bool = _field(True, "one row of concatenated examples, varlen attention (else padded rows)")
+    freeze: list[str] = _field(factory=list, help="parameter-name globs to freeze (\"*embed*\", \"model.layers.0.*\")")
+    train_layers: str | None = _field(None, "\"a:b\": train only decoder layers a..b-1, freeze everything else",
+                                      pattern=r"\d+:\d+", expect="\"a:b\" (first and end layer index)")
+    peft: dict | None = _field(None, "e.g. {method: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}")
+    lr: float = _field(1e-4, "peak learning rate", min=0.0)
+    warmup_steps: int = _field(5, "steps of linear warm-up from 0 to lr", min=0)
 
 
 CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig}
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
+# --------------------------------------------------------------------------- type checks
 
 
-def _coerce(cls, name: str, value: Any) -> Any:
-    """Light type checks so that a typo fails here, not deep inside the loop."""
-    default = {f.name: f for f in dataclasses.fields(cls)}[name]
-    proto = default.default if default.default is not dataclasses.MISSING else default.default_factory()
-    if isinstance(proto, tuple) and isinstance(value, list):
-        return tuple(value)
-    if isinstance(proto, float) and not isinstance(value, bool):
+def type_name(tp) -> str:
+    """A reader's name for an annotation: 'an integer', 'a string or null', 'a list of 2 numbers'."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return "anything"
+    if tp is type(None):
+        return "null"
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} {'numbers' if all(a is float for a in args) else 'values'}"
+    if origin is list or tp is list:
+        return f"a list of {type_name(args[0]).split(' ', 1)[-1]}s" if args else "a list"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _short_type(tp) -> str:
+    """The compact form for --help: str, int, float | null, list[str], [float, float]."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_short_type(a) for a in args)
+    if origin is tuple:
+        return "[" + ", ".join(_short_type(a) for a in args) + "]"
+    if origin is list:
+        return f"list[{_short_type(args[0])}]"
+    return "null" if tp is type(None) else "any" if tp is Any else getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce_to(value: Any, tp) -> Any:
+    """value converted to annotation tp, or _Mismatch."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce_to(value, a)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, (int, float)):
+            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
                 return float(value)
             except ValueError:
-                raise ValueError(f"{name}: expected a number, got {value!r}") from None
-        if isinstance(value, int):
-            return float(value)
-    if isinstance(proto, bool) and not isinstance(value, bool):
-        raise ValueError(f"{name}: expected true or false, got {value!r}")
-    if isinstance(proto, int) and not isinstance(proto, bool) and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise _Mismatch
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (list, tuple)) or (args and len(value) != len(args)):
+            raise _Mismatch
+        return tuple(_coerce_to(v, a) for v, a in zip(value, args)) if args else tuple(value)
+    if origin is list or tp is list:
+        if isinstance(value, (str, os.PathLike)) and args:  # one item for a list of one
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce_to(v, args[0]) for v in value] if args else list(value)
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise _Mismatch
     return value
+
+
+def _check_range(name: str, value: Any, meta) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            bounds = (f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+            raise ValueError(f"{name}: expected a value {bounds}, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value is not None and value not in choices:
+        raise ValueError(f"{name}: expected one of {' | '.join(choices)}, got {value!r}")
+    pattern = meta.get("pattern")
+    if pattern is not None and isinstance(value, str) and not re.fullmatch(pattern, value):
+        raise ValueError(f"{name}: expected {meta.get('expect', pattern)}, got {value!r}")
+
+
+def check_fields(config) -> None:
+    """Coerce every field of `config` to its annotation in place and check its range; then the
+    keys of the dict fields peft and model_overrides."""
+    cls = type(config)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(config, f.name)
+        try:
+            coerced = _coerce_to(value, hints[f.name])
+        except _Mismatch:
+            what = f" ({f.metadata['help']})" if f.metadata.get("help") else ""
+            raise ValueError(f"{f.name}: expected {type_name(hints[f.name])}{what}, got {value!r} "
+                             f"({type(value).__name__})") from None
+        _check_range(f.name, coerced, f.metadata)
+        object.__setattr__(config, f.name, coerced)
+    _check_model_overrides(config)
+    if getattr(config, "peft", None):
+        check_peft_spec(config.peft)
+
+
+def _check_model_overrides(config) -> None:
+    if not config.model_overrides:
+        return
+    if os.path.isdir(config.model):
+        raise ValueError(f"model_overrides: only apply to a preset model, but model={config.model!r} is a "
+                         f"checkpoint directory (its config.json fixes the architecture); got "
+                         f"{sorted(config.model_overrides)}")
+    from fastllm.models import PRESETS, preset
+
+    if config.model not in PRESETS:
+        return  # build.get_model names the unknown model
+    valid = {f.name for f in dataclasses.fields(preset(config.model))}
+    unknown = sorted(set(config.model_overrides) - valid)
+    if unknown:
+        raise ValueError(f"model_overrides: {', '.join(map(str, unknown))} not a field of the {config.model!r} "
+                         f"config ({type(preset(config.model)).__name__}); valid keys: {', '.join(sorted(valid))}")
+
+
+def peft_keys(method: str) -> list[str]:
+    """The keys a `peft` spec with this method takes: the keyword arguments of
+    fastllm.peft.apply_<method> after the model."""
+    import inspect
+
+    import fastllm.peft as peft
+
+    fn = getattr(peft, f"apply_{method}", None)
+    if fn is None:
+        known = sorted(n[len("apply_"):] for n in dir(peft) if n.startswith("apply_"))
+        raise ValueError(f"peft.method: expected one of {', '.join(known)}, got {method!r}")
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def check_peft_spec(spec: dict) -> None:
+    """`peft` must name a known method and only keyword arguments of its apply function."""
+    method = spec.get("method", "lora")
+    if not isinstance(method, str):
+        raise ValueError(f"peft.method: expected a string, got {method!r}")
+    valid = peft_keys(method)
+    unknown = sorted(str(k) for k in spec if k != "method" and k not in valid)
+    if unknown:
+        raise ValueError(f"peft: {', '.join(f'peft.{k}' for k in unknown)} not an argument of "
+                         f"fastllm.peft.apply_{method}; valid keys: method, {', '.join(valid)}")
+
+
+def describe_fields(cls) -> str:
+    """One line per field of a config class: name, type, default and meaning (the text of
+    `fastllm <command> --help`, made from the dataclass itself so it cannot drift)."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = list(default) if isinstance(default, tuple) else default
+        shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip()
+        shown = shown.removesuffix("\n...").removesuffix("...").strip()
+        meaning = f.metadata.get("help", "")
+        if "choices" in f.metadata and "|" not in meaning:
+            meaning += f" ({' | '.join(f.metadata['choices'])})"
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if lo is not None or hi is not None:
+            meaning += f" [{'>= ' + str(lo) if hi is None else f'{lo}..{hi}'}]"
+        rows.append((f.name, _short_type(hints[f.name]), shown, meaning))
+    w_name = max(len(r[0]) for r in rows)
+    w_type = max(len(r[1]) for r in rows)
+    lines = [f"  {n:<{w_name}}  {t:<{w_type}}  default {d}: {h}" for n, t, d, h in rows]
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
 
 
 def apply_overrides(config, overrides: list[str] | dict) -> Any:
@@ -122,16 +333,21 @@ def apply_overrides(config, overrides: list[str] | dict) -> Any:
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
     changes: dict[str, Any] = {}
     for key, value in items:
+        if not isinstance(key, str):
+            raise ValueError(f"{key!r}: not a field of {cls.__name__}; fields are {', '.join(sorted(names))}")
         top, _, sub = key.partition(".")
         if top not in names:
             raise ValueError(f"{key}: not a field of {cls.__name__}; fields are {', '.join(sorted(names))}")
         if sub:
             current = changes.get(top, getattr(config, top))
+            if current is not None and not isinstance(current, dict):
+                raise ValueError(f"{key}: {top} is not a mapping (it is {type(current).__name__}), so it has no "
+                                 f"key {sub!r}")
             current = dict(current or {})
             current[sub] = value
             changes[top] = current
         else:
-            changes[top] = _coerce(cls, top, value) if value is not None else None
+            changes[top] = value
     return dataclasses.replace(config, **changes)
 
 

@@ -53,7 +53,7 @@ def pretrain(config: PretrainConfig | str | dict | None = None, *, model=None, t
     vocab = tokenizer.vocab_size if tokenizer is not None else None
     if model is None:
         model = build.get_model(cfg, vocab, cfg.seq_len)
-    build.check_fit(model, vocab, cfg.seq_len)
+    build.check_fit(model, vocab, cfg.seq_len, cfg.objective)
     train_set, eval_set = build.pretrain_datasets(cfg, tokenizer, model.config.vocab_size)
     loader = BatchLoader(train_set, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     eval_data = build.eval_batches(eval_set, cfg.batch_size, cfg.eval_batches, info)
