@@ -5,6 +5,8 @@ import json
 import sys
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from fastllm.train.config import TrainConfig
 from fastllm.train.distributed import DistInfo
@@ -19,10 +21,15 @@ def _cfg(out, **kw):
 
 
 def _saver(out, saved):
-    """A save(step) that records the step and leaves a checkpoint directory as the real one does."""
+    """A save(step) that records the step and leaves a complete (if tiny) checkpoint directory
+    with the files the real one writes, so checkpoint discovery accepts it."""
     def save(step):
         saved.append(step)
-        (out / "checkpoints" / f"step_{step:08d}").mkdir(parents=True, exist_ok=True)
+        path = out / "checkpoints" / f"step_{step:08d}"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.zeros(1)}, str(path / "model.safetensors"))
+        torch.save({}, path / "optimizer.pt")
+        (path / "state.json").write_text(json.dumps({"step": step}))
     return save
 
 
