@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _decoder
-from .checkpoint import HFCheckpointMixin
 from .config import GPT2Config
 from .kv_cache import KVCache
+from .registry import HFNames
 
 _CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 
@@ -78,11 +78,10 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
-class GPT2LMHeadModel(HFCheckpointMixin, nn.Module):
+class GPT2LMHeadModel(HFNames, nn.Module):
     """GPT-2 with its tied output head. Same calling convention as LlamaForCausalLM:
     forward -> final hidden states, logits(hidden), lm_head_weight, loss(input_ids, labels)."""
 
-    config_class = GPT2Config
     # causal-mask buffers kept by older checkpoints, and the tied head (checked in _from_hf)
     _ignored_hf = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
 

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from fastllm.ops import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 from . import _decoder
-from .checkpoint import HFCheckpointMixin
 from .config import LlamaConfig
 from .kv_cache import KVCache
+from .registry import HFNames
 
 
 class LlamaAttention(nn.Module):
@@ -108,11 +108,10 @@ class LlamaModel(nn.Module):
         return self._inv_freq[device]
 
 
-class LlamaForCausalLM(HFCheckpointMixin, nn.Module):
+class LlamaForCausalLM(HFNames, nn.Module):
     """The decoder plus output head. forward returns the final-normed hidden states; the
     head is applied by `logits()` or folded into `loss()` (see forward's docstring)."""
 
-    config_class = LlamaConfig
     _ignored_hf = (r"rotary_emb\.inv_freq$",)
 
     def __init__(self, config: LlamaConfig):
