@@ -29,15 +29,14 @@ On CUDA the decode step is captured once in a CUDA graph and replayed (use_cuda_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from fastllm.models.kv_cache import inference_kernel
 from fastllm.ops.sampling import sample_reference, sampling_params
-
-from . import _decode
 
 
 def _check_generate_args(vocab: int, stop_token_ids, temperature, pad_token_id) -> None:
@@ -132,22 +131,18 @@ class _Rollout:
 
 
 class DecodeStep:
-    """One decode step plus sampling and bookkeeping, on fixed buffers (graph-capturable)."""
+    """One decode step plus sampling and bookkeeping, on fixed buffers (graph-capturable):
+    the model's own forward in its decode branch (`model.decode`), its head, the sampler."""
 
-    def __init__(self, model, cache, state: _Rollout, kernels: _decode.Kernels, params, uniforms: Tensor):
-        self.model, self.cache, self.state, self.kernels = model, cache, state, kernels
+    def __init__(self, model, cache, state: _Rollout, sample, params, uniforms: Tensor):
+        self.model, self.cache, self.state, self.sample = model, cache, state, sample
         self.params, self.uniforms = params, uniforms
-        self.fused = _decode.is_llama_layout(model)
-        self.projections = _decode.fuse_projections(model) if self.fused else None
 
     def __call__(self) -> None:
         s = self.state
-        if self.fused:
-            logits = _decode.llama_decode_logits(self.model, self.cache, s.last, s.pos, self.kernels,
-                                                 self.projections)
-        else:
-            logits = _decode.generic_decode_logits(self.model, self.cache, s.last, s.pos)
-        token, logprob = self.kernels.sample(logits.contiguous(), *self.params, self.uniforms)
+        hidden = self.model.decode(s.last, s.pos, self.cache)  # (B, H)
+        logits = self.model.logits(hidden).float()
+        token, logprob = self.sample(logits.contiguous(), *self.params, self.uniforms)
         s.record(token, logprob)
 
 
@@ -197,12 +192,12 @@ def generate(
         raise ValueError(f"max_new_tokens: prompt length {P} + {max_new_tokens} new tokens exceeds the model's "
                          f"{max_positions} positions (max_position_embeddings)")
     params = sampling_params(B, device, temperature, top_k, top_p)
-    kernels = _decode.Kernels(device, backend)
+    sample = inference_kernel("sample", device, backend)
     was_training = model.training
     model.eval()
     try:
         state = _Rollout(ids, plens, max_new_tokens, pad_token_id, stop)
-        cache = model.new_kv_cache(B, P + max_new_tokens)
+        cache = model.new_kv_cache(B, P + max_new_tokens, backend=backend)
         # Prefill: every prompt in one right-padded forward; the logits at each prompt's last
         # token draw its first response token.
         mask = torch.arange(P, device=device)[None] < plens[:, None]  # (B, P)
@@ -210,12 +205,12 @@ def generate(
         last_hidden = hidden[torch.arange(B, device=device), plens - 1]  # (B, H)
         logits = model.logits(last_hidden).float().contiguous()
         uniforms = torch.rand(B, generator=generator, device=device)
-        token, logprob = kernels.sample(logits, *params, uniforms)
+        token, logprob = sample(logits, *params, uniforms)
         state.record(token, logprob)
 
-        step = DecodeStep(model, cache, state, kernels, params, uniforms)
+        step = DecodeStep(model, cache, state, sample, params, uniforms)
         runner = step
-        if use_cuda_graph and device.type == "cuda" and step.fused and max_new_tokens > 1:
+        if use_cuda_graph and device.type == "cuda" and max_new_tokens > 1:
             from .cuda_graph import CapturedStep
 
             runner = CapturedStep(step, state)

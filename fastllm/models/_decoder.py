@@ -1,16 +1,26 @@
 """Pieces shared by the causal decoders (Llama family, GPT-2): input checks, position ids,
-the per-forward attention arguments, and the next-token loss (`NextTokenLoss.loss`)."""
+the per-forward attention arguments, the decode branch, and the next-token loss (`NextTokenLoss.loss`).
+
+One forward serves training, prefill and the single-token decode step. `prepare` validates a
+forward's arguments and builds its Step; `decode_step` builds the Step of `model.decode` (one
+token per sequence at its own position over a KVCache, no value checks, no host sync). The
+layers run the same code for both and branch only where the decode step differs:
+`self_attention` appends the new key/value at each sequence's position and calls the fused
+`decode_attention` (Llama: `kv_append_rope` applies RoPE on the way), `norm` and `swiglu_act`
+call the native kernels directly, and `project` runs one matmul for several projections.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastllm.labels import IGNORE_INDEX, check_shifted
-from fastllm.ops import next_token_loss
+from fastllm.ops import next_token_loss, swiglu
 from fastllm.ops.attention import attention
 
 from .kv_cache import KVCache
@@ -36,13 +46,41 @@ class Step:
 
     batch: int
     seq_len: int
-    position_ids: Tensor  # (B, T)
+    position_ids: Tensor  # (B, T) (int32 in a decode step)
     key_padding_mask: Tensor | None  # (B, T) bool, without a cache
     cu_seqlens: Tensor | None  # (B'+1,) int32 when packed
     max_seqlen: int | None
     kv_cache: KVCache | None
     prefix_kv: list | None
     num_new: Tensor | int  # real new tokens per sequence, for kv_cache.advance
+    decode: Decode | None = None  # set for model.decode: the decode branch
+
+
+@dataclass
+class Decode:
+    """One token per sequence, each at its own position, over a KVCache."""
+
+    positions: Tensor  # (B,) int32: the new token's position, also its cache slot
+    lengths: Tensor  # (B,) int32: positions + 1, the keys to attend to
+    inv_freq: Tensor | None = None  # (D/2,) float32 RoPE frequencies (None: no RoPE)
+
+
+def decode_step(config, tokens: Tensor, positions: Tensor, kv_cache: KVCache) -> Step:
+    """The Step of model.decode: tokens (B,) at positions (B,) (int32, or any integer dtype),
+    written at those slots of kv_cache. Shapes are checked; values are not (that would sync
+    with the host): the caller keeps positions below kv_cache.max_len and the context."""
+    B = kv_cache.batch
+    if tuple(tokens.shape) != (B,) or tuple(positions.shape) != (B,):
+        raise ValueError(
+            f"tokens, positions: expected shape [{B}] (the kv_cache batch) each, "
+            f"got {list(tokens.shape)} and {list(positions.shape)}"
+        )
+    if positions.dtype != torch.int32:
+        positions = positions.to(torch.int32)
+    return Step(
+        B, 1, positions.unsqueeze(1), None, None, None, kv_cache, None, 1,
+        Decode(positions, positions + 1),
+    )
 
 
 def prepare(
@@ -189,7 +227,10 @@ def self_attention(
     q: Tensor, k: Tensor, v: Tensor, layer_idx: int, step: Step, softmax_scale=None
 ) -> Tensor:
     """Causal attention of one layer through fastllm.ops.attention: q (B, T, Hq, D), k/v
-    (B, T, Hkv, D), after RoPE where the model has it. Returns (B, T, Hq, D)."""
+    (B, T, Hkv, D), after RoPE where the model has it. Returns (B, T, Hq, D).
+    In a decode step see `decode_attention` (the Llama layer calls it with q, k before RoPE)."""
+    if step.decode is not None:
+        return decode_attention(q, k, v, layer_idx, step, softmax_scale)
     B, T = q.shape[:2]
     if step.cu_seqlens is not None:  # packed: (N, H, D) with offsets
         out = attention(
@@ -220,6 +261,64 @@ def self_attention(
     )
 
 
+def decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, layer_idx: int, step: Step, softmax_scale=None
+) -> Tensor:
+    """The decode branch of a layer's attention: q (B, 1, Hq, D), k/v (B, 1, Hkv, D), before
+    RoPE when step.decode.inv_freq is set. The new key/value of sequence b is written at slot
+    positions[b] of the cache (kv_append_rope rotates q and k there; without RoPE a plain
+    indexed write), then fastllm's decode_attention attends to slots 0..positions[b].
+    Returns (B, 1, Hq, D)."""
+    cache, d = step.kv_cache, step.decode
+    kernels = cache.kernels
+    k_cache, v_cache = cache.layer_k[layer_idx], cache.layer_v[layer_idx]  # (B, Smax, Hkv, D) views
+    # (B, 1, H, D) -> (B, H, D); squeeze and contiguous, not indexing: a decode step is
+    # dozens of tiny calls, and Python-side tensor indexing costs more than the kernels.
+    q, k, v = q.squeeze(1).contiguous(), k.squeeze(1).contiguous(), v.squeeze(1).contiguous()
+    if d.inv_freq is not None:
+        q = kernels.append_rope(q, k, v, k_cache, v_cache, d.positions, d.inv_freq)
+    else:
+        slots = d.positions.long()
+        k_cache[cache.rows, slots] = k.to(k_cache.dtype)
+        v_cache[cache.rows, slots] = v.to(v_cache.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    return kernels.attention(q, k_cache, v_cache, d.lengths, scale).unsqueeze(1)  # (B, 1, Hq, D)
+
+
+def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | None) -> list[Tensor]:
+    """x through owner.<name> for each name (projections that read the same input: q/k/v,
+    gate/up). In an inference forward over a KVCache (no gradients) whose projections are all
+    plain nn.Linear with the same bias setting, one matmul with their concatenated weight
+    (kept by the cache, rebuilt when a weight changes in place): at decode batch sizes every
+    matmul call costs a thread fork/join. Otherwise (training, LoRA-wrapped projections)
+    each module is called. The parameters keep their Hugging Face names either way."""
+    fused = None
+    if step is not None and step.kv_cache is not None and not torch.is_grad_enabled():
+        fused = step.kv_cache.fused_projection(owner, names)
+    if fused is None:
+        return [getattr(owner, name)(x) for name in names]
+    weight, bias, sizes = fused
+    return F.linear(x, weight, bias).split(sizes, dim=-1)
+
+
+def norm(module: nn.Module, x: Tensor, step: Step) -> Tensor:
+    """module(x) for an RMSNorm of the model; in a decode step with the native kernels, its
+    forward kernel directly (no autograd wrapper)."""
+    kernel = step.kv_cache.kernels.rms_norm if step.decode is not None else None
+    if kernel is None:
+        return module(x)
+    return kernel(x.contiguous(), module.weight, module.eps)  # any leading shape
+
+
+def swiglu_act(gate: Tensor, up: Tensor, step: Step | None) -> Tensor:
+    """fastllm.ops.swiglu(gate, up); in a decode step with the native kernels, its forward
+    kernel directly."""
+    kernel = step.kv_cache.kernels.swiglu if step is not None and step.decode is not None else None
+    if kernel is None:
+        return swiglu(gate, up)
+    return kernel(gate.contiguous(), up.contiguous())
+
+
 def run_blocks(blocks, x: Tensor, *args, checkpoint: bool = False) -> Tensor:
     """x through every block in order. With checkpoint (and gradients enabled) each block runs
     under torch.utils.checkpoint: its activations are recomputed in the backward pass instead
@@ -233,8 +332,11 @@ def run_blocks(blocks, x: Tensor, *args, checkpoint: bool = False) -> Tensor:
 
 
 def finish(step: Step) -> None:
-    """After the last layer: move the cache lengths on."""
-    if step.kv_cache is not None:
+    """After the last layer: move the cache lengths on (a decode step sets them to
+    positions + 1 on the device)."""
+    if step.decode is not None:
+        step.kv_cache.set_lengths(step.decode.lengths)
+    elif step.kv_cache is not None:
         step.kv_cache.advance(step.num_new)
 
 

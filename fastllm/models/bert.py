@@ -20,8 +20,8 @@ from fastllm.ops import mlm_loss
 from fastllm.ops.attention import attention
 
 from ._decoder import check_token_ids, run_blocks
-from .checkpoint import HFCheckpointMixin
 from .config import BertConfig
+from .registry import HFNames
 
 
 class BertEmbeddings(nn.Module):
@@ -154,11 +154,10 @@ class BertOnlyMLMHead(nn.Module):
         self.predictions = BertLMPredictionHead(config, word_embeddings)
 
 
-class BertForMaskedLM(HFCheckpointMixin, nn.Module):
+class BertForMaskedLM(HFNames, nn.Module):
     """Encoder + MLM head. forward -> encoder hidden states; mlm_head(hidden) -> logits;
     mlm_loss(input_ids, labels) -> mean cross-entropy over labels != -100."""
 
-    config_class = BertConfig
     # The pooler and next-sentence head of pre-training checkpoints are not part of MLM;
     # position_ids is a buffer some files carry.
     _ignored_hf = (r"^bert\.pooler\.", r"^cls\.seq_relationship\.", r"embeddings\.position_ids$")

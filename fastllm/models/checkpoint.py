@@ -4,12 +4,14 @@ model-0000i-of-0000n.safetensors with model.safetensors.index.json. Never pickle
     from_pretrained(path, dtype=None, device=None)  -> the model class named by config.json
     save_pretrained(model, path, max_shard_size=...)  writes config.json and the weights
 
-Each model class maps names between its state dict and the file (`_from_hf(name, tensor, ...)`,
-`_to_hf(name, tensor)`: GPT-2 transposes its Conv1D weights, BERT renames old LayerNorm
-gamma/beta) and lists file tensors it may ignore (`_ignored_hf`, e.g. GPT-2's causal-mask
-buffers). Any other missing, unexpected or wrongly shaped tensor fails with an error that
-names it. Files are written to a temporary name and renamed, so a killed save never leaves
-a half-written file under the final name.
+The model class comes from config.json's model_type through fastllm.models.registry; the
+model files never import this module. Each model class maps names between its state dict and
+the file (`registry.HFNames`: `_from_hf(name, tensor, ...)`, `_to_hf(name, tensor)`: GPT-2
+transposes its Conv1D weights, BERT renames old LayerNorm gamma/beta) and lists file tensors
+it may ignore (`_ignored_hf`, e.g. GPT-2's causal-mask buffers). Any other missing,
+unexpected or wrongly shaped tensor fails with an error that names it. Files are written to a
+temporary name and renamed, so a killed save never leaves a half-written file under the
+final name.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from . import registry
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -164,39 +168,21 @@ def save_safetensors(
 # --------------------------------------------------------------------------- models
 
 
-def _model_class(model_type: str):
-    from .bert import BertForMaskedLM
-    from .gpt2 import GPT2LMHeadModel
-    from .llama import LlamaForCausalLM
-
-    classes = {
-        "llama": LlamaForCausalLM,
-        "mistral": LlamaForCausalLM,
-        "qwen2": LlamaForCausalLM,
-        "gpt2": GPT2LMHeadModel,
-        "bert": BertForMaskedLM,
-    }
-    if model_type not in classes:
-        raise ValueError(
-            f"config.json model_type: expected one of {list(classes)}, got {model_type!r}"
-        )
-    return classes[model_type]
-
-
 def from_pretrained(path: str | os.PathLike, dtype=None, device=None, cls=None):
     """Load a Hugging Face checkpoint directory into the matching fastllm model.
 
     dtype: None / "auto" keeps the stored dtype; a torch dtype or its name converts every
-    floating tensor. device: where the weights land (default CPU). cls: expect this model
-    class (its from_pretrained passes itself) instead of choosing by model_type.
+    floating tensor. device: where the weights land (default CPU). cls: fail unless
+    config.json's model_type (looked up in fastllm.models.registry) gives this class.
     """
     hf_config = read_config(path)
-    model_cls = _model_class(hf_config.get("model_type"))
+    entry = registry.lookup(hf_config.get("model_type"))
+    model_cls = entry.model_class
     if cls is not None and not issubclass(model_cls, cls):
         raise ValueError(
             f"path: config.json describes a {model_cls.__name__}, not a {cls.__name__}"
         )
-    config = model_cls.config_class.from_hf_dict(hf_config)
+    config = entry.config_class.from_hf_dict(hf_config)
     target = _parse_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -260,37 +246,3 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size="5GB") -> Non
     if len(dtypes) == 1:
         hf["torch_dtype"] = hf["dtype"] = str(dtypes.pop()).replace("torch.", "")
     _atomic_json(hf, path / CONFIG_NAME)
-
-
-class HFCheckpointMixin:
-    """from_pretrained / save_pretrained for a model class. Subclasses set config_class and,
-    where names or layouts differ from the file, override the three mapping hooks."""
-
-    config_class: type
-    _ignored_hf: tuple[str, ...] = ()
-
-    @classmethod
-    def _from_hf(
-        cls, name: str, tensor: torch.Tensor, raw: dict, config
-    ) -> tuple[str, torch.Tensor] | None:
-        """File tensor -> (state-dict name, tensor), or None to drop it after checking."""
-        return name, tensor
-
-    @classmethod
-    def _to_hf(cls, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        """State-dict tensor -> (file name, tensor), or None to leave it out of the file."""
-        return name, tensor
-
-    @classmethod
-    def _hf_name(cls, name: str) -> str:
-        mapped = cls._to_hf(name, torch.empty(0, 0))
-        return mapped[0] if mapped else name
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
-        """Load a Hugging Face checkpoint directory (see fastllm.models.checkpoint)."""
-        return from_pretrained(path, dtype=dtype, device=device, cls=cls)
-
-    def save_pretrained(self, path, max_shard_size="5GB") -> None:
-        """Write config.json + safetensors (sharded past max_shard_size) in HF layout."""
-        save_pretrained(self, path, max_shard_size=max_shard_size)

@@ -16,7 +16,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+from . import registry
+
+
+def _llama_types() -> tuple[str, ...]:
+    return registry.types_of("LlamaConfig")  # llama, mistral, qwen2
 
 
 def _check_positive(cfg, *names: str) -> None:
@@ -84,8 +88,8 @@ class LlamaConfig:
             raise ValueError(
                 f"head_dim: expected an even number (RoPE rotates pairs), got {self.head_dim}"
             )
-        if self.model_type not in LLAMA_TYPES:
-            raise ValueError(f"model_type: expected one of {LLAMA_TYPES}, got {self.model_type!r}")
+        if self.model_type not in _llama_types():
+            raise ValueError(f"model_type: expected one of {_llama_types()}, got {self.model_type!r}")
 
     # -- Hugging Face config.json ------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
@@ -145,9 +149,9 @@ class LlamaConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LlamaConfig:
         model_type = d.get("model_type", "llama")
-        if model_type not in LLAMA_TYPES:
+        if model_type not in _llama_types():
             raise ValueError(
-                f"config.json model_type: expected one of {LLAMA_TYPES}, got {model_type!r}"
+                f"config.json model_type: expected one of {_llama_types()}, got {model_type!r}"
             )
         if d.get("hidden_act", "silu") != "silu":
             raise NotImplementedError(
@@ -363,222 +367,59 @@ class BertConfig:
 
 
 # --------------------------------------------------------------------------- presets
+# Each preset is a base plus the fields that differ from it.
+
+_TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+_SMOLLM2 = dict(vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+_LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+               rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
+
+
+def _llama3_scaling(factor: float, original: int) -> dict[str, Any]:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original}
+
 
 _PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     # Tiny configurations for tests: hidden 64, 2 layers, vocab 128.
-    "tiny-llama": (
-        LlamaConfig,
-        dict(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        ),
-    ),
-    "tiny-llama3": (
-        LlamaConfig,
-        dict(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            rope_theta=500000.0,
-            tie_word_embeddings=True,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            },
-        ),
-    ),
-    "tiny-mistral": (
-        LlamaConfig,
-        dict(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            max_position_embeddings=128,
-            sliding_window=128,
-            model_type="mistral",
-        ),
-    ),
-    "tiny-qwen2": (
-        LlamaConfig,
-        dict(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            qkv_bias=True,
-            tie_word_embeddings=True,
-            model_type="qwen2",
-            rope_theta=1e6,
-        ),
-    ),
-    "tiny-gpt2": (
-        GPT2Config,
-        dict(
-            vocab_size=128,
-            n_positions=128,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            bos_token_id=0,
-            eos_token_id=0,
-        ),
-    ),
-    "tiny-bert": (
-        BertConfig,
-        dict(
-            vocab_size=128,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            max_position_embeddings=128,
-        ),
-    ),
+    "tiny-llama": (LlamaConfig, _TINY_LLAMA),
+    "tiny-llama3": (LlamaConfig, dict(_TINY_LLAMA, max_position_embeddings=256, rope_theta=500000.0,
+                                      tie_word_embeddings=True, rope_scaling=_llama3_scaling(8.0, 32))),
+    "tiny-mistral": (LlamaConfig, dict(_TINY_LLAMA, num_key_value_heads=1, sliding_window=128,
+                                       model_type="mistral")),
+    "tiny-qwen2": (LlamaConfig, dict(_TINY_LLAMA, qkv_bias=True, tie_word_embeddings=True, model_type="qwen2",
+                                     rope_theta=1e6)),
+    "tiny-gpt2": (GPT2Config, dict(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                                   bos_token_id=0, eos_token_id=0)),
+    "tiny-bert": (BertConfig, dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=128, max_position_embeddings=128)),
     # Published sizes (architecture only; weights come from from_pretrained).
-    "smollm2-135m": (
-        LlamaConfig,
-        dict(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-5,
-            rope_theta=100000.0,
-            tie_word_embeddings=True,
-            bos_token_id=0,
-            eos_token_id=0,
-        ),
-    ),
-    "smollm2-360m": (
-        LlamaConfig,
-        dict(
-            vocab_size=49152,
-            hidden_size=960,
-            intermediate_size=2560,
-            num_hidden_layers=32,
-            num_attention_heads=15,
-            num_key_value_heads=5,
-            max_position_embeddings=8192,
-            rms_norm_eps=1e-5,
-            rope_theta=100000.0,
-            tie_word_embeddings=True,
-            bos_token_id=0,
-            eos_token_id=0,
-        ),
-    ),
-    "llama-3.2-1b": (
-        LlamaConfig,
-        dict(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
-            rope_theta=500000.0,
-            tie_word_embeddings=True,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 32.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-            bos_token_id=128000,
-            eos_token_id=128001,
-        ),
-    ),
-    "llama-3.1-8b": (
-        LlamaConfig,
-        dict(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
-            rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-            bos_token_id=128000,
-            eos_token_id=128001,
-        ),
-    ),
-    "mistral-7b": (
-        LlamaConfig,
-        dict(
-            vocab_size=32000,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-5,
-            sliding_window=4096,
-            model_type="mistral",
-        ),
-    ),
-    "qwen2.5-0.5b": (
-        LlamaConfig,
-        dict(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-            rope_theta=1000000.0,
-            tie_word_embeddings=True,
-            qkv_bias=True,
-            model_type="qwen2",
-            bos_token_id=151643,
-            eos_token_id=151643,
-        ),
-    ),
+    "smollm2-135m": (LlamaConfig, dict(_SMOLLM2, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                       num_attention_heads=9, num_key_value_heads=3)),
+    "smollm2-360m": (LlamaConfig, dict(_SMOLLM2, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                                       num_attention_heads=15, num_key_value_heads=5)),
+    "llama-3.2-1b": (LlamaConfig, dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                       num_attention_heads=32, head_dim=64, tie_word_embeddings=True,
+                                       rope_scaling=_llama3_scaling(32.0, 8192))),
+    "llama-3.1-8b": (LlamaConfig, dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                       num_attention_heads=32, rope_scaling=_llama3_scaling(8.0, 8192))),
+    "mistral-7b": (LlamaConfig, dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                     max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=4096,
+                                     model_type="mistral")),
+    "qwen2.5-0.5b": (LlamaConfig, dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                       max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                                       tie_word_embeddings=True, qkv_bias=True, model_type="qwen2",
+                                       bos_token_id=151643, eos_token_id=151643)),
     "gpt2": (GPT2Config, dict()),
     "gpt2-medium": (GPT2Config, dict(n_embd=1024, n_layer=24, n_head=16)),
     "gpt2-large": (GPT2Config, dict(n_embd=1280, n_layer=36, n_head=20)),
     "bert-base": (BertConfig, dict()),
-    "bert-large": (
-        BertConfig,
-        dict(
-            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
-        ),
-    ),
+    "bert-large": (BertConfig, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                    intermediate_size=4096)),
 }
 
 PRESETS = tuple(_PRESETS)
@@ -593,19 +434,4 @@ def preset(name: str, **overrides):
     return cls(**{**kwargs, **overrides})
 
 
-def config_from_hf_dict(d: dict[str, Any]):
-    """The config dataclass for a Hugging Face config.json dict, chosen by its model_type."""
-    model_type = d.get("model_type")
-    if model_type in LLAMA_TYPES:
-        return LlamaConfig.from_hf_dict(d)
-    if model_type == "gpt2":
-        return GPT2Config.from_hf_dict(d)
-    if model_type == "bert":
-        return BertConfig.from_hf_dict(d)
-    raise ValueError(
-        f"config.json model_type: expected one of {LLAMA_TYPES + ('gpt2', 'bert')}, "
-        f"got {model_type!r}"
-    )
-
-
-__all__ = ["LlamaConfig", "GPT2Config", "BertConfig", "PRESETS", "preset", "config_from_hf_dict"]
+__all__ = ["LlamaConfig", "GPT2Config", "BertConfig", "PRESETS", "preset"]

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _decoder
-from .checkpoint import HFCheckpointMixin
 from .config import GPT2Config
 from .kv_cache import KVCache
+from .registry import HFNames
 
 _CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 
@@ -78,11 +78,10 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
-class GPT2LMHeadModel(_decoder.NextTokenLoss, HFCheckpointMixin, nn.Module):
+class GPT2LMHeadModel(_decoder.NextTokenLoss, HFNames, nn.Module):
     """GPT-2 with its tied output head. Same calling convention as LlamaForCausalLM:
     forward -> final hidden states, logits(hidden), lm_head_weight, loss(input_ids, labels)."""
 
-    config_class = GPT2Config
     # causal-mask buffers kept by older checkpoints, and the tied head (checked in _from_hf)
     _ignored_hf = (r"\.attn\.bias$", r"\.attn\.masked_bias$")
 
@@ -111,7 +110,7 @@ class GPT2LMHeadModel(_decoder.NextTokenLoss, HFCheckpointMixin, nn.Module):
         """The (V, hidden) output projection: the token embeddings (tied)."""
         return self.transformer.wte.weight
 
-    def new_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+    def new_kv_cache(self, batch: int, max_len: int, dtype=None, device=None, backend: str = "auto") -> KVCache:
         w = self.transformer.wte.weight
         cfg = self.config
         return KVCache(
@@ -122,6 +121,7 @@ class GPT2LMHeadModel(_decoder.NextTokenLoss, HFCheckpointMixin, nn.Module):
             cfg.n_embd // cfg.n_head,
             dtype=dtype or w.dtype,
             device=device or w.device,
+            backend=backend,
         )
 
     def forward(
@@ -151,6 +151,15 @@ class GPT2LMHeadModel(_decoder.NextTokenLoss, HFCheckpointMixin, nn.Module):
             kv_cache=kv_cache,
             max_positions=cfg.n_positions,
         )
+        return self._run(input_ids, inputs_embeds, step)
+
+    def decode(self, tokens: Tensor, positions: Tensor, kv_cache: KVCache) -> Tensor:
+        """The decode step through this same forward, as LlamaForCausalLM.decode: hidden
+        (B, n_embd) for tokens (B,) at positions (B,); k/v written at those cache slots."""
+        step = _decoder.decode_step(self.config, tokens, positions, kv_cache)
+        return self._run(tokens.unsqueeze(1), None, step).squeeze(1)
+
+    def _run(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, step: _decoder.Step) -> Tensor:
         tok = self.transformer.wte(input_ids) if input_ids is not None else inputs_embeds
         x = tok + self.transformer.wpe(step.position_ids)  # (B, T, C)
         x = _decoder.run_blocks(self.transformer.h, x, step, checkpoint=self.activation_checkpointing)

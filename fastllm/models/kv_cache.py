@@ -9,12 +9,56 @@ Sequences may have different lengths (a right-padded prefill advances each by it
 real length; the padding slots are overwritten by the next step). A step with T > 1 new
 tokens needs equal lengths (causal masking aligns the last query with the last key);
 single-token decode steps work with any lengths.
+
+A cache also serves the model's decode branch (`model.decode(tokens, positions, cache)`, one
+token per sequence at its own position, no host sync): it holds the inference kernels that
+branch calls, resolved once for its device (`kernels`), and the concatenated q/k/v and gate/up
+weights of an inference forward (`fused_weight`), which live as long as the cache, so a
+training step never carries them.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from fastllm.ops import _backend
+from fastllm.ops.decode_attention import decode_attention_reference
+from fastllm.ops.kv_append_rope import kv_append_rope_reference
+from fastllm.ops.sampling import sample_reference
+
+# inference op -> (its C++/CUDA forward in torch.ops.fastllm, its reference)
+_INFERENCE_OPS = {
+    "decode_attention": ("decode_attention_fwd", decode_attention_reference),
+    "kv_append_rope": ("kv_append_rope_fwd", kv_append_rope_reference),
+    "sample": ("sample_tokens", sample_reference),
+}
+
+
+def inference_kernel(op: str, device: torch.device, backend: str = "auto"):
+    """The callable for an inference-only op (no autograd) on `device`: its native forward
+    (torch.ops.fastllm.<fwd>, called directly: the registered op's argument checks and backend
+    choice cost more than the kernel at decode sizes) or its reference."""
+    native, reference = _INFERENCE_OPS[op]
+    if _backend.choose(op, device, backend, native_op=native, cuda_order=("native",), has_triton=False) == "native":
+        return getattr(torch.ops.fastllm, native)
+    return reference
+
+
+class DecodeKernels:
+    """The kernels of the decode branch, resolved once for a device and backend.
+
+    With the native backend the branch also calls the C++/CUDA RMSNorm and SwiGLU forwards
+    directly (rms_norm, swiglu; None otherwise), skipping their autograd-aware wrappers: a
+    decode step needs no gradients, and on the CPU the wrappers cost more than the kernels."""
+
+    def __init__(self, device: torch.device, backend: str = "auto"):
+        self.attention = inference_kernel("decode_attention", device, backend)
+        self.append_rope = inference_kernel("kv_append_rope", device, backend)
+        native = backend != "reference" and self.attention is not decode_attention_reference
+        ops = torch.ops.fastllm
+        self.rms_norm = ops.rms_norm_fwd if native and _backend.native_has("rms_norm_fwd", device) else None
+        self.swiglu = ops.swiglu_fwd if native and _backend.native_has("swiglu_fwd", device) else None
 
 
 class KVCache:
@@ -29,6 +73,7 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        backend: str = "auto",
     ):
         for name, value in (
             ("num_layers", num_layers),
@@ -42,9 +87,13 @@ class KVCache:
         shape = (num_layers, batch, max_len, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)  # per layer (B, max_len, Hkv, D) views
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=self.k.device)
-        self._max_length = 0  # host copy of lengths.max(): no device sync per step
+        self._max_length: int | None = 0  # host copy of lengths.max() (None: unknown)
         self._equal = True  # whether every sequence has the same length
+        self.rows = torch.arange(batch, device=self.k.device)  # (B,) row index of each sequence
+        self.kernels = DecodeKernels(self.k.device, backend)
+        self._fused: dict[int, tuple] = {}  # id(owner) -> (owner, modules, tensors, versions, fused)
 
     @property
     def num_layers(self) -> int:
@@ -62,8 +111,15 @@ class KVCache:
         self.lengths.zero_()
         self._max_length, self._equal = 0, True
 
+    def _host_lengths(self) -> None:
+        """Recompute the host copies after set_lengths (one device sync)."""
+        if self._max_length is None:
+            self._max_length = int(self.lengths.max())
+            self._equal = bool((self.lengths == self._max_length).all())
+
     def check_append(self, num_new: int) -> None:
         """Raise unless a step of num_new tokens per sequence can be appended."""
+        self._host_lengths()
         if self._max_length + num_new > self.max_len:
             raise ValueError(
                 f"kv_cache: {num_new} new positions after {self._max_length} exceed "
@@ -84,6 +140,7 @@ class KVCache:
         keys, values (B, S, Hkv, D) with S = max(lengths) + T, and the key padding mask (B, S),
         True for filled positions j < lengths[b] + T. The lengths move only in `advance`."""
         B, T = k.shape[0], k.shape[1]
+        self._host_lengths()
         if tuple(k.shape) != (self.batch, T) + tuple(self.k.shape[3:]):
             raise ValueError(
                 f"k: expected shape {[self.batch, T] + list(self.k.shape[3:])}, got {list(k.shape)}"
@@ -106,6 +163,7 @@ class KVCache:
     def advance(self, num_new: int | Tensor) -> None:
         """Move the lengths on by num_new: an int for every sequence, or a (B,) tensor of
         real new tokens per sequence (right-padded steps)."""
+        self._host_lengths()
         if isinstance(num_new, Tensor):
             self.lengths += num_new.to(self.lengths)
             self._max_length = int(self.lengths.max())
@@ -113,3 +171,34 @@ class KVCache:
         else:
             self.lengths += num_new
             self._max_length += num_new
+
+    def set_lengths(self, lengths: Tensor) -> None:
+        """lengths (B,) on the device: after a decode step, position + 1 per sequence. No host
+        sync: the host copies are recomputed when a forward next appends."""
+        self.lengths.copy_(lengths)
+        self._max_length = None
+
+    def fused_projection(
+        self, owner: nn.Module, names: tuple[str, ...]
+    ) -> tuple[Tensor, Tensor | None, list[int]] | None:
+        """For the projections owner.<name> (names) that read the same input: one
+        (sum of out, in) weight, its bias (or None) and the split sizes, or None when they
+        cannot be fused (a projection is not a plain nn.Linear, e.g. LoRA-wrapped, or the bias
+        settings differ). Built on first use for this cache and rebuilt when a projection
+        module is replaced or a source tensor changed in place (its version counter: an
+        optimizer step or a copy_ under no_grad; writes through `.data` are not counted)."""
+        found = owner._modules
+        modules = tuple([found[n] for n in names])
+        entry = self._fused.get(id(owner))
+        # version counters only grow, so their sum changes exactly when one of them does
+        if (entry is not None and entry[0] is owner and entry[1] == modules
+                and sum([t._version for t in entry[2]]) == entry[3]):
+            return entry[4]
+        tensors, fused = [], None
+        if all(type(m) is nn.Linear for m in modules) and len({m.bias is None for m in modules}) == 1:
+            tensors = [m.weight for m in modules] + [m.bias for m in modules if m.bias is not None]
+            weight = torch.cat([m.weight.detach() for m in modules])
+            bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
+            fused = (weight, bias, [m.out_features for m in modules])
+        self._fused[id(owner)] = (owner, modules, tensors, sum([t._version for t in tensors]), fused)
+        return fused

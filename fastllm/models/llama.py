@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastllm.ops import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, swiglu
+from fastllm.ops import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 from . import _decoder
-from .checkpoint import HFCheckpointMixin
 from .config import LlamaConfig
 from .kv_cache import KVCache
+from .registry import HFNames
 
 
 class LlamaAttention(nn.Module):
@@ -48,10 +48,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: _decoder.Step) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, k, cos, sin)
+        q, k, v = _decoder.project(self, ("q_proj", "k_proj", "v_proj"), x, step)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if step.decode is None:
+            q, k = apply_rope(q, k, cos, sin)
+        # (decode step: RoPE at each sequence's position is fused with the cache append)
         out = _decoder.self_attention(q, k, v, self.layer_idx, step)  # (B, T, Hq, D)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
 
@@ -64,8 +67,9 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(H, Inter, bias=config.mlp_bias)
         self.down_proj = nn.Linear(Inter, H, bias=config.mlp_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: Tensor, step: _decoder.Step | None = None) -> Tensor:
+        gate, up = _decoder.project(self, ("gate_proj", "up_proj"), x, step)
+        return self.down_proj(_decoder.swiglu_act(gate, up, step))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -77,8 +81,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: _decoder.Step) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(_decoder.norm(self.input_layernorm, x, step), cos, sin, step)
+        return x + self.mlp(_decoder.norm(self.post_attention_layernorm, x, step), step)
 
 
 class LlamaModel(nn.Module):
@@ -104,11 +108,10 @@ class LlamaModel(nn.Module):
         return self._inv_freq[device]
 
 
-class LlamaForCausalLM(_decoder.NextTokenLoss, HFCheckpointMixin, nn.Module):
+class LlamaForCausalLM(_decoder.NextTokenLoss, HFNames, nn.Module):
     """The decoder plus output head. forward returns the final-normed hidden states; the
     head is applied by `logits()` or folded into `loss()` (see forward's docstring)."""
 
-    config_class = LlamaConfig
     _ignored_hf = (r"rotary_emb\.inv_freq$",)
 
     def __init__(self, config: LlamaConfig):
@@ -153,8 +156,8 @@ class LlamaForCausalLM(_decoder.NextTokenLoss, HFCheckpointMixin, nn.Module):
         """The (V, hidden) output projection: lm_head.weight, or the embeddings when tied."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def new_kv_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
-        """An empty KVCache sized for this model."""
+    def new_kv_cache(self, batch: int, max_len: int, dtype=None, device=None, backend: str = "auto") -> KVCache:
+        """An empty KVCache sized for this model (backend: the decode kernels', see KVCache)."""
         w = self.model.embed_tokens.weight
         cfg = self.config
         return KVCache(
@@ -165,6 +168,7 @@ class LlamaForCausalLM(_decoder.NextTokenLoss, HFCheckpointMixin, nn.Module):
             cfg.head_dim,
             dtype=dtype or w.dtype,
             device=device or w.device,
+            backend=backend,
         )
 
     def forward(
@@ -206,15 +210,31 @@ class LlamaForCausalLM(_decoder.NextTokenLoss, HFCheckpointMixin, nn.Module):
             max_positions=cfg.max_position_embeddings,
             window=cfg.sliding_window,
         )
+        return self._run(input_ids, inputs_embeds, step)
+
+    def decode(self, tokens: Tensor, positions: Tensor, kv_cache: KVCache) -> Tensor:
+        """The decode step through this same forward: hidden states (B, hidden) after the final
+        norm for one new token per sequence, tokens (B,) at positions (B,) int32 (each
+        sequence's own: ragged prompts). Its key/value is written at slot positions[b] of
+        kv_cache and it attends to slots 0..positions[b]; the cache lengths become
+        positions + 1. No value checks and no host sync (CUDA-graph capturable); inference
+        only (the fused decode kernels have no autograd)."""
+        step = _decoder.decode_step(self.config, tokens, positions, kv_cache)
+        step.decode.inv_freq = self.model.inv_freq(tokens.device)
+        return self._run(tokens.unsqueeze(1), None, step).squeeze(1)
+
+    def _run(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, step: _decoder.Step) -> Tensor:
         x = (
             self.model.embed_tokens(input_ids) if input_ids is not None else inputs_embeds
         )  # (B, T, H)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        # cos/sin once per forward, shared by every layer: (B, T, D/2)
-        cos, sin = rope_cos_sin(self.model.inv_freq(x.device), step.position_ids, acc)
+        cos = sin = None  # a decode step rotates inside kv_append_rope
+        if step.decode is None:
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            # cos/sin once per forward, shared by every layer: (B, T, D/2)
+            cos, sin = rope_cos_sin(self.model.inv_freq(x.device), step.position_ids, acc)
         x = _decoder.run_blocks(self.model.layers, x, cos, sin, step, checkpoint=self.activation_checkpointing)
         _decoder.finish(step)
-        return self.model.norm(x)
+        return _decoder.norm(self.model.norm, x, step)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden (..., hidden) -> logits (..., V) in hidden's dtype."""

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from fastllm.models import save_pretrained
+
 from .distributed import DistInfo
 
 
@@ -40,7 +42,7 @@ def export_final(model, wrapped, tokenizer, path: Path, info: DistInfo, adapters
         to_save = _unsharded_model(model, wrapped, info)
         if info.is_main:
             with torch.no_grad():
-                to_save.save_pretrained(path)
+                save_pretrained(to_save, path)
     if info.is_main and tokenizer is not None and hasattr(tokenizer, "save"):
         tokenizer.save(path)
     info.barrier()

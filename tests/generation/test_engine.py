@@ -9,9 +9,7 @@ import torch
 
 import fastllm
 from fastllm.generation import generate, generate_reference
-from fastllm.generation._decode import is_llama_layout
 from fastllm.models import build_model, preset
-from tests.conftest import DEVICES
 
 BACKENDS = ["reference"] + (["native"] if fastllm.extension_available() else [])
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17], [100]]
@@ -37,7 +35,6 @@ GREEDY_CASES += [("tiny-llama", "reference")] if BACKENDS[-1] != "reference" els
 @pytest.mark.parametrize("name,backend", GREEDY_CASES)
 def test_greedy_equals_full_recompute(name, backend):
     model = _model(name)
-    assert is_llama_layout(model) == (name != "tiny-gpt2")
     out = generate(model, PROMPTS, 12, temperature=0.0, backend=backend)
     ref = generate_reference(model, PROMPTS, 12, temperature=0.0)
     assert torch.equal(out.tokens, ref.tokens)
@@ -205,3 +202,32 @@ def test_generate_without_extension_uses_references():
     out = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_in_place_weight_updates_between_calls_are_seen(name):
+    model = _model(name)
+    first = generate(model, PROMPTS, 8, temperature=0.0)
+    with torch.no_grad():  # what a PPO optimizer step does: update the parameters in place
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    second = generate(model, PROMPTS, 8, temperature=0.0)
+    ref = generate_reference(model, PROMPTS, 8, temperature=0.0)
+    assert torch.equal(second.tokens, ref.tokens)
+    torch.testing.assert_close(second.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(first.logprobs, second.logprobs)
+
+
+def test_lora_model_generates_as_reference():
+    from fastllm.peft import apply_lora
+
+    model = _model("tiny-llama")
+    apply_lora(model, target_modules="all-linear", r=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+    out = generate(model, PROMPTS, 10, temperature=0.0)
+    ref = generate_reference(model, PROMPTS, 10, temperature=0.0)
+    assert torch.equal(out.tokens, ref.tokens)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)

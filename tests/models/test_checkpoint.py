@@ -18,6 +18,7 @@ from fastllm.models import (
     config_from_hf_dict,
     from_pretrained,
     preset,
+    save_pretrained,
 )
 from fastllm.models.checkpoint import INDEX_NAME, WEIGHTS_NAME
 from tests.conftest import assert_close
@@ -35,7 +36,7 @@ def _same_weights(a, b):
 )
 def test_round_trip(name, tmp_path):
     model = build_model(preset(name))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     loaded = from_pretrained(tmp_path)
     assert type(loaded) is type(model) and loaded.config == model.config
     _same_weights(model, loaded)
@@ -44,21 +45,21 @@ def test_round_trip(name, tmp_path):
 
 def test_sharded_save_and_load(tmp_path):
     model = build_model(preset("tiny-llama"))
-    files = model.save_pretrained(tmp_path, max_shard_size="40KB") or sorted(
+    files = save_pretrained(model, tmp_path, max_shard_size="40KB") or sorted(
         p.name for p in tmp_path.glob("model-*")
     )
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and not (tmp_path / WEIGHTS_NAME).exists()
     assert set(index["weight_map"]) == set(model.state_dict())
-    _same_weights(model, LlamaForCausalLM.from_pretrained(tmp_path))
+    _same_weights(model, from_pretrained(tmp_path, cls=LlamaForCausalLM))
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
         assert_close(hf(ids).logits, model.logits(model(ids)))
     # saving unsharded over it removes the old shards and index
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert (tmp_path / WEIGHTS_NAME).exists() and not (tmp_path / INDEX_NAME).exists()
     assert not list(tmp_path.glob("model-0*"))
     del files
@@ -67,7 +68,7 @@ def test_sharded_save_and_load(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "float16", "auto", None])
 def test_dtype_on_load(dtype, tmp_path):
     model = build_model(preset("tiny-gpt2"))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     loaded = from_pretrained(tmp_path, dtype=dtype)
     expect = {torch.bfloat16: torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
     assert {p.dtype for p in loaded.parameters()} == {expect}
@@ -82,7 +83,7 @@ def _edit(tmp_path, fn):
 
 
 def test_missing_tensor_is_named(tmp_path):
-    build_model(preset("tiny-llama")).save_pretrained(tmp_path)
+    save_pretrained(build_model(preset("tiny-llama")), tmp_path)
     _edit(tmp_path, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(
         ValueError, match=r"missing tensor\(s\) \['model.layers.1.mlp.up_proj.weight'\]"
@@ -91,14 +92,14 @@ def test_missing_tensor_is_named(tmp_path):
 
 
 def test_unexpected_tensor_is_named(tmp_path):
-    build_model(preset("tiny-llama")).save_pretrained(tmp_path)
+    save_pretrained(build_model(preset("tiny-llama")), tmp_path)
     _edit(tmp_path, lambda s: s.__setitem__("model.layers.7.extra", torch.zeros(2)))
     with pytest.raises(ValueError, match=r"unexpected tensor\(s\) \['model.layers.7.extra'\]"):
         from_pretrained(tmp_path)
 
 
 def test_wrong_shape_is_named(tmp_path):
-    build_model(preset("tiny-llama")).save_pretrained(tmp_path)
+    save_pretrained(build_model(preset("tiny-llama")), tmp_path)
     _edit(tmp_path, lambda s: s.__setitem__("model.norm.weight", torch.ones(65)))
     with pytest.raises(
         ValueError, match=r"tensor 'model.norm.weight': expected shape \[64\], got \[65\]"
@@ -107,7 +108,7 @@ def test_wrong_shape_is_named(tmp_path):
 
 
 def test_gpt2_conv1d_shape_error_mentions_the_transpose(tmp_path):
-    build_model(preset("tiny-gpt2")).save_pretrained(tmp_path)
+    save_pretrained(build_model(preset("tiny-gpt2")), tmp_path)
     _edit(
         tmp_path, lambda s: s.__setitem__("transformer.h.0.mlp.c_fc.weight", torch.zeros(64, 200))
     )
@@ -118,7 +119,7 @@ def test_gpt2_conv1d_shape_error_mentions_the_transpose(tmp_path):
 def test_gpt2_original_layout_loads(tmp_path):
     # The original GPT-2 files: no `transformer.` prefix, causal-mask buffers, an lm_head copy.
     model = build_model(preset("tiny-gpt2"))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
 
     def old_style(s):
         for k in list(s):
@@ -127,7 +128,7 @@ def test_gpt2_original_layout_loads(tmp_path):
         s["lm_head.weight"] = s["wte.weight"].clone()
 
     _edit(tmp_path, old_style)
-    _same_weights(model, GPT2LMHeadModel.from_pretrained(tmp_path))
+    _same_weights(model, from_pretrained(tmp_path, cls=GPT2LMHeadModel))
     _edit(tmp_path, lambda s: s.__setitem__("lm_head.weight", torch.zeros_like(s["wte.weight"])))
     with pytest.raises(ValueError, match="lm_head.weight: GPT-2's head is tied"):
         from_pretrained(tmp_path)
@@ -135,7 +136,7 @@ def test_gpt2_original_layout_loads(tmp_path):
 
 def test_bert_legacy_names_and_ignored_heads(tmp_path):
     model = build_model(preset("tiny-bert"))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
 
     def legacy(s):
         s["bert.embeddings.LayerNorm.gamma"] = s.pop("bert.embeddings.LayerNorm.weight")
@@ -145,7 +146,7 @@ def test_bert_legacy_names_and_ignored_heads(tmp_path):
         s["cls.predictions.decoder.weight"] = s["bert.embeddings.word_embeddings.weight"].clone()
 
     _edit(tmp_path, legacy)
-    _same_weights(model, BertForMaskedLM.from_pretrained(tmp_path))
+    _same_weights(model, from_pretrained(tmp_path, cls=BertForMaskedLM))
 
 
 def test_bert_mlm_head_is_tied(tmp_path):
@@ -166,9 +167,9 @@ def test_bert_mlm_head_is_tied(tmp_path):
 
 
 def test_wrong_class_and_missing_files(tmp_path):
-    build_model(preset("tiny-bert")).save_pretrained(tmp_path)
+    save_pretrained(build_model(preset("tiny-bert")), tmp_path)
     with pytest.raises(ValueError, match="not a LlamaForCausalLM"):
-        LlamaForCausalLM.from_pretrained(tmp_path)
+        from_pretrained(tmp_path, cls=LlamaForCausalLM)
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_pretrained(tmp_path / "nowhere")
 
@@ -205,7 +206,7 @@ def test_preset_errors():
 
 def test_tied_llama_file_with_a_head_copy(tmp_path):
     model = build_model(preset("tiny-qwen2"))  # tied
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     _edit(
         tmp_path, lambda s: s.__setitem__("lm_head.weight", s["model.embed_tokens.weight"].clone())
     )

@@ -233,3 +233,71 @@ def test_torch_compile_fullgraph_loss_and_gradients(name):
     assert_close(loss, ref)
     for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r)
+
+
+# --------------------------------------------------------------------------- decode branch
+
+
+def _decode_vs_full(model, backend="auto"):
+    """Ragged prompts prefilled right-padded, then model.decode steps at each sequence's own
+    position; every step's logits against a full forward over the whole sequence."""
+    torch.manual_seed(5)
+    lengths = [5, 2, 7]
+    new = 4
+    seqs = torch.randint(0, 128, (3, 7 + new))
+    ids = seqs[:, :7]
+    mask = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).long()
+    with torch.no_grad():
+        cache = model.new_kv_cache(batch=3, max_len=7 + new, backend=backend)
+        model(ids, attention_mask=mask, kv_cache=cache)
+        pos = torch.tensor(lengths, dtype=torch.int32)
+        for _ in range(new):
+            tok = seqs[torch.arange(3), pos.long()]
+            got = model.logits(model.decode(tok, pos, cache))  # (B, V)
+            for b in range(3):
+                p = int(pos[b])
+                want = model.logits(model(seqs[b : b + 1, : p + 1]))[0, -1]
+                assert_close(got[b], want)
+            assert torch.equal(cache.lengths, pos.long() + 1)
+            pos = pos + 1
+    return cache
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_decode_branch_equals_full_forward(name, backend):
+    cache = _decode_vs_full(_model(name), backend)
+    if name != "tiny-gpt2":  # plain projections: one matmul for q/k/v and one for gate/up
+        assert sum(entry[-1] is not None for entry in cache._fused.values()) == 2 * 2
+
+
+def test_decode_branch_with_lora_equals_full_forward():
+    from fastllm.peft import apply_lora
+
+    model = _model("tiny-llama")
+    apply_lora(model, target_modules=("q_proj", "v_proj", "gate_proj"), r=4)
+    with torch.no_grad():  # non-zero B so the adapters change the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    cache = _decode_vs_full(model.eval())
+    assert all(entry[-1] is None for entry in cache._fused.values())  # wrapped: modules called
+
+
+def test_decode_sees_in_place_weight_updates():
+    # One layer: the cached keys/values depend only on the embeddings and q/k/v, so after an
+    # in-place update of the MLP's gate (fused with up in the decode branch) the old cache is
+    # still right and the decode step must equal a full forward with the new weights.
+    model = _model("tiny-llama", num_hidden_layers=1)
+    ids = torch.randint(0, 128, (2, 6))
+    tok, pos = torch.tensor([3, 4]), torch.tensor([6, 6], dtype=torch.int32)
+    gate = model.model.layers[0].mlp.gate_proj.weight
+    with torch.no_grad():
+        cache = model.new_kv_cache(batch=2, max_len=8)
+        model(ids, kv_cache=cache)
+        before = model.logits(model.decode(tok, pos, cache))
+        gate.mul_(-1.5)  # what an optimizer step does: in place
+        after = model.logits(model.decode(tok, pos, cache))  # same slot, rewritten
+        full = model.logits(model(torch.cat([ids, tok[:, None]], 1)))[:, -1]
+    assert not torch.allclose(before, full)
+    assert_close(after, full)

@@ -21,7 +21,7 @@ from tests.conftest import assert_lowp_rule
 transformers = pytest.importorskip("transformers")
 
 from fastllm.labels import next_token_labels  # noqa: E402
-from fastllm.models import build_model, from_pretrained, preset  # noqa: E402
+from fastllm.models import build_model, from_pretrained, preset, save_pretrained  # noqa: E402
 
 FP32_TOL = 1e-4
 CAUSAL = ["tiny-llama", "tiny-llama3", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"]
@@ -93,7 +93,7 @@ def test_fastllm_to_hf(name, tmp_path):
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     hf = _hf_class(name).from_pretrained(tmp_path).eval()
     ids = _ids()
     with torch.no_grad():

@@ -12,6 +12,7 @@ import transformers  # test dependency (requirements/test.txt)
 from safetensors import safe_open
 
 from fastllm import peft as fpeft
+from fastllm.models import save_pretrained
 from tests.peft._tiny import tiny_llama
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -29,7 +30,7 @@ def _logits(model, ids):
 @pytest.mark.parametrize("use_rslora,targets", [(False, ALL), (True, ["q_proj", "v_proj"])])
 def test_fastllm_adapter_loads_in_peft_with_same_logits(tmp_path, use_rslora, targets):
     model = tiny_llama().eval()
-    model.save_pretrained(tmp_path / "base")
+    save_pretrained(model, tmp_path / "base")
     fpeft.apply_lora(model, target_modules=targets, r=4, alpha=8, use_rslora=use_rslora, init=False)
     fpeft.save_adapter(model, tmp_path / "adapter")
 
@@ -54,7 +55,7 @@ def test_fastllm_adapter_loads_in_peft_with_same_logits(tmp_path, use_rslora, ta
 
 def test_peft_trained_adapter_loads_into_fastllm(tmp_path):
     model = tiny_llama().eval()
-    model.save_pretrained(tmp_path / "base")
+    save_pretrained(model, tmp_path / "base")
     hf = _hf_model(tmp_path / "base")
     cfg = hf_peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
                              lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM")
