@@ -8,9 +8,11 @@ One step = forward + loss + backward + AdamW step + zero_grad on one (batch, seq
 random tokens (all positions labelled). tokens/s = batch * seq / median step time. Peak
 memory is what the step allocates above the model and optimizer state already in place (CUDA:
 the caching allocator's peak; CPU: the allocations torch.profiler records): activations,
-logits, gradients. Both sides: the same config (fastllm preset -> HF LlamaConfig), float32 on
-the CPU and bfloat16 autocast on the GPU, SDPA attention for transformers, LoRA r=8, alpha=16
-on q/k/v/o/gate/up/down with the base frozen.
+logits, gradients. Each row also records `losses`, the mean token loss of every step run
+(warm-up, timed, memory), so a run shows both sides train the same objective. Both sides:
+the same config (fastllm preset -> HF LlamaConfig), float32 on the CPU and bfloat16 autocast
+on the GPU, SDPA attention for transformers, LoRA r=8, alpha=16 on q/k/v/o/gate/up/down with
+the base frozen.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def fastllm_step(cfg, mode, batch, seq, device, dtype):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
     return step
 
 
@@ -100,6 +103,7 @@ def hf_step(cfg, mode, batch, seq, device, dtype):
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
     return step
 
 
@@ -142,27 +146,32 @@ def main(argv=None):
                 except NotImplementedError as exc:
                     print(f"{name:<14} {mode:<5} {pname:<13} n/a: {exc}")
                     continue
-                times = time_ms(step, device, warmup=1, reps=reps, max_seconds=120.0)
-                peak = peak_memory_mb(step, device)
+                losses = []  # mean token loss of every step run, in order (read after timing: no sync)
+
+                def recorded(step=step, losses=losses):
+                    losses.append(step())
+                times = time_ms(recorded, device, warmup=1, reps=reps, max_seconds=120.0)
+                peak = peak_memory_mb(recorded, device)
                 q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-                results[pname] = (statistics.median(times), q[0], q[3], peak, len(times))
-                del step
+                results[pname] = (statistics.median(times), q[0], q[3], peak, len(times),
+                                  [round(float(x), 6) for x in losses])
+                del step, recorded
                 if gpu:
                     torch.cuda.empty_cache()
             base = results.get("transformers")
-            for pname, (med, p20, p80, peak, n) in results.items():
+            for pname, (med, p20, p80, peak, n, losses) in results.items():
                 tok_s = batch * args.seq / (med * 1e-3)
                 speed = base[0] / med if base else None
                 mem = peak / base[3] if base and base[3] > 0 else None
                 print(f"{name:<14} {mode:<5} {pname:<13} {med:>10.1f} {f'{p20:.1f}-{p80:.1f}':>17} {tok_s:>9.0f} "
                       f"{peak:>9.1f} {'-' if speed is None else f'{speed:.2f}':>10} "
-                      f"{'-' if mem is None else f'{mem:.2f}':>7}")
+                      f"{'-' if mem is None else f'{mem:.2f}':>7}  loss {losses[0]:.4f} -> {losses[-1]:.4f}")
                 rows.append({"bench": "train", "case": f"{name} {mode} b{batch}x{args.seq}", "config": name,
                              "mode": mode, "provider": pname, "batch": batch,
                              "seq": args.seq, "dtype": str(dtype), "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                              "reps": n, "tokens_per_s": tok_s, "peak_mib": peak, "tokens_per_s_vs_hf": speed,
                              "memory_vs_hf": mem, "speedup_vs_baseline": speed, "memory_vs_baseline": mem,
-                             "baseline": "transformers" if base else None, **env})
+                             "baseline": "transformers" if base else None, "losses": losses, **env})
     if rows and not args.no_write:
         os.makedirs(RESULTS_DIR, exist_ok=True)
         with open(os.path.join(RESULTS_DIR, "train.jsonl"), "a") as f:

@@ -7,19 +7,24 @@ For each case and provider it reports the median time and its spread (20th-80th
 percentile), throughput from an explicit formula (GB/s from bytes moved, TFLOP/s from
 FLOPs), and peak memory above the inputs (CUDA: the caching allocator's peak; CPU: the
 allocations recorded by torch.profiler). Every row is appended as one JSON line to
-bench/results/<name>.jsonl with the device name, torch/triton versions, git commit and date.
-Ratios between providers measured in one run are the figures we quote.
+bench/results/<name>.jsonl with the device name, torch/triton versions, git commit, whether
+the tree had uncommitted changes (`dirty`, bench/results/ itself not counted), the date, the
+machine load when the run started (`load_avg`: 1/5/15-minute averages) and a `run_id` shared
+by every row of one invocation (FASTLLM_BENCH_RUN_ID sets it, e.g. to group the benches of one
+gpu_check.sh). Ratios between providers measured in one run are the figures we quote.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
 import statistics
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -121,16 +126,37 @@ def measure(fn: Callable[[], object], device: torch.device, **kw) -> Stats:
     return Stats(statistics.median(times), q[0], q[3], peak_memory_mb(fn, device), len(times))
 
 
-def _git_commit() -> str:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _git_commit() -> str:
+    return (_git("rev-parse", "--short", "HEAD") or "").strip() or "unknown"
+
+
+def _git_dirty() -> bool | None:
+    """True when the tree has uncommitted changes (untracked files included), not counting
+    bench/results/ (which every run appends to); None outside a git checkout."""
+    out = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    return None if out is None else bool(out.strip())
+
+
+@functools.cache
+def _run() -> dict:
+    """What every row of this invocation shares: one run id, the load and the date at start."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    run_id = os.environ.get("FASTLLM_BENCH_RUN_ID") or f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {"run_id": run_id, "load_avg": load, "date": now.isoformat(timespec="seconds")}
 
 
 def environment(device: torch.device) -> dict:
+    """Fields every result row carries: device, versions, commit, dirty, date, load, run_id."""
     try:
         import triton
 
@@ -142,7 +168,8 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dirty": _git_dirty(),
+        **_run(),
     }
 
 
@@ -169,7 +196,8 @@ def run_cases(
     device = torch.device(device)
     env = environment(device)
     rows = []
-    print(f"\n## {name} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})")
+    print(f"\n## {name} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"
+          f"{' + uncommitted changes' if env['dirty'] else ''}, run {env['run_id']}, load {env['load_avg']})")
     header = (f"{'case':<28} {'provider':<16} {'median ms':>10} {'p20-p80 ms':>15} {'GB/s':>8} {'TFLOP/s':>8} "
               f"{'peak MiB':>9} {'x base':>7} {'mem/base':>8}")
     print(header)

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, dot_precision
-from .utils import interpreting
+from .attention_fwd import LOG2E, attention_pointers, block_d, dot_precision, head_dims
+from .utils import GPU_DTYPES, LaunchSpec, interpreting
 
 
 @triton.jit
@@ -178,14 +178,44 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
-def _bwd_blocks(head_dim: int, dtype: torch.dtype):
+def _bwd_blocks(head_dim: int, dtype: torch.dtype, interpret: bool | None = None):
     """((BLOCK_M, BLOCK_N) of dK/dV, (BLOCK_M, BLOCK_N) of dQ, num_warps, num_stages)."""
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         return (16, 16), (16, 16), 4, 1
     if dtype == torch.float32:
         return (32, 64), (64, 32), 4, 1
     warps = 4 if head_dim <= 64 else 8
     return (32, 128), (128, 32), warps, 2
+
+
+def _configs(head_dim: int, dtype: torch.dtype, causal: bool, has_keep: bool, deterministic: bool,
+             interpret: bool | None = None) -> tuple[dict, dict]:
+    """Launch constants of the dK/dV kernel and of the dQ kernel."""
+    interpret = interpreting() if interpret is None else interpret
+    (bm1, bn1), (bm2, bn2), warps, stages = _bwd_blocks(head_dim, dtype, interpret)
+    common = dict(IS_CAUSAL=causal, HAS_KEEP=has_keep, UPCAST=interpret, BLOCK_D=block_d(head_dim),
+                  DOT_PRECISION=dot_precision(dtype), num_warps=warps, num_stages=stages)
+    return (dict(common, ATOMIC_DQ=not deterministic, BLOCK_M=bm1, BLOCK_N=bn1),
+            dict(common, BLOCK_M=bm2, BLOCK_N=bn2))
+
+
+def launch_configs() -> list[LaunchSpec]:
+    """Every variant the launcher can launch on a GPU: each dtype and BLOCK_D with causal
+    masking, a key mask and (dK/dV) the atomic dQ on, then each switch off once."""
+    def specs_for(head_dim, dtype, causal=True, has_keep=True, deterministic=False):
+        dkdv, dq = _configs(head_dim, dtype, causal, has_keep, deterministic, interpret=False)
+        out = []
+        for kernel, cfg, names in ((_attn_bwd_dkdv_kernel, dkdv, "Q K V DO LSE DELTA DK DV DQ_ACC CU_Q CU_K KEEP"),
+                                   (_attn_bwd_dq_kernel, dq, "Q K V DO LSE DELTA DQ CU_Q CU_K KEEP")):
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            out.append(LaunchSpec(kernel, attention_pointers(names, dtype, has_keep), cfg, warps, stages,
+                                  floats=("scale", "scale_log2")))
+        return out
+
+    specs = [s for dtype in GPU_DTYPES for d in head_dims() for s in specs_for(d, dtype)]
+    specs += specs_for(128, torch.bfloat16, causal=False)
+    specs += specs_for(128, torch.bfloat16, has_keep=False)
+    return specs + specs_for(128, torch.bfloat16, deterministic=True)[:1]  # dQ has no ATOMIC_DQ switch
 
 
 def attention_bwd(
@@ -204,32 +234,24 @@ def attention_bwd(
         return
     # delta_i = dO_i . O_i, float32, laid out (Hq, total_q) like lse.
     delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()
-    (bm1, bn1), (bm2, bn2), warps, stages = _bwd_blocks(head_dim, q.dtype)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    cfg1, cfg2 = _configs(head_dim, q.dtype, causal, keep is not None, deterministic)
     keep_arg = keep if keep is not None else cu_k
-    prec = dot_precision(q.dtype)
     dq_acc = None if deterministic else torch.zeros((total_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, bn1), batch * n_kv_heads)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, cfg1["BLOCK_N"]), batch * n_kv_heads)](
         q, k, v, grad_out, lse, delta, dk, dv, dq_acc if dq_acc is not None else delta,
         cu_q, cu_k, keep_arg,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        total_q, n_heads, n_kv_heads, group, head_dim, n_prefix, scale, scale * LOG2E,
-        IS_CAUSAL=causal, HAS_KEEP=keep is not None, ATOMIC_DQ=not deterministic,
-        UPCAST=interpreting(), BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=block_d, DOT_PRECISION=prec,
-        num_warps=warps, num_stages=stages,
+        total_q, n_heads, n_kv_heads, group, head_dim, n_prefix, scale, scale * LOG2E, **cfg1,
     )
     if dq_acc is not None:
         dq.copy_(dq_acc)
         return
     if max_seqlen_q == 0:
         return
-    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, bm2), batch * n_heads)](
+    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, cfg2["BLOCK_M"]), batch * n_heads)](
         q, k, v, grad_out, lse, delta, dq, cu_q, cu_k, keep_arg,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1),
-        total_q, n_heads, group, head_dim, n_prefix, scale, scale * LOG2E,
-        IS_CAUSAL=causal, HAS_KEEP=keep is not None, UPCAST=interpreting(),
-        BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_D=block_d, DOT_PRECISION=prec,
-        num_warps=warps, num_stages=stages,
+        total_q, n_heads, group, head_dim, n_prefix, scale, scale * LOG2E, **cfg2,
     )

@@ -24,9 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreting
+from .utils import GPU_DTYPES, LaunchSpec, interpreting
 
 LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256  # a larger head would not fit the shared memory of one program
 
 
 @triton.jit
@@ -104,15 +105,56 @@ def _attn_fwd_kernel(
     tl.store(LSE + h * total_q + q_start + offs_m, lse, mask=m_ok)
 
 
-def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def block_sizes(head_dim: int, dtype: torch.dtype, interpret: bool | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward."""
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         return 16, 16, 4, 1
     if dtype == torch.float32:
         return 64, 32, 4, 2
     if head_dim <= 64:
         return 128, 64, 4, 3
     return 128, 64, 8, 3
+
+
+def block_d(head_dim: int) -> int:
+    """BLOCK_D of the forward and backward kernels: head_dim padded to a power of two >= 16."""
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q: the Triton attention kernels support head dim up to {MAX_HEAD_DIM}, got {head_dim}")
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def head_dims() -> list[int]:
+    """One head dim per BLOCK_D the kernels can be launched with (16, 32, ..., MAX_HEAD_DIM)."""
+    return [d for d in (2 ** i for i in range(4, 16)) if d <= MAX_HEAD_DIM]
+
+
+def _config(head_dim: int, dtype: torch.dtype, causal: bool, has_keep: bool, interpret: bool | None = None) -> dict:
+    """Launch constants of the forward kernel."""
+    interpret = interpreting() if interpret is None else interpret
+    block_m, block_n, warps, stages = block_sizes(head_dim, dtype, interpret)
+    return dict(IS_CAUSAL=causal, HAS_KEEP=has_keep, UPCAST=interpret, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=block_d(head_dim), DOT_PRECISION=dot_precision(dtype), num_warps=warps, num_stages=stages)
+
+
+def attention_pointers(names: str, dtype: torch.dtype, has_keep: bool) -> dict:
+    """Pointer arguments -> element dtype as the launchers pass them: tensors of q's dtype,
+    float32 lse/delta/dq accumulator, int32 cu_seqlens, int8 keep (cu_k in its place without one)."""
+    kinds = {"LSE": torch.float32, "DELTA": torch.float32, "DQ_ACC": torch.float32, "CU_Q": torch.int32,
+             "CU_K": torch.int32, "KEEP": torch.int8 if has_keep else torch.int32}
+    return {name: kinds.get(name, dtype) for name in names.split()}
+
+
+def launch_configs() -> list[LaunchSpec]:
+    """Every variant the launcher can launch on a GPU: each dtype and BLOCK_D with causal
+    masking and a key mask on, then each of the two off once."""
+    def spec(head_dim, dtype, causal=True, has_keep=True):
+        cfg = _config(head_dim, dtype, causal, has_keep, interpret=False)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        return LaunchSpec(_attn_fwd_kernel, attention_pointers("Q K V OUT LSE CU_Q CU_K KEEP", dtype, has_keep),
+                          cfg, warps, stages, floats=("scale_log2",))
+
+    specs = [spec(d, dtype) for dtype in GPU_DTYPES for d in head_dims()]
+    return specs + [spec(128, torch.bfloat16, causal=False), spec(128, torch.bfloat16, has_keep=False)]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -131,17 +173,13 @@ def attention_fwd(
     total_q, n_heads, head_dim = q.shape
     group = n_heads // k.shape[1]
     batch = cu_q.numel() - 1
-    block_m, block_n, warps, stages = block_sizes(head_dim, q.dtype)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    cfg = _config(head_dim, q.dtype, causal, keep is not None)
     if batch == 0 or max_seqlen_q == 0:
         return
-    grid = (triton.cdiv(max_seqlen_q, block_m), batch * n_heads)
+    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * n_heads)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k, keep if keep is not None else cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
-        total_q, n_heads, group, head_dim, n_prefix, scale * LOG2E,
-        IS_CAUSAL=causal, HAS_KEEP=keep is not None, UPCAST=interpreting(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        total_q, n_heads, group, head_dim, n_prefix, scale * LOG2E, **cfg,
     )

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, interpreting
+from .utils import ROW_DTYPES, LaunchSpec, acc_dtype, interpreting, pow2_blocks
 
 
 @triton.jit
@@ -157,15 +157,48 @@ def _logprob_rows_bwd_kernel(
         tl.store(x_row + offs, d.to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def _block_v(n_cols: int) -> int:
-    # Under the interpreter a small tile keeps numpy's temporaries small; on a GPU 4096
-    # elements per tile keeps enough loads in flight (Liger uses up to 65536 / 32768).
-    cap = 128 if interpreting() else 4096
-    return min(cap, triton.next_power_of_2(max(n_cols, 1)))
+GPU_BLOCK_V = 4096  # on a GPU 4096 elements per tile keeps enough loads in flight (Liger uses up to 65536 / 32768)
 
 
 def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
+
+
+def _config(n_cols: int, dtype: torch.dtype, interpret: bool | None = None) -> dict:
+    """BLOCK_V, ACC and num_warps of all three kernels for rows of n_cols logits of `dtype`.
+    Under the interpreter a small tile keeps numpy's temporaries small."""
+    cap = 128 if (interpreting() if interpret is None else interpret) else GPU_BLOCK_V
+    block = min(cap, triton.next_power_of_2(max(n_cols, 1)))
+    return dict(BLOCK_V=block, ACC=acc_dtype(dtype), num_warps=_warps(block))
+
+
+def launch_configs() -> list[LaunchSpec]:
+    """Every variant the launchers can launch on a GPU: each dtype and, for BLOCK_V, the ends of
+    each warps bucket, with every feature switch on; then each switch off once at the largest block."""
+    def xent(cfg, warps, dtype, softcap=True, smoothing=True, grad=True):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        pointers = {"LOGITS": dtype, "LABELS": torch.int64, **dict.fromkeys(["ROW_SCALE", "LOSS", "LSE"], acc)}
+        flags = dict(HAS_SOFTCAP=softcap, HAS_SMOOTHING=smoothing, COMPUTE_GRAD=grad)
+        return LaunchSpec(_xent_rows_kernel, pointers, {**cfg, **flags}, warps,
+                          floats=("label_smoothing", "z_loss", "softcap"))
+
+    specs = []
+    for dtype in ROW_DTYPES:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for block in pow2_blocks(GPU_BLOCK_V, _warps):
+            cfg = _config(block, dtype, interpret=False)
+            warps = cfg.pop("num_warps")
+            specs.append(xent(cfg, warps, dtype))
+            rows = {"LOGITS": dtype, "TARGETS": torch.int64}
+            specs.append(LaunchSpec(_logprob_rows_kernel, {**rows, "LOGPROB": acc, "ENTROPY": acc}, cfg, warps,
+                                    floats=("inv_temperature",)))
+            specs.append(LaunchSpec(_logprob_rows_bwd_kernel, {**rows, "GRAD_LOGPROB": acc, "GRAD_ENTROPY": acc},
+                                    cfg, warps, floats=("inv_temperature",)))
+    cfg = _config(GPU_BLOCK_V, torch.bfloat16, interpret=False)
+    warps = cfg.pop("num_warps")
+    specs += [xent(cfg, warps, torch.bfloat16, softcap=False), xent(cfg, warps, torch.bfloat16, smoothing=False),
+              xent(cfg, warps, torch.bfloat16, grad=False)]
+    return specs
 
 
 def xent_rows_(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, ignore_index: int,
@@ -176,12 +209,11 @@ def xent_rows_(logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tens
     for float64 logits). Writes loss and lse and returns them."""
     rows, n_cols = logits.shape
     if rows > 0:
-        block = _block_v(n_cols)
         _xent_rows_kernel[(rows,)](
             logits, labels, row_scale, loss, lse, logits.stride(0), n_cols, ignore_index,
             label_smoothing, z_loss, softcap if softcap > 0 else 1.0,
-            BLOCK_V=block, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
-            COMPUTE_GRAD=compute_grad, ACC=acc_dtype(logits.dtype), num_warps=_warps(block),
+            HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0, COMPUTE_GRAD=compute_grad,
+            **_config(n_cols, logits.dtype),
         )
     return loss, lse
 
@@ -192,10 +224,9 @@ def logprob_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
     outputs. Writes and returns (logprob, entropy)."""
     rows, n_cols = logits.shape
     if rows > 0:
-        block = _block_v(n_cols)
         _logprob_rows_kernel[(rows,)](
             logits, targets, logprob, entropy, logits.stride(0), n_cols, ignore_index, inv_temperature,
-            BLOCK_V=block, ACC=acc_dtype(logits.dtype), num_warps=_warps(block),
+            **_config(n_cols, logits.dtype),
         )
     return logprob, entropy
 
@@ -205,8 +236,7 @@ def logprob_rows_bwd_(logits: torch.Tensor, targets: torch.Tensor, grad_logprob:
     """Overwrites logits (rows, V) with the gradient of sum(g*logprob + h*entropy)."""
     rows, n_cols = logits.shape
     if rows > 0:
-        block = _block_v(n_cols)
         _logprob_rows_bwd_kernel[(rows,)](
             logits, targets, grad_logprob, grad_entropy, logits.stride(0), n_cols, ignore_index,
-            inv_temperature, BLOCK_V=block, ACC=acc_dtype(logits.dtype), num_warps=_warps(block),
+            inv_temperature, **_config(n_cols, logits.dtype),
         )

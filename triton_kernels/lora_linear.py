@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, interpreting
+from .utils import GPU_DTYPES, LaunchSpec, acc_dtype, interpreting
 
 
 @triton.jit
@@ -93,12 +93,44 @@ def _autotuned():
     return triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "R"])(_matmul_lowrank_kernel)
 
 
-def _dot_dtype(dtype: torch.dtype):
+def _dot_dtype(dtype: torch.dtype, interpret: bool | None = None):
     if dtype == torch.float64:
         return tl.float64
-    if interpreting() or dtype == torch.float32:
+    if (interpreting() if interpret is None else interpret) or dtype == torch.float32:
         return tl.float32  # the interpreter's bf16/fp16 dot is wrong: compute it in float32
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+def _flags(dtype: torch.dtype, rank: int, has_bias: bool, has_keep: bool, interpret: bool | None = None) -> dict:
+    """Constants of every launch; the tile (BLOCK_M/N/K, GROUP_M, warps, stages) comes from
+    _GPU_CONFIGS (autotuned) on a GPU and is fixed under the interpreter."""
+    return dict(HAS_BIAS=has_bias, HAS_KEEP=has_keep, DOT=_dot_dtype(dtype, interpret), ACC=acc_dtype(dtype),
+                PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+                BLOCK_R=max(16, min(64, triton.next_power_of_2(max(rank, 1)))))
+
+
+# The two layouts the op calls the kernel with; the unit strides are passed as 1, which a launch
+# specialises on. Forward: w_t = W^T and v = B^T are transposed views. Backward: W and A as stored.
+_LAYOUT_ONES = {"forward": ("stride_xk", "stride_wk", "stride_ur", "stride_vr", "stride_on"),
+                "backward": ("stride_xk", "stride_wn", "stride_ur", "stride_vn", "stride_on")}
+
+
+def launch_configs() -> list[LaunchSpec]:
+    """Every variant the launcher can launch on a GPU: each autotuned tile, dtype and BLOCK_R
+    (16, 32, 64), in both layouts with the layout's switch on (bias forward, keep backward);
+    then each switch off once."""
+    def spec(config, dtype, rank, layout, switch=True):
+        has_bias, has_keep = (switch, False) if layout == "forward" else (False, switch)
+        constexprs = {**_flags(dtype, rank, has_bias, has_keep, interpret=False), **config.kwargs,
+                      **dict.fromkeys(_LAYOUT_ONES[layout], 1)}
+        pointers = {**dict.fromkeys(["X", "W", "U", "V", "OUT"], dtype), "KEEP": torch.bool if has_keep else dtype,
+                    "BIAS": dtype}
+        return LaunchSpec(_matmul_lowrank_kernel, pointers, constexprs, config.num_warps, config.num_stages,
+                          floats=("scale",))
+
+    specs = [spec(config, dtype, rank, layout) for config in _GPU_CONFIGS for dtype in GPU_DTYPES
+             for rank in (16, 32, 64) for layout in _LAYOUT_ONES]
+    return specs + [spec(_GPU_CONFIGS[-1], torch.bfloat16, 64, layout, switch=False) for layout in _LAYOUT_ONES]
 
 
 def matmul_lowrank(x: torch.Tensor, w_t: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,
@@ -116,7 +148,6 @@ def matmul_lowrank(x: torch.Tensor, w_t: torch.Tensor, u: torch.Tensor, v: torch
         raise TypeError("x: the Triton LoRA kernel supports float32, bfloat16 and float16 on CUDA, got float64")
     if M == 0 or N == 0:
         return out
-    block_r = max(16, min(64, triton.next_power_of_2(max(R, 1))))
     args = (
         x, w_t, u, v, keep if keep is not None else out, bias if bias is not None else out, out,
         M, N, K, R,
@@ -124,8 +155,7 @@ def matmul_lowrank(x: torch.Tensor, w_t: torch.Tensor, u: torch.Tensor, v: torch
         u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), float(scale),
     )
-    flags = dict(HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, DOT=_dot_dtype(x.dtype), ACC=acc_dtype(x.dtype),
-                 PRECISION="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32", BLOCK_R=block_r)
+    flags = _flags(x.dtype, R, bias is not None, keep is not None)
     if interpreting() or x.device.type != "cuda":
         grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
         _matmul_lowrank_kernel[grid](*args, **flags, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)

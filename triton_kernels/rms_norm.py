@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, num_programs, row_block, row_warps
+from .utils import MAX_FUSED_ROW, ROW_DTYPES, LaunchSpec, acc_dtype, num_programs, pow2_blocks, row_block, row_warps
 
 
 @triton.jit
@@ -61,14 +61,33 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
 
 
+def _config(block: int, dtype: torch.dtype) -> dict:
+    """Launch constants of both kernels for rows padded to `block` elements of `dtype`."""
+    return dict(BLOCK_N=block, ACC=acc_dtype(dtype), num_warps=row_warps(block))
+
+
+def launch_configs() -> list[LaunchSpec]:
+    """Every variant the launchers can launch on a GPU: each dtype, and for the row block
+    (H rounded up to a power of two, at most MAX_FUSED_ROW) the ends of each warps bucket."""
+    specs = []
+    for dtype in ROW_DTYPES:
+        partial = torch.float64 if dtype == torch.float64 else torch.float32
+        for block in pow2_blocks(MAX_FUSED_ROW, row_warps):
+            cfg = _config(block, dtype)
+            warps = cfg.pop("num_warps")
+            specs.append(LaunchSpec(_rms_norm_fwd_kernel, dict.fromkeys("XWY", dtype), cfg, warps, floats=("eps",)))
+            specs.append(LaunchSpec(_rms_norm_bwd_kernel, {**dict.fromkeys(["DY", "X", "W", "DX"], dtype),
+                                                           "DW_PARTIAL": partial}, cfg, warps, floats=("eps",)))
+    return specs
+
+
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
     """x, out: (rows, H) contiguous; weight: (H,). Writes y into `out` and returns it."""
     n_rows, n_cols = x.shape
     block = row_block(n_cols)
     if n_rows > 0:
         _rms_norm_fwd_kernel[(n_rows,)](
-            x, weight, out, n_cols, eps,
-            BLOCK_N=block, ACC=acc_dtype(x.dtype), num_warps=row_warps(block),
+            x, weight, out, n_cols, eps, **_config(block, x.dtype),
         )
     return out
 
@@ -84,7 +103,6 @@ def rms_norm_bwd(
     partial_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dw_partial = torch.empty((programs, n_cols), dtype=partial_dtype, device=x.device)
     _rms_norm_bwd_kernel[(programs,)](
-        dy, x, weight, dx, dw_partial, n_rows, n_cols, eps, rows_per_program,
-        BLOCK_N=block, ACC=acc_dtype(x.dtype), num_warps=row_warps(block),
+        dy, x, weight, dx, dw_partial, n_rows, n_cols, eps, rows_per_program, **_config(block, x.dtype),
     )
     return dw_partial.sum(0)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, row_warps
+from .utils import ROW_DTYPES, LaunchSpec, acc_dtype, pow2_blocks, row_warps
 
 
 @triton.jit
@@ -67,6 +67,39 @@ def _rope_kernel(
     _rotate_heads(K, KO, row, n_k_heads, half, c, s, BLOCK_HK, BLOCK_HALF, ACC)
 
 
+# The sizes launch_configs() covers: head dims up to 256 (as attention) and up to 128 heads.
+MAX_HALF = 128
+MAX_HEADS = 128
+
+
+def _config(n_q_heads: int, n_k_heads: int, half: int, dtype: torch.dtype, inverse: bool) -> dict:
+    """Launch constants: one (heads, half) tile each for q and k, padded to powers of two."""
+    block_half = triton.next_power_of_2(max(half, 1))
+    block_hq = triton.next_power_of_2(max(n_q_heads, 1))
+    return dict(BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(max(n_k_heads, 1)), BLOCK_HALF=block_half,
+                INVERSE=inverse, ACC=acc_dtype(dtype), num_warps=row_warps(block_hq * block_half))
+
+
+def launch_configs() -> list[LaunchSpec]:
+    """Every variant the launcher can launch on a GPU, up to MAX_HEADS heads of half width
+    MAX_HALF: each dtype; for the q tile (heads x half) the ends of each warps bucket, with as
+    many k heads as q heads (the largest k tile), inverse=True; and the forward once."""
+    def spec(n_heads, n_k_heads, half, dtype, inverse):
+        cfg = _config(n_heads, n_k_heads, half, dtype, inverse)
+        warps = cfg.pop("num_warps")
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        pointers = {**dict.fromkeys(["Q", "K", "QO", "KO"], dtype), "COS": acc, "SIN": acc}
+        return LaunchSpec(_rope_kernel, pointers, cfg, warps)
+
+    specs = []
+    for dtype in ROW_DTYPES:
+        for tile in pow2_blocks(MAX_HEADS * MAX_HALF, row_warps):
+            half = min(tile, MAX_HALF)
+            specs.append(spec(tile // half, tile // half, half, dtype, True))
+    specs.append(spec(MAX_HEADS, 1, MAX_HALF, torch.bfloat16, False))
+    return specs
+
+
 def rope_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,10 +113,6 @@ def rope_fwd(
     Writes the rotated q and k (inverse=True: rotated back) into q_out and k_out."""
     n_tokens, n_q_heads, head_dim = q.shape
     n_k_heads = k.shape[1]
-    half = head_dim // 2
-    block_half = triton.next_power_of_2(max(half, 1))
-    block_hq = triton.next_power_of_2(max(n_q_heads, 1))
-    block_hk = triton.next_power_of_2(max(n_k_heads, 1))
     if n_tokens == 0:
         return
     _rope_kernel[(n_tokens,)](
@@ -95,11 +124,6 @@ def rope_fwd(
         sin,
         n_q_heads,
         n_k_heads,
-        half,
-        BLOCK_HQ=block_hq,
-        BLOCK_HK=block_hk,
-        BLOCK_HALF=block_half,
-        INVERSE=inverse,
-        ACC=acc_dtype(q.dtype),
-        num_warps=row_warps(block_hq * block_half),
+        head_dim // 2,
+        **_config(n_q_heads, n_k_heads, head_dim // 2, q.dtype, inverse),
     )

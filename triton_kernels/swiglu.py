@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype
+from .utils import ROW_DTYPES, LaunchSpec, acc_dtype
 
 BLOCK = 1024
 
@@ -39,13 +39,27 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, n, BLOCK: tl.constexpr, ACC: tl.constex
     tl.store(DU + offs, (dy * g * s).to(DU.dtype.element_ty), mask=mask)
 
 
+def _config(dtype: torch.dtype) -> dict:
+    """Launch constants of both kernels for inputs of `dtype`."""
+    return dict(BLOCK=BLOCK, ACC=acc_dtype(dtype), num_warps=4)
+
+
+def launch_configs() -> list[LaunchSpec]:
+    """Every variant the launchers can launch on a GPU (one per dtype and kernel)."""
+    specs = []
+    for dtype in ROW_DTYPES:
+        cfg = _config(dtype)
+        warps = cfg.pop("num_warps")
+        specs.append(LaunchSpec(_swiglu_fwd_kernel, dict.fromkeys("GUY", dtype), cfg, warps))
+        specs.append(LaunchSpec(_swiglu_bwd_kernel, dict.fromkeys(["DY", "G", "U", "DG", "DU"], dtype), cfg, warps))
+    return specs
+
+
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """gate, up, out: same shape, contiguous. Writes silu(gate) * up into out and returns it."""
     n = gate.numel()
     if n > 0:
-        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            gate, up, out, n, BLOCK=BLOCK, ACC=acc_dtype(gate.dtype)
-        )
+        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, **_config(gate.dtype))
     return out
 
 
@@ -55,6 +69,4 @@ def swiglu_bwd(
     """All five tensors: same shape, contiguous. Writes the gradients of gate and up."""
     n = gate.numel()
     if n > 0:
-        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-            dy, gate, up, d_gate, d_up, n, BLOCK=BLOCK, ACC=acc_dtype(gate.dtype)
-        )
+        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, gate, up, d_gate, d_up, n, **_config(gate.dtype))

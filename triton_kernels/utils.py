@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -51,3 +52,35 @@ def row_block(n_cols: int, name: str = "hidden size") -> int:
     if block > MAX_FUSED_ROW:
         raise ValueError(f"{name}: at most {MAX_FUSED_ROW} elements per row, got {n_cols}")
     return block
+
+
+# ------------------------------------------------------------------ ahead-of-time compilation
+
+# Every launcher also lists the compiled variants it can choose on a GPU (`launch_configs()`),
+# built from the same config function the launcher calls; tests/triton_kernels compiles each
+# one for sm_80 and sm_90 without a GPU and checks its shared memory against the card's limit.
+GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # matmul kernels (no float64 on GPU)
+ROW_DTYPES = GPU_DTYPES + (torch.float64,)  # row-wise and elementwise kernels
+
+
+class LaunchSpec(NamedTuple):
+    """One variant of a kernel as its launcher launches it on a GPU."""
+
+    kernel: Any  # the @triton.jit function
+    pointers: dict  # pointer argument -> element dtype (torch.dtype)
+    constexprs: dict  # every tl.constexpr argument, plus integer arguments a launch always passes as 1
+    num_warps: int = 4
+    num_stages: int = 3  # Triton's default for CUDA
+    floats: tuple = ()  # float scalar arguments; every other runtime argument is an integer
+
+
+def pow2_blocks(max_block: int, warps) -> list[int]:
+    """The smallest and the largest power-of-two block of every num_warps bucket up to
+    max_block: the block sizes that stand for all the others a launcher can round a size to
+    (within a bucket only the tile length changes, not the warps or the code)."""
+    ends: dict[int, list[int]] = {}
+    block = 1
+    while block <= max_block:
+        ends.setdefault(warps(block), []).append(block)
+        block *= 2
+    return sorted({b for blocks in ends.values() for b in (blocks[0], blocks[-1])})
