@@ -47,10 +47,10 @@ SIZES = {
                                num_key_value_heads=2),
                   encoder=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
     # the default: small models that learn visibly within the 15-minute budget on 2 CPU cores
-    "default": dict(vocab=2000, seq_len=128, batch=16, pretrain_steps=600, mlm_steps=300, sft_steps=200,
-                    peft_steps=120, eval_batches=8, max_length=160, sample_tokens=40, lr=2e-3, sft_lr=5e-4,
+    "default": dict(vocab=2000, seq_len=128, batch=16, pretrain_steps=300, mlm_steps=150, sft_steps=150,
+                    peft_steps=80, eval_batches=8, max_length=160, sample_tokens=40, lr=2e-3, sft_lr=5e-4,
                     peft_lr=3e-3,
-                    decoder=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                    decoder=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=2),
                     encoder=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                  num_attention_heads=4)),
