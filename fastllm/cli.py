@@ -1,4 +1,5 @@
-"""The `fastllm` command: `fastllm demo`, `fastllm pretrain|sft [CONFIG.yaml] key=value ...`,
+"""The `fastllm` command: `fastllm pipeline [--quick]` (the main job), `fastllm demo`,
+`fastllm pretrain|sft [CONFIG.yaml] key=value ...`,
 `fastllm plot metrics.jsonl`. Under `torchrun --nproc_per_node N -m fastllm.cli sft ...` the
 loops run distributed (DDP, or FSDP2 with distributed=fsdp)."""
 
@@ -25,12 +26,32 @@ def main(argv: list[str] | None = None) -> int:
                            epilog=f"config fields (key, type, default: meaning):\n{describe_fields(CONFIGS[name])}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value")
+    pipe = sub.add_parser("pipeline", help="the main job: tokenizer -> pre-training -> SFT -> PEFT, with a report",
+                          description="Train every stage on the shipped data, each feeding the next, and write "
+                          "report.md, report.html and summary.json into the output folder. Run again on the same "
+                          "folder to resume where it stopped.")
+    pipe.add_argument("--output-dir", default="runs/pipeline", help="where runs, state and the report go")
+    pipe.add_argument("--quick", action="store_true", help="small sizes, a few minutes on a CPU")
+    pipe.add_argument("--stages", default=None, help="comma-separated stages to run (what they need runs first)")
+    pipe.add_argument("--model", default=None, help="a Hugging Face checkpoint dir the fine-tuning stages start from")
+    pipe.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    pipe.add_argument("--seed", type=int, default=0)
     plot = sub.add_parser("plot", help="turn a metrics.jsonl into a loss-curve PNG")
     plot.add_argument("metrics")
     plot.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.command in ("pretrain", "sft"):
         return _train(args.command, args.args)
+    if args.command == "pipeline":
+        from fastllm.pipeline import PipelineOptions, run_pipeline
+
+        stages = [n.strip() for n in args.stages.split(",") if n.strip()] if args.stages else None
+        try:
+            run_pipeline(PipelineOptions(output_dir=args.output_dir, quick=args.quick, stages=stages,
+                                         model=args.model, device=args.device, seed=args.seed))
+        except ValueError as exc:
+            raise SystemExit(f"fastllm pipeline: {exc}") from None
+        return 0
     if args.command == "plot":
         from fastllm.train.logging import plot_loss_curve
 

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# Install fastllm and run the main job.
+# Install fastllm and run the main job: the default pipeline (tokenizer -> pre-training ->
+# SFT -> PEFT) on the shipped data, report in runs/pipeline/report.md (and report.html).
+# Arguments go to `fastllm pipeline` (e.g. --quick, --stages sft, --output-dir DIR).
+# The kernel demo of earlier versions is `fastllm demo`.
 FASTLLM_REQUIREMENTS=base
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
-exec "$VPY" -m fastllm.cli demo "$@"
+"$VPY" -m pip install -q "matplotlib>=3.5"  # the report's plots (fastllm[plot])
+exec "$VPY" -m fastllm pipeline "$@"

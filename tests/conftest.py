@@ -39,7 +39,7 @@ DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords and not CUDA:
+        if item.get_closest_marker("gpu") is not None and not CUDA:  # the marker, not a path containing "gpu"
             item.add_marker(skip_gpu)
 
 

@@ -17,11 +17,15 @@ from collections.abc import Iterable
 
 import sentencepiece as spm
 
+from fastllm.tokenizer import hf_export
 from fastllm.tokenizer.base import TokenizerBase
 from fastllm.tokenizer.chat import CHAT_SPECIAL_TOKENS
 
 MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
+HF_FILE = "tokenizer.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+FASTLLM_KEY = "fastllm"  # tokenizer_config.json entry holding fastllm's own ids
 MASK_TOKEN = "<mask>"
 DEFAULT_USER_SYMBOLS = (MASK_TOKEN,) + CHAT_SPECIAL_TOKENS
 # SentencePiece trains on "sentences"; we feed paragraphs (they keep their newlines) and cut
@@ -172,23 +176,37 @@ class Tokenizer(TokenizerBase):
 
     # --- files ----------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> str:
-        """Write `tokenizer.model` and `tokenizer_config.json` into directory; return it."""
+        """Write `tokenizer.model` (what fastllm loads), and for transformers `tokenizer.json`
+        (the same tokenization as a fast tokenizer, `hf_export`), `tokenizer_config.json` and
+        `special_tokens_map.json`; return directory. `AutoTokenizer.from_pretrained(directory)`
+        then gives fastllm's ids: `hf(text)["input_ids"] == encode(text, add_bos=True)`. A model
+        that `hf_export` cannot reproduce exactly (non-identity normalisation) gets no
+        tokenizer.json; transformers then converts tokenizer.model itself (`LlamaTokenizer`)."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         _atomic_write(os.path.join(directory, MODEL_FILE), self._proto)
+        exact = hf_export.supported(self._proto) is None
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id,
+                 "pad_token": self.pad_id, "mask_token": self.mask_id}
+        special = {k: self.sp.id_to_piece(i) for k, i in names.items() if i is not None}
+        if exact:
+            _atomic_write(os.path.join(directory, HF_FILE),
+                          hf_export.write_tokenizer_json(self._proto, special.get("bos_token")))
+        elif os.path.exists(os.path.join(directory, HF_FILE)):
+            os.remove(os.path.join(directory, HF_FILE))
         config = {
-            "tokenizer_class": "sentencepiece",
-            "vocab_size": self.vocab_size,
-            "bos_id": self.bos_id,
-            "eos_id": self.eos_id,
-            "pad_id": self.pad_id,
-            "unk_id": self.unk_id,
-            "mask_id": self.mask_id,
+            "tokenizer_class": "PreTrainedTokenizerFast" if exact else "LlamaTokenizer",
+            **special,
+            "add_bos_token": self.bos_id is not None,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            # what fastllm reads back (`load`): its own ids, kept beside the transformers fields
+            FASTLLM_KEY: {"kind": "sentencepiece", "vocab_size": self.vocab_size, "bos_id": self.bos_id,
+                          "eos_id": self.eos_id, "pad_id": self.pad_id, "unk_id": self.unk_id,
+                          "mask_id": self.mask_id},
         }
-        _atomic_write(
-            os.path.join(directory, CONFIG_FILE),
-            (json.dumps(config, indent=2) + "\n").encode("utf-8"),
-        )
+        for name, data in ((CONFIG_FILE, config), (SPECIAL_TOKENS_FILE, special)):
+            _atomic_write(os.path.join(directory, name), (json.dumps(data, indent=2) + "\n").encode("utf-8"))
         return directory
 
     @classmethod
@@ -203,7 +221,9 @@ class Tokenizer(TokenizerBase):
         if pad_id is None and os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as f:
                 config = json.load(f)
-            if config.get("tokenizer_class") == "sentencepiece":
+            if isinstance(config.get(FASTLLM_KEY), dict):
+                pad_id = config[FASTLLM_KEY].get("pad_id")
+            elif config.get("tokenizer_class") == "sentencepiece":  # files written before tokenizer.json export
                 pad_id = config.get("pad_id")
         with open(model_path, "rb") as f:
             proto = f.read()

@@ -14,13 +14,21 @@ from pathlib import Path
 class MetricsLogger:
     """Appends one JSON object per call to output_dir/metrics.jsonl (rank 0 only; other ranks
     write nothing). A resumed run appends to the same file, so a step may appear twice; the
-    last record of a step is the one that counts (see `read_metrics`)."""
+    last record of a step is the one that counts (see `read_metrics`).
 
-    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True):
+    When the optional `tensorboard` package is installed (`pip install fastllm[tensorboard]`),
+    every numeric value of a record with a "step" is also written as a TensorBoard scalar
+    (`torch.utils.tensorboard.SummaryWriter`, event files in output_dir/tensorboard); without
+    it that is skipped silently. tensorboard=False turns it off."""
+
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.writer = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                self.writer = _summary_writer(self.path.parent / "tensorboard")
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -28,6 +36,26 @@ class MetricsLogger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        if self.writer is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, int(record["step"]))
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _summary_writer(log_dir: Path):
+    """A SummaryWriter into log_dir, or None when tensorboard is not installed."""
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def read_metrics(path: str | os.PathLike, key: str = "loss") -> dict[int, float]:

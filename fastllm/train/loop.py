@@ -76,6 +76,7 @@ def train_loop(cfg: TrainConfig, info: DistInfo, start_step: int, step_fn: Calla
         final_eval = evaluate()
         result.update(final_eval)
         logger.log({"step": step, **final_eval})
+    logger.close()
     save(step)
     if info.is_main and cfg.plot:
         png = write_loss_curve(logger.path)
