@@ -16,16 +16,17 @@ from fastllm import models
 from fastllm.data import (
     MLMDataset,
     PackedDataset,
+    PreferenceDataset,
     SFTDataset,
     load_corpus,
     load_instructions,
+    load_preferences,
     train_test_split,
 )
 from fastllm.data.corpus import CORPORA
 from fastllm.tokenizer import Tokenizer, format_chat, load_tokenizer
 
 from .distributed import DistInfo
-
 
 # --------------------------------------------------------------------------- raw data
 
@@ -53,11 +54,14 @@ def is_token_file(data) -> bool:
 
 
 def read_records(data) -> list:
-    """SFT records: "instructions" (shipped), or a .jsonl / .json file of records."""
-    if data == "instructions":
-        return load_instructions()
+    """Chat or preference records: a shipped set ("instructions", "preferences"), or a .jsonl /
+    .json file of records."""
+    shipped = {"instructions": load_instructions, "preferences": load_preferences}
+    if isinstance(data, str) and data in shipped:
+        return shipped[data]()
     if not os.path.isfile(data):
-        raise FileNotFoundError(f"data: {str(data)!r} is neither 'instructions' nor an existing .jsonl/.json file")
+        raise FileNotFoundError(f"data: {str(data)!r} is neither a shipped set ({', '.join(shipped)}) nor an "
+                                "existing .jsonl/.json file")
     with open(data, encoding="utf-8") as f:
         if str(data).endswith(".jsonl"):
             records = [json.loads(line) for line in f if line.strip()]
@@ -179,6 +183,40 @@ def sft_datasets(cfg, tokenizer, records):
     def make(recs):
         return SFTDataset(recs, tokenizer, cfg.max_length, system=cfg.system, too_long=cfg.too_long)
     return make(records), (make(held) if held else None)
+
+
+def preference_datasets(cfg, tokenizer, records):
+    """Tokenised (prompt, chosen, rejected) pairs (fastllm.data.PreferenceDataset: prompt and
+    response encoded separately, one bos), split into train / eval."""
+    if not records:
+        raise ValueError("data: empty dataset (no records)")
+    held = None
+    if cfg.eval_batches > 0 and len(records) >= 2:
+        records, held = train_test_split(records, cfg.eval_fraction, seed=cfg.seed)
+    def make(recs):
+        return PreferenceDataset(recs, tokenizer, cfg.max_length, system=cfg.system, too_long=cfg.too_long)
+    return make(records), (make(held) if held else None)
+
+
+def preference_texts(records, system=None) -> list[str]:
+    """Both rendered conversations of every pair (to train a tokenizer on)."""
+    return [format_chat((r["prompt"], r[side]), system=system)[1] for r in records for side in ("chosen", "rejected")]
+
+
+def pack_pairs(items: list[dict]) -> dict:
+    """P preference pairs as one packed row (1, N): the P chosen sequences, then the P rejected
+    ones, each its own cu_seqlens segment with positions from 0 (so one forward serves both
+    sides). Adds segment_ids (N,) (which of the 2P sequences a token is in), num_pairs, and
+    ref_logps (2P,) when the items carry cached reference log-probs."""
+    seqs = [{"input_ids": it[f"{side}_input_ids"], "labels": it[f"{side}_labels"]}
+            for side in ("chosen", "rejected") for it in items]
+    batch = pack_examples(seqs)
+    lengths = torch.tensor([s["input_ids"].numel() for s in seqs])
+    batch["segment_ids"] = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
+    batch["num_pairs"] = len(items)
+    if "ref_chosen_logp" in items[0]:
+        batch["ref_logps"] = torch.stack([it[f"ref_{side}_logp"] for side in ("chosen", "rejected") for it in items])
+    return batch
 
 
 def chat_texts(records, system=None) -> list[str]:

@@ -87,7 +87,27 @@ class SFTConfig(TrainConfig):
     warmup_steps: int = 5
 
 
-CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig}
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation (DPO, IPO, conservative DPO) on prompt/chosen/rejected pairs.
+    The loss is a mean over pairs; batch_size counts pairs."""
+
+    data: Any = "preferences"  # the shipped preference set, or a .jsonl/.json path of {prompt, chosen, rejected}
+    max_length: int = 256  # longest prompt + response in tokens (each side of a pair)
+    too_long: str = "error"  # error | truncate | skip
+    system: str | None = None  # system message put first in every conversation
+    beta: float = 0.1  # strength of the KL leash to the reference (implicit reward = beta * log-ratio)
+    loss_type: str = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing > 0) | ipo
+    label_smoothing: float = 0.0  # cDPO: probability that a pair's label is flipped, in [0, 0.5)
+    reference: str = "precomputed"  # precomputed (once, eval mode, before training) | live (every step)
+    freeze: list = field(default_factory=list)  # parameter-name globs to freeze
+    train_layers: str | None = None  # "a:b": train only decoder layers a..b-1
+    peft: dict | None = None  # e.g. {method: lora, r: 8, alpha: 16}; the reference is then the base, adapters off
+    lr: float = 1e-6
+    warmup_steps: int = 5
+
+
+CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
 
 
 def _parse_value(text: str) -> Any:
@@ -110,7 +130,8 @@ def _coerce(cls, name: str, value: Any) -> Any:
             return float(value)
     if isinstance(proto, bool) and not isinstance(value, bool):
         raise ValueError(f"{name}: expected true or false, got {value!r}")
-    if isinstance(proto, int) and not isinstance(proto, bool) and (isinstance(value, bool) or not isinstance(value, int)):
+    wants_int = isinstance(proto, int) and not isinstance(proto, bool)
+    if wants_int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
     return value
 
