@@ -1,5 +1,5 @@
 """The `fastllm` command: `fastllm pipeline [--quick]` (the main job), `fastllm demo`,
-`fastllm pretrain|sft [CONFIG.yaml] key=value ...`,
+`fastllm pretrain|sft|dpo [CONFIG.yaml] key=value ...`,
 `fastllm plot metrics.jsonl`. Under `torchrun --nproc_per_node N -m fastllm.cli sft ...` the
 loops run distributed (DDP, or FSDP2 with distributed=fsdp)."""
 
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     from fastllm.train.config import CONFIGS, describe_fields
 
     commands = (("pretrain", "causal or masked LM pre-training"),
-                ("sft", "supervised fine-tuning (full, layers, PEFT)"))
+                ("sft", "supervised fine-tuning (full, layers, PEFT)"),
+                ("dpo", "direct preference optimisation (DPO, IPO, conservative DPO)"))
     for name, what in commands:
         p = sub.add_parser(name, help=what, description=f"{what}. Options: a YAML config and/or key=value overrides "
                            "(values parsed as YAML: lr=1e-4, freeze=[a,b], peft.r=8).",
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("metrics")
     plot.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.command in ("pretrain", "sft"):
+    if args.command in ("pretrain", "sft", "dpo"):
         return _train(args.command, args.args)
     if args.command == "pipeline":
         from fastllm.pipeline import PipelineOptions, run_pipeline
@@ -73,7 +74,7 @@ def _train(command: str, items: list[str]) -> int:
     if len(files) > 1:
         raise SystemExit(f"fastllm {command}: expected at most one CONFIG.yaml, got {files}")
     overrides = [a for a in items if "=" in a]
-    cls = train.PretrainConfig if command == "pretrain" else train.SFTConfig
+    cls = train.config.CONFIGS[command]
     try:
         config = train.load_config(cls, files[0] if files else None, overrides)
     except ValueError as exc:

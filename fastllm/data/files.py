@@ -31,9 +31,11 @@ def _decode_error(path, exc: json.JSONDecodeError, line: int | None = None) -> V
     return ValueError(f"data: {str(path)!r} {where}: not valid JSON ({exc.msg})")
 
 
-def read_records_file(path: str | os.PathLike) -> list:
+def read_records_file(path: str | os.PathLike, check=None) -> list:
     """Records from a .jsonl file (one JSON object per line; blank lines skipped) or a .json
-    file (a list of objects). Each is checked with check_chat_record, naming its line."""
+    file (a list of objects). Each is checked with `check(record, where)` (default
+    check_chat_record; check_preference_record for preference pairs), naming its line."""
+    check = check_chat_record if check is None else check
     text = read_text_file(path)
     records, where = [], []
     if str(path).endswith(".jsonl"):
@@ -59,8 +61,25 @@ def read_records_file(path: str | os.PathLike) -> list:
         records = data
         where = [f"{str(path)!r} record {i}" for i in range(len(data))]
     for record, at in zip(records, where):
-        check_chat_record(record, at)
+        check(record, at)
     return records
+
+
+def check_preference_record(record, where: str) -> None:
+    """A preference pair: {"prompt": str, "chosen": str, "rejected": str}; otherwise a
+    ValueError naming `where` and the field."""
+    fields = ("prompt", "chosen", "rejected")
+    if not isinstance(record, Mapping):
+        raise ValueError(f"data: {where}: expected a JSON object with {', '.join(map(repr, fields))}, got "
+                         f"{type(record).__name__} {record!r:.60}")
+    missing = [k for k in fields if k not in record]
+    if missing:
+        raise ValueError(f"data: {where}: missing field{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))} "
+                         f"(a preference pair needs 'prompt', 'chosen' and 'rejected'; has {sorted(record)})")
+    for key in fields:
+        if not isinstance(record[key], str):
+            raise ValueError(f"data: {where}: field {key!r}: expected a string, got "
+                             f"{type(record[key]).__name__} {record[key]!r:.60}")
 
 
 def check_chat_record(record, where: str) -> None:

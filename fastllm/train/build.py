@@ -15,13 +15,15 @@ from fastllm import models
 from fastllm.data import (
     MLMDataset,
     PackedDataset,
+    PreferenceDataset,
     SFTDataset,
     load_corpus,
     load_instructions,
+    load_preferences,
     train_test_split,
 )
 from fastllm.data.corpus import CORPORA
-from fastllm.data.files import read_records_file, read_text_file
+from fastllm.data.files import check_chat_record, check_preference_record, read_records_file, read_text_file
 from fastllm.tokenizer import Tokenizer, format_chat, load_tokenizer
 
 from .distributed import DistInfo
@@ -50,13 +52,16 @@ def is_token_file(data) -> bool:
     return isinstance(data, (str, os.PathLike)) and str(data).endswith(".bin")
 
 
-def read_records(data) -> list:
-    """SFT records: "instructions" (shipped), or a .jsonl / .json file of records."""
-    if data == "instructions":
-        return load_instructions()
+def read_records(data, kind: str = "chat") -> list:
+    """Chat records (kind "chat") or preference pairs ("preference"): a shipped set
+    ("instructions", "preferences"), or a .jsonl / .json file of records, each checked."""
+    shipped = {"instructions": load_instructions, "preferences": load_preferences}
+    if isinstance(data, str) and data in shipped:
+        return shipped[data]()
     if not os.path.isfile(data):
-        raise FileNotFoundError(f"data: {str(data)!r} is neither 'instructions' nor an existing .jsonl/.json file")
-    records = read_records_file(data)
+        raise FileNotFoundError(f"data: {str(data)!r} is neither a shipped set ({', '.join(shipped)}) nor an "
+                                "existing .jsonl/.json file")
+    records = read_records_file(data, check_preference_record if kind == "preference" else check_chat_record)
     if not records:
         raise ValueError(f"data: empty dataset ({str(data)!r} holds no records)")
     return records
@@ -189,6 +194,40 @@ def sft_datasets(cfg, tokenizer, records):
     def make(recs):
         return SFTDataset(recs, tokenizer, cfg.max_length, system=cfg.system, too_long=cfg.too_long)
     return make(records), (make(held) if held else None)
+
+
+def preference_datasets(cfg, tokenizer, records):
+    """Tokenised (prompt, chosen, rejected) pairs (fastllm.data.PreferenceDataset: prompt and
+    response encoded separately, one bos), split into train / eval."""
+    if not records:
+        raise ValueError("data: empty dataset (no records)")
+    held = None
+    if cfg.eval_batches > 0 and len(records) >= 2:
+        records, held = train_test_split(records, cfg.eval_fraction, seed=cfg.seed)
+    def make(recs):
+        return PreferenceDataset(recs, tokenizer, cfg.max_length, system=cfg.system, too_long=cfg.too_long)
+    return make(records), (make(held) if held else None)
+
+
+def preference_texts(records, system=None) -> list[str]:
+    """Both rendered conversations of every pair (to train a tokenizer on)."""
+    return [format_chat((r["prompt"], r[side]), system=system)[1] for r in records for side in ("chosen", "rejected")]
+
+
+def pack_pairs(items: list[dict]) -> dict:
+    """P preference pairs as one packed row (1, N): the P chosen sequences, then the P rejected
+    ones, each its own cu_seqlens segment with positions from 0 (so one forward serves both
+    sides). Adds segment_ids (N,) (which of the 2P sequences a token is in), num_pairs, and
+    ref_logps (2P,) when the items carry cached reference log-probs."""
+    seqs = [{"input_ids": it[f"{side}_input_ids"], "labels": it[f"{side}_labels"]}
+            for side in ("chosen", "rejected") for it in items]
+    batch = pack_examples(seqs)
+    lengths = torch.tensor([s["input_ids"].numel() for s in seqs])
+    batch["segment_ids"] = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
+    batch["num_pairs"] = len(items)
+    if "ref_chosen_logp" in items[0]:
+        batch["ref_logps"] = torch.stack([it[f"ref_{side}_logp"] for side in ("chosen", "rejected") for it in items])
+    return batch
 
 
 def chat_texts(records, system=None) -> list[str]:

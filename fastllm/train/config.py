@@ -116,7 +116,33 @@ class SFTConfig(TrainConfig):
     warmup_steps: int = _field(5, "steps of linear warm-up from 0 to lr", min=0)
 
 
-CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig}
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation (DPO, IPO, conservative DPO) on prompt/chosen/rejected pairs.
+    The loss is a mean over pairs; batch_size counts pairs."""
+
+    data: str = _field("preferences", "the shipped preference set, or a .jsonl/.json file of "
+                       "{prompt, chosen, rejected}")
+    max_length: int = _field(256, "longest prompt + response in tokens (each side of a pair)", min=2)
+    too_long: str = _field("error", "what to do with a longer pair", choices=("error", "truncate", "skip"))
+    system: str | None = _field(None, "system message put first in every conversation")
+    beta: float = _field(0.1, "strength of the KL leash to the reference (implicit reward = beta * log-ratio)",
+                         min=0.0)
+    loss_type: str = _field("sigmoid", "sigmoid: DPO (cDPO with label_smoothing > 0); ipo: IPO",
+                            choices=("sigmoid", "ipo"))
+    label_smoothing: float = _field(0.0, "cDPO: probability that a pair's label is flipped", min=0.0, max=0.5)
+    reference: str = _field("precomputed", "reference log-probs computed once before training (eval mode), or "
+                            "live every step", choices=("precomputed", "live"))
+    freeze: list[str] = _field(factory=list, help="parameter-name globs to freeze")
+    train_layers: str | None = _field(None, "\"a:b\": train only decoder layers a..b-1, freeze everything else",
+                                      pattern=r"\d+:\d+", expect="\"a:b\" (first and end layer index)")
+    peft: dict | None = _field(None, "e.g. {method: lora, r: 8, alpha: 16}; the reference is then the base with "
+                               "adapters off")
+    lr: float = _field(1e-6, "peak learning rate", min=0.0)
+    warmup_steps: int = _field(5, "steps of linear warm-up from 0 to lr", min=0)
+
+
+CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
 
 
 # --------------------------------------------------------------------------- type checks

@@ -65,3 +65,16 @@ def test_cli_sft_bad_file_names_line(tmp_path):
                   timeout=120)
     assert res.returncode != 0
     assert "chat.jsonl' line 2: not valid JSON" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_preference_records_name_file_line_and_field(tmp_path):
+    from fastllm.train import build
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl' line 2: missing field 'rejected'"):
+        build.read_records(str(path), kind="preference")
+    path.write_text('{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
+    with pytest.raises(ValueError, match=r"line 1: field 'chosen': expected a string, got int 3"):
+        build.read_records(str(path), kind="preference")
+    assert len(build.read_records("preferences", kind="preference")) == 1957
