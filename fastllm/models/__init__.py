@@ -13,6 +13,9 @@ model.lm_head_weight, model.loss(input_ids, labels, ...), model.new_kv_cache(bat
 model.decode(tokens, positions, kv_cache) (the decode step, through the same forward).
 BERT: hidden = model(input_ids, token_type_ids, attention_mask), model.mlm_head(hidden),
 model.mlm_loss(input_ids, labels).
+Task heads (heads.py: reward models, classification, regression, token tags):
+model = build_head_model(cfg, "sequence_classification", TaskHead(num_labels=...)),
+model.scores(...), model.loss(input_ids, labels), model.predict(...).
 """
 
 from . import registry
@@ -20,6 +23,14 @@ from .bert import BertForMaskedLM
 from .checkpoint import from_pretrained, save_pretrained
 from .config import PRESETS, BertConfig, GPT2Config, LlamaConfig, preset
 from .gpt2 import GPT2LMHeadModel
+from .heads import (
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    GPT2ForSequenceClassification,
+    LlamaForSequenceClassification,
+    TaskHead,
+    build_head_model,
+)
 from .kv_cache import KVCache
 from .llama import LlamaForCausalLM
 from .registry import config_from_hf_dict, register
@@ -31,6 +42,12 @@ def build_model(config):
 
 
 __all__ = [
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "GPT2ForSequenceClassification",
+    "LlamaForSequenceClassification",
+    "TaskHead",
+    "build_head_model",
     "BertConfig",
     "BertForMaskedLM",
     "GPT2Config",

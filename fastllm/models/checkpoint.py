@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -78,6 +79,29 @@ def read_config(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+def safetensors_problem(file: Path) -> str | None:
+    """Why a safetensors file cannot be read, judged from its header and size alone."""
+    size = file.stat().st_size
+    if size < 8:
+        return f"{file.name} is truncated ({size} bytes, shorter than its 8-byte header length)"
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            return f"{file.name} is truncated ({size} bytes; its header alone needs {8 + n})"
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return f"{file.name} has an unreadable header (not a safetensors file?)"
+    if not isinstance(header, dict):
+        return f"{file.name} has an unreadable header (not a safetensors file?)"
+    end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"
+               and isinstance(t, dict) and "data_offsets" in t), default=0)
+    if 8 + n + end > size:
+        return f"{file.name} is truncated ({size} bytes; its header promises {8 + n + end})"
+    return None
+
+
+
 def load_safetensors(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
@@ -93,6 +117,11 @@ def load_safetensors(
         raise FileNotFoundError(f"path: neither {WEIGHTS_NAME} nor {INDEX_NAME} in {str(path)!r}")
     state: dict[str, torch.Tensor] = {}
     for name in files:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r}: {name} is missing (listed in {INDEX_NAME})")
+        problem = safetensors_problem(path / name)
+        if problem:
+            raise ValueError(f"checkpoint {str(path)!r}: {problem}")
         with safe_open(str(path / name), framework="pt", device=str(device)) as f:
             for key in f.keys():
                 if weight_map is not None and weight_map.get(key) != name:
@@ -168,27 +197,42 @@ def save_safetensors(
 # --------------------------------------------------------------------------- models
 
 
-def from_pretrained(path: str | os.PathLike, dtype=None, device=None, cls=None):
+def from_pretrained(path: str | os.PathLike, dtype=None, device=None, cls=None, head=None):
     """Load a Hugging Face checkpoint directory into the matching fastllm model.
 
     dtype: None / "auto" keeps the stored dtype; a torch dtype or its name converts every
-    floating tensor. device: where the weights land (default CPU). cls: fail unless
-    config.json's model_type (looked up in fastllm.models.registry) gives this class.
+    floating tensor. device: where the weights land (default CPU). The class comes from
+    config.json's model_type and architectures (fastllm.models.registry). cls: expect this
+    class; a task-head class of the checkpoint's trunk (e.g. LlamaForSequenceClassification on a
+    causal-LM checkpoint) starts a new head from the trunk: the head's parameters are freshly
+    initialised and `head` (a TaskHead) says what it predicts.
     """
     hf_config = read_config(path)
     entry = registry.lookup(hf_config.get("model_type"))
-    model_cls = entry.model_class
-    if cls is not None and not issubclass(model_cls, cls):
-        raise ValueError(
-            f"path: config.json describes a {model_cls.__name__}, not a {cls.__name__}"
-        )
+    file_cls = entry.class_for(hf_config.get("architectures"))
+    model_cls = file_cls if cls is None else cls
+    new_head = False
+    if cls is not None and not issubclass(file_cls, cls):
+        if cls not in [registry._load(p) for _, p in entry.heads]:
+            raise ValueError(
+                f"path: config.json describes a {file_cls.__name__}, not a {cls.__name__}"
+            )
+        new_head = True  # a head on this trunk, started from the checkpoint's trunk weights
     config = entry.config_class.from_hf_dict(hf_config)
+    kwargs = {}
+    if hasattr(model_cls, "hf_suffix"):
+        from .heads import TaskHead
+
+        default_pooling = "cls" if hf_config.get("model_type") == "bert" else "last"
+        kwargs["head"] = head if new_head or head is not None else TaskHead.from_hf(hf_config, default_pooling)
+    elif head is not None:
+        raise ValueError(f"head: only task-head classes take a head, not {model_cls.__name__}")
     target = _parse_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
 
     raw = load_safetensors(path, device="cpu")
     with torch.device("meta"):
-        model = model_cls(config)
+        model = model_cls(config, **kwargs)
     expected = model.state_dict()
     ours: dict[str, torch.Tensor] = {}
     file_name: dict[str, str] = {}
@@ -209,6 +253,13 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device=None, cls=None):
             f"checkpoint {str(path)!r}: unexpected tensor(s) {unexpected} "
             f"(not part of {model_cls.__name__} for this config.json)"
         )
+    if new_head:  # the head's own parameters start fresh: Normal(0, initializer_range) weights, zero biases
+        std = getattr(config, "initializer_range", 0.02)
+        for name, t in expected.items():
+            if name not in ours and name.startswith(model_cls.head_param_prefixes):
+                ours[name] = (torch.randn(t.shape) * std if name.endswith("weight") else torch.zeros(t.shape))
+                file_name[name] = name
+                raw.setdefault(name, ours[name])
     missing = [model_cls._hf_name(n) for n in expected if n not in ours]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r}: missing tensor(s) {missing}")
@@ -225,6 +276,12 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device=None, cls=None):
                 f"{list(expected[name].shape)}, got {list(value.shape)}{note}"
             )
     for name, value in ours.items():
+        want = expected[name].dtype
+        if want.is_floating_point != value.is_floating_point():
+            raise ValueError(
+                f"checkpoint {str(path)!r}: tensor {file_name[name]!r}: expected a "
+                f"{'floating-point' if want.is_floating_point else str(want)} tensor, got {value.dtype}"
+            )
         dt = target if (target is not None and value.is_floating_point()) else value.dtype
         ours[name] = value.to(device=device, dtype=dt)
     model.load_state_dict(ours, strict=True, assign=True)
@@ -242,6 +299,8 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size="5GB") -> Non
             state[mapped[0]] = mapped[1]
     save_safetensors(state, path, max_shard_size=max_shard_size)
     hf = model.config.to_hf_dict()
+    if hasattr(model, "hf_config_extra"):  # task heads: architectures, labels, problem type
+        hf.update(model.hf_config_extra())
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         hf["torch_dtype"] = hf["dtype"] = str(dtypes.pop()).replace("torch.", "")

@@ -6,8 +6,9 @@ this module imports no model file and every other module can import it: checkpoi
 checkpointer. A model class carries its Hugging Face name mapping (`HFNames` below: which file
 tensors to ignore, and how a name and tensor map between the file and the state dict).
 
-Adding a model class (a reward model, a task head) is one line in MODEL_TYPES (or
-`register(...)` for a class defined elsewhere).
+Adding a model class is one line in MODEL_TYPES (or `register(...)` for a class defined
+elsewhere); a task head (sequence classification / regression / reward, token classification)
+is one (kind, class) pair of its trunk's entry, chosen on load by config.json's `architectures`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import torch
 
 @dataclass(frozen=True)
 class ModelType:
-    """One Hugging Face model_type: its config and model classes as "module:attribute"."""
+    """One Hugging Face model_type: its config class, its default model class and its task
+    heads (kind -> class), all as "module:attribute"."""
 
     config: str
     model: str
+    heads: tuple[tuple[str, str], ...] = ()  # (kind, "module:Class"), kind in heads.HEAD_KINDS
 
     @property
     def config_class(self) -> type:
@@ -33,15 +36,37 @@ class ModelType:
     def model_class(self) -> type:
         return _load(self.model)
 
+    def head_class(self, kind: str) -> type:
+        for k, path in self.heads:
+            if k == kind:
+                return _load(path)
+        raise ValueError(f"kind: expected one of {[k for k, _ in self.heads]} for {self.model.rpartition(':')[2]}, "
+                         f"got {kind!r}")
 
-_LLAMA = ModelType("fastllm.models.config:LlamaConfig", "fastllm.models.llama:LlamaForCausalLM")
+    def class_for(self, architectures) -> type:
+        """The class a config.json's `architectures` names: a head whose Hugging Face name
+        (`<Prefix><hf_suffix>`) ends the architecture, else the default model class."""
+        arch = (architectures or [""])[0]
+        for _, path in self.heads:
+            cls = _load(path)
+            if arch.endswith(cls.hf_suffix):
+                return cls
+        return self.model_class
+
+
+_HEADS = "fastllm.models.heads:"
+_LLAMA = ModelType("fastllm.models.config:LlamaConfig", "fastllm.models.llama:LlamaForCausalLM",
+                   (("sequence_classification", _HEADS + "LlamaForSequenceClassification"),))
 
 MODEL_TYPES: dict[str, ModelType] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "gpt2": ModelType("fastllm.models.config:GPT2Config", "fastllm.models.gpt2:GPT2LMHeadModel"),
-    "bert": ModelType("fastllm.models.config:BertConfig", "fastllm.models.bert:BertForMaskedLM"),
+    "gpt2": ModelType("fastllm.models.config:GPT2Config", "fastllm.models.gpt2:GPT2LMHeadModel",
+                      (("sequence_classification", _HEADS + "GPT2ForSequenceClassification"),)),
+    "bert": ModelType("fastllm.models.config:BertConfig", "fastllm.models.bert:BertForMaskedLM",
+                      (("sequence_classification", _HEADS + "BertForSequenceClassification"),
+                       ("token_classification", _HEADS + "BertForTokenClassification"))),
 }
 
 
@@ -50,9 +75,15 @@ def _load(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def register(model_type: str, config: str, model: str) -> None:
-    """Add (or replace) a model_type: config and model as "module:attribute"."""
-    MODEL_TYPES[model_type] = ModelType(config, model)
+def register(model_type: str, config: str, model: str, heads: tuple[tuple[str, str], ...] = ()) -> None:
+    """Add (or replace) a model_type: config, model and head classes as "module:attribute"."""
+    MODEL_TYPES[model_type] = ModelType(config, model, heads)
+
+
+def head_class(model_type: str, kind: str) -> type:
+    """The task-head class of `kind` ("sequence_classification", "token_classification") on the
+    trunk of model_type."""
+    return lookup(model_type).head_class(kind)
 
 
 def lookup(model_type) -> ModelType:
@@ -68,7 +99,7 @@ def types_of(config_class_name: str) -> tuple[str, ...]:
 
 
 def model_class(config) -> type:
-    """The model class for a config dataclass (by its model_type)."""
+    """The default model class for a config dataclass (by its model_type)."""
     entry = lookup(getattr(config, "model_type", None))
     if not isinstance(config, entry.config_class):
         raise TypeError(

@@ -23,8 +23,12 @@ from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_r
 from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
 from .sampling import sample, sample_reference, sampling_params
 from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
+from .task_losses import classification_loss, regression_loss, token_classification_loss
 
 __all__ = [
+    "classification_loss",
+    "regression_loss",
+    "token_classification_loss",
     "BACKENDS",
     "choose",
     "attention",

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -34,6 +33,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from fastllm.models.checkpoint import safetensors_problem
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -62,28 +63,6 @@ def latest_checkpoint(output_dir: str | os.PathLike, rank: int = 0) -> Path | No
     return None
 
 
-def _safetensors_problem(file: Path) -> str | None:
-    """Why a safetensors file cannot be read, judged from its header and size alone."""
-    size = file.stat().st_size
-    if size < 8:
-        return f"{file.name} is truncated ({size} bytes, shorter than its 8-byte header length)"
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            return f"{file.name} is truncated ({size} bytes; its header alone needs {8 + n})"
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return f"{file.name} has an unreadable header (not a safetensors file?)"
-    if not isinstance(header, dict):
-        return f"{file.name} has an unreadable header (not a safetensors file?)"
-    end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"
-               and isinstance(t, dict) and "data_offsets" in t), default=0)
-    if 8 + n + end > size:
-        return f"{file.name} is truncated ({size} bytes; its header promises {8 + n + end})"
-    return None
-
-
 def checkpoint_problem(path: str | os.PathLike, rank: int = 0) -> str | None:
     """None for a complete, readable checkpoint directory, else what is wrong with it (which
     file is missing, truncated or unreadable)."""
@@ -104,7 +83,7 @@ def checkpoint_problem(path: str | os.PathLike, rank: int = 0) -> str | None:
             return f"{name} is unreadable ({type(exc).__name__}: {exc})"
         if name == "state.json" and not (isinstance(data, dict) and "step" in data):
             return "state.json has no 'step'"
-    problem = _safetensors_problem(path / "model.safetensors")
+    problem = safetensors_problem(path / "model.safetensors")
     if problem:
         return problem
     try:
