@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import assert_close, assert_lowp_rule, compiled_backends
 
 from fastllm.ops import cross_entropy, cross_entropy_reference
+from tests.conftest import assert_close, assert_lowp_rule, compiled_backends
 
 BACKENDS = compiled_backends("cpu")
 OPTIONS = {
@@ -57,8 +57,9 @@ def test_gradcheck_float64(backend):
     x = logits.requires_grad_(True)
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
-            lambda x: cross_entropy(x, labels, reduction=reduction, label_smoothing=0.2, z_loss=0.01,
-                                    softcap=3.0, backend=backend), (x,), eps=1e-6, atol=1e-7,
+            lambda x, reduction=reduction: cross_entropy(x, labels, reduction=reduction, label_smoothing=0.2,
+                                                         z_loss=0.01, softcap=3.0, backend=backend),
+            (x,), eps=1e-6, atol=1e-7,
             fast_mode=backend == "triton")  # the Triton interpreter is slow
 
 

@@ -73,7 +73,8 @@ def test_opcheck(backend):
     args = _inputs(3, 6, 2, 16, 9, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.fastllm.kv_append_rope.default, (*args, backend))
     if backend == "native":
-        torch.library.opcheck(torch.ops.fastllm.kv_append_rope_fwd.default, _inputs(3, 6, 2, 16, 9, torch.float32, "cpu"))
+        torch.library.opcheck(torch.ops.fastllm.kv_append_rope_fwd.default,
+                              _inputs(3, 6, 2, 16, 9, torch.float32, "cpu"))
 
 
 def test_errors_name_the_argument():

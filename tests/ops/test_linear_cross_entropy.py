@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import assert_close, assert_lowp_rule, compiled_backends
 
 from fastllm.labels import next_token_labels
 from fastllm.ops import (
@@ -18,6 +17,7 @@ from fastllm.ops import (
     mlm_loss_reference,
     next_token_loss,
 )
+from tests.conftest import assert_close, assert_lowp_rule, compiled_backends
 
 BACKENDS = compiled_backends("cpu")
 OPTIONS = {

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import assert_close, assert_lowp_rule, compiled_backends
 
 from fastllm.ops import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
+from tests.conftest import assert_close, assert_lowp_rule, compiled_backends
 
 BACKENDS = compiled_backends("cpu")
 

@@ -39,7 +39,8 @@ def tiny(tok_dir, out, **kw) -> dict:
     return base
 
 
-def run_cli(args: list[str], nproc: int = 1, timeout: int = 240, **popen) -> subprocess.Popen | subprocess.CompletedProcess:
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 240,
+            **popen) -> subprocess.Popen | subprocess.CompletedProcess:
     """Run `fastllm ...` (under torchrun with nproc > 1) with single-threaded, repeatable math."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     if nproc > 1:
