@@ -37,6 +37,10 @@ def test_lora_other_arguments():
     ({"temperature": torch.tensor([1.0, -0.5])}, r"temperature: expected values >= 0 .*got a minimum of -0\.5"),
     ({"pad_token_id": 97}, r"pad_token_id: expected a token id in \[0, 97\) \(vocab_size\), got 97"),
     ({"pad_token_id": -1}, r"pad_token_id: expected a token id in \[0, 97\).*got -1"),
+    ({"top_k": torch.tensor([3, -1])}, r"top_k: expected integers >= 0 \(0: off\), got a minimum of -1"),
+    ({"top_p": torch.tensor([0.9, 1.5])}, r"top_p: expected values in \(0, 1\] .*to 1\.5"),
+    ({"top_p": torch.tensor([0.0, 0.5])}, r"top_p: expected values in \(0, 1\] .*from 0\.0"),
+    ({"top_p": 1.5}, r"top_p: expected a value in \(0, 1\] \(1: off\), got 1\.5"),
 ])
 def test_generate_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

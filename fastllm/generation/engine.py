@@ -39,9 +39,11 @@ from fastllm.models.kv_cache import inference_kernel
 from fastllm.ops.sampling import sample_reference, sampling_params
 
 
-def _check_generate_args(vocab: int, stop_token_ids, temperature, pad_token_id) -> None:
+def _check_generate_args(vocab: int, stop_token_ids, temperature, pad_token_id, top_k=0, top_p=1.0) -> None:
     """Arguments of `generate` that would otherwise be silent no-ops: stop tokens that can
-    never be drawn, a negative tensor temperature (run as greedy), a pad id outside the vocab."""
+    never be drawn, a negative tensor temperature (run as greedy), tensor top_k / top_p out of
+    range, a pad id outside the vocab (scalars are checked by sampling_params). Tensor values
+    are read once per call, before the decode loop."""
     stop = (stop_token_ids if isinstance(stop_token_ids, Tensor) else torch.as_tensor(list(stop_token_ids))).flatten()
     bad = [t for t in stop.tolist() if t != int(t) or not 0 <= t < vocab]
     if bad:
@@ -50,6 +52,11 @@ def _check_generate_args(vocab: int, stop_token_ids, temperature, pad_token_id) 
     if isinstance(temperature, Tensor) and temperature.numel() and not bool((temperature >= 0).all()):
         raise ValueError(f"temperature: expected values >= 0 (0: greedy), got a minimum of "
                          f"{float(temperature.min())}")
+    if isinstance(top_k, Tensor) and top_k.numel() and not bool((top_k >= 0).all()):
+        raise ValueError(f"top_k: expected integers >= 0 (0: off), got a minimum of {int(top_k.min())}")
+    if isinstance(top_p, Tensor) and top_p.numel() and not bool(((top_p > 0) & (top_p <= 1)).all()):
+        raise ValueError(f"top_p: expected values in (0, 1] (1: off), got values from {float(top_p.min())} to "
+                         f"{float(top_p.max())}")
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
         raise ValueError(f"pad_token_id: expected a token id in [0, {vocab}) (vocab_size), got {pad_token_id!r}")
 
@@ -176,7 +183,7 @@ def generate(
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-    _check_generate_args(model.config.vocab_size, stop_token_ids, temperature, pad_token_id)
+    _check_generate_args(model.config.vocab_size, stop_token_ids, temperature, pad_token_id, top_k, top_p)
     weight = next(model.parameters())
     device = weight.device
     ids, plens = _prompts_tensor(prompts, prompt_lengths, pad_token_id, device)

@@ -162,7 +162,7 @@ def sampling_params(batch: int, device, temperature=1.0, top_k=0, top_p=1.0) -> 
         raise ValueError(f"temperature: expected a value >= 0 (0: greedy), got {temperature}")
     if not isinstance(top_k, Tensor) and (int(top_k) != top_k or top_k < 0):
         raise ValueError(f"top_k: expected an integer >= 0 (0: off), got {top_k}")
-    if not isinstance(top_p, Tensor) and not top_p > 0:
+    if not isinstance(top_p, Tensor) and not 0 < top_p <= 1:
         raise ValueError(f"top_p: expected a value in (0, 1] (1: off), got {top_p}")
     return (as_tensor(temperature, "temperature", torch.float32), as_tensor(top_k, "top_k", torch.int32),
             as_tensor(top_p, "top_p", torch.float32))
