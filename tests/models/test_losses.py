@@ -34,3 +34,14 @@ def test_bert_mlm_loss_all_ignored_is_zero():
     ids = torch.randint(5, model.config.vocab_size, (2, 6))
     loss = model.mlm_loss(ids, torch.full_like(ids, -100))
     assert loss.item() == 0.0
+
+
+def test_bert_mlm_loss_rejects_labels_outside_the_vocabulary():
+    import pytest
+
+    model = build_model(preset("tiny-bert"))
+    ids = torch.randint(5, model.config.vocab_size, (2, 6))
+    labels = torch.full_like(ids, -100)
+    labels[0, 1] = model.config.vocab_size + 7
+    with pytest.raises(ValueError, match=r"labels: expected values in \[0, 128\) or ignore_index -100, got 135"):
+        model.mlm_loss(ids, labels)
