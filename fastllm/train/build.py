@@ -184,29 +184,28 @@ def pretrain_datasets(cfg, tokenizer, vocab_size: int):
     return train, held
 
 
-def sft_datasets(cfg, tokenizer, records):
-    """Tokenised chat examples (prompt labels -100), split into train / eval."""
+def split_datasets(cfg, records, make):
+    """Records split into train / held-out (eval_fraction, seeded; none when eval_batches is 0),
+    each made into a dataset by make(records); the held-out one is None when empty."""
     if not records:
         raise ValueError("data: empty dataset (no records)")
     held = None
     if cfg.eval_batches > 0 and len(records) >= 2:
         records, held = train_test_split(records, cfg.eval_fraction, seed=cfg.seed)
-    def make(recs):
-        return SFTDataset(recs, tokenizer, cfg.max_length, system=cfg.system, too_long=cfg.too_long)
     return make(records), (make(held) if held else None)
+
+
+def sft_datasets(cfg, tokenizer, records):
+    """Tokenised chat examples (prompt labels -100), split into train / eval."""
+    return split_datasets(cfg, records, lambda recs: SFTDataset(recs, tokenizer, cfg.max_length, system=cfg.system,
+                                                                too_long=cfg.too_long))
 
 
 def preference_datasets(cfg, tokenizer, records):
     """Tokenised (prompt, chosen, rejected) pairs (fastllm.data.PreferenceDataset: prompt and
     response encoded separately, one bos), split into train / eval."""
-    if not records:
-        raise ValueError("data: empty dataset (no records)")
-    held = None
-    if cfg.eval_batches > 0 and len(records) >= 2:
-        records, held = train_test_split(records, cfg.eval_fraction, seed=cfg.seed)
-    def make(recs):
-        return PreferenceDataset(recs, tokenizer, cfg.max_length, system=cfg.system, too_long=cfg.too_long)
-    return make(records), (make(held) if held else None)
+    return split_datasets(cfg, records, lambda recs: PreferenceDataset(recs, tokenizer, cfg.max_length,
+                                                                       system=cfg.system, too_long=cfg.too_long))
 
 
 def preference_texts(records, system=None) -> list[str]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -50,16 +49,13 @@ from .common import (
     evaluate,
     freeze_parameters,
     optimizer_step,
-    resolve_device,
-    resolve_dtype,
-    seed_everything,
     to_device,
     transformer_layers,
 )
-from .config import DPOConfig, as_config, save_config
-from .distributed import DistInfo, init_distributed, no_sync_fn, wrap_model
+from .config import DPOConfig, as_config
+from .distributed import DistInfo, no_sync_fn, wrap_model
 from .export import export_final
-from .loop import train_loop
+from .loop import start_run, train_loop
 from .peft_glue import apply_peft
 
 REFERENCES = ("precomputed", "live")
@@ -177,13 +173,7 @@ def dpo(config: DPOConfig | str | dict | None = None, *, model=None, tokenizer=N
     cfg = as_config(DPOConfig, config)
     _check(cfg)
     # ---- setup: devices, tokenizer, model, data
-    info, device = init_distributed(cfg.distributed, resolve_device(cfg.device))
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    info, device, dtype, out = start_run(cfg)
     records = build.read_records(cfg.data, kind="preference") if records is None else records
     if not records:
         raise ValueError("data: empty dataset (no records)")

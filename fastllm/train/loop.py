@@ -27,10 +27,24 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import latest_checkpoint, save_training_state
-from .common import count_tokens, evaluate, optimizer_step
-from .config import TrainConfig
-from .distributed import DistInfo, no_sync_fn
+from .common import count_tokens, evaluate, optimizer_step, resolve_device, resolve_dtype, seed_everything
+from .config import TrainConfig, save_config
+from .distributed import DistInfo, init_distributed, no_sync_fn
 from .logging import MetricsLogger, ProgressBar, write_loss_curve
+
+
+def start_run(cfg: TrainConfig) -> tuple[DistInfo, torch.device, torch.dtype, Path]:
+    """The first lines of every method: processes and device (torchrun env), the autocast dtype,
+    seeds, and output_dir with the config written into it (rank 0). Returns (info, device,
+    dtype, output_dir)."""
+    info, device = init_distributed(cfg.distributed, resolve_device(cfg.device))
+    dtype = resolve_dtype(cfg.dtype, device)
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return info, device, dtype, out
 
 
 def train_loop(cfg: TrainConfig, info: DistInfo, start_step: int, step_fn: Callable[[int], dict], *,

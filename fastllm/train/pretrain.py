@@ -11,8 +11,6 @@ its last checkpoint left off and repeats the same losses.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastllm.data import BatchLoader
 
 from . import build
@@ -23,15 +21,12 @@ from .common import (
     build_optimizer,
     build_scheduler,
     enable_activation_checkpointing,
-    resolve_device,
-    resolve_dtype,
-    seed_everything,
     transformer_layers,
 )
-from .config import PretrainConfig, as_config, save_config
-from .distributed import init_distributed, wrap_model
+from .config import PretrainConfig, as_config
+from .distributed import wrap_model
 from .export import export_final
-from .loop import supervised_loop
+from .loop import start_run, supervised_loop
 
 
 def pretrain(config: PretrainConfig | str | dict | None = None, *, model=None, tokenizer=None) -> dict:
@@ -41,13 +36,7 @@ def pretrain(config: PretrainConfig | str | dict | None = None, *, model=None, t
     ready objects instead of building them from the config."""
     cfg = as_config(PretrainConfig, config)
     # ---- setup: devices, tokenizer, model, data
-    info, device = init_distributed(cfg.distributed, resolve_device(cfg.device))
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    info, device, dtype, out = start_run(cfg)
     if tokenizer is None and not build.is_token_file(cfg.data):
         tokenizer = build.get_tokenizer(cfg, info, lambda: build.read_texts(cfg.data))
     vocab = tokenizer.vocab_size if tokenizer is not None else None

@@ -12,8 +12,6 @@ restarting at 0); without it, rows are right-padded and masked.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastllm.data import BatchLoader
 
 from . import build
@@ -24,15 +22,12 @@ from .common import (
     build_scheduler,
     enable_activation_checkpointing,
     freeze_parameters,
-    resolve_device,
-    resolve_dtype,
-    seed_everything,
     transformer_layers,
 )
-from .config import SFTConfig, as_config, save_config
-from .distributed import init_distributed, wrap_model
+from .config import SFTConfig, as_config
+from .distributed import wrap_model
 from .export import export_final
-from .loop import supervised_loop
+from .loop import start_run, supervised_loop
 from .peft_glue import apply_peft
 
 
@@ -43,13 +38,7 @@ def sft(config: SFTConfig | str | dict | None = None, *, model=None, tokenizer=N
     optional ready objects instead of what the config names."""
     cfg = as_config(SFTConfig, config)
     # ---- setup: devices, tokenizer, model, data
-    info, device = init_distributed(cfg.distributed, resolve_device(cfg.device))
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    info, device, dtype, out = start_run(cfg)
     records = build.read_records(cfg.data) if records is None else records
     if not records:
         raise ValueError("data: empty dataset (no records)")
