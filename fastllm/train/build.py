@@ -184,6 +184,23 @@ def pretrain_datasets(cfg, tokenizer, vocab_size: int):
     return train, held
 
 
+def chat_setup(cfg, info: DistInfo, kind: str, *, records=None, tokenizer=None, model=None):
+    """What a chat-format method (SFT, DPO, reward model) starts from: its records (given, or
+    read from cfg.data: kind "chat" or "preference"), the tokenizer (given, the checkpoint's, or
+    trained on the rendered records) and the model (given, or built for the tokenizer), checked to
+    fit. Returns (records, tokenizer, model)."""
+    records = read_records(cfg.data, kind=kind) if records is None else records
+    if not records:
+        raise ValueError("data: empty dataset (no records)")
+    texts = chat_texts if kind == "chat" else preference_texts
+    if tokenizer is None:
+        tokenizer = get_tokenizer(cfg, info, lambda: texts(records, cfg.system))
+    if model is None:
+        model = get_model(cfg, tokenizer.vocab_size, cfg.max_length)
+    check_fit(model, tokenizer.vocab_size, cfg.max_length)
+    return records, tokenizer, model
+
+
 def split_datasets(cfg, records, make):
     """Records split into train / held-out (eval_fraction, seeded; none when eval_batches is 0),
     each made into a dataset by make(records); the held-out one is None when empty."""

@@ -174,14 +174,8 @@ def dpo(config: DPOConfig | str | dict | None = None, *, model=None, tokenizer=N
     _check(cfg)
     # ---- setup: devices, tokenizer, model, data
     info, device, dtype, out = start_run(cfg)
-    records = build.read_records(cfg.data, kind="preference") if records is None else records
-    if not records:
-        raise ValueError("data: empty dataset (no records)")
-    if tokenizer is None:
-        tokenizer = build.get_tokenizer(cfg, info, lambda: build.preference_texts(records, cfg.system))
-    if model is None:
-        model = build.get_model(cfg, tokenizer.vocab_size, cfg.max_length)
-    build.check_fit(model, tokenizer.vocab_size, cfg.max_length)
+    records, tokenizer, model = build.chat_setup(cfg, info, "preference", records=records, tokenizer=tokenizer,
+                                                 model=model)
     train_set, eval_set = build.preference_datasets(cfg, tokenizer, records)
 
     if cfg.peft:

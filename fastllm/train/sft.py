@@ -39,14 +39,8 @@ def sft(config: SFTConfig | str | dict | None = None, *, model=None, tokenizer=N
     cfg = as_config(SFTConfig, config)
     # ---- setup: devices, tokenizer, model, data
     info, device, dtype, out = start_run(cfg)
-    records = build.read_records(cfg.data) if records is None else records
-    if not records:
-        raise ValueError("data: empty dataset (no records)")
-    if tokenizer is None:
-        tokenizer = build.get_tokenizer(cfg, info, lambda: build.chat_texts(records, cfg.system))
-    if model is None:
-        model = build.get_model(cfg, tokenizer.vocab_size, cfg.max_length)
-    build.check_fit(model, tokenizer.vocab_size, cfg.max_length)
+    records, tokenizer, model = build.chat_setup(cfg, info, "chat", records=records, tokenizer=tokenizer,
+                                                 model=model)
     train_set, eval_set = build.sft_datasets(cfg, tokenizer, records)
     collate = build.pack_examples if cfg.packing else build.pad_examples(tokenizer.pad_id)
     loader = BatchLoader(train_set, cfg.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
