@@ -40,6 +40,7 @@ import dataclasses
 import fnmatch
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -248,6 +249,10 @@ def reward(config: RewardConfig | str | dict | None = None, *, model=None, token
         raise ValueError(f"model: expected a sequence-classification head model with num_labels=1, got "
                          f"{type(model).__name__}")
     build.check_fit(model, tokenizer.vocab_size, cfg.max_length)
+    if info.is_main and tokenizer.pad_id is not None and tokenizer.pad_id == tokenizer.eos_id:
+        warnings.warn(f"tokenizer: pad_id == eos_id ({tokenizer.pad_id}); transformers finds the last real token "
+                      "as the last non-pad one, so on the export it reads the token before the EOS (fastllm reads "
+                      "the EOS); use a tokenizer with its own pad token for matching scores", stacklevel=2)
     train_set, eval_set = reward_datasets(cfg, tokenizer, records)
 
     if cfg.peft:

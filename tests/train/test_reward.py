@@ -305,3 +305,12 @@ def test_cli_yaml_and_two_processes_match_one(tmp_path, tok_dir, capsys):
         main(["reward", "--help"])
     help_text = capsys.readouterr().out
     assert "normalize" in help_text and "Bradley-Terry margin" in help_text
+
+
+def test_pad_equal_to_eos_warns(tmp_path):
+    """transformers would read the token before the EOS when pad == eos: the run says so."""
+    tok = CharTokenizer()
+    tok.pad_id = tok.eos_id
+    with pytest.warns(UserWarning, match="pad_id == eos_id"):
+        reward(dict(model="tiny-llama", output_dir=str(tmp_path), max_steps=1, max_length=64, eval_batches=0,
+                    normalize=False, progress=False, plot=False), tokenizer=tok, records=_gold_pairs(8, seed=0))
