@@ -122,6 +122,49 @@ def check_fit(model, vocab_size: int | None, context: int, objective: str | None
                          f"{mcfg.max_position_embeddings} positions (max_position_embeddings)")
 
 
+def get_reward_model(cfg, tokenizer) -> torch.nn.Module:
+    """A decoder with a scalar reward head (its trunk's SequenceClassification class, TaskHead
+    num_labels=1, regression, pad_token_id = the tokenizer's pad): a preset (random, under the
+    seed; vocab sized to the tokenizer unless model_overrides says otherwise), a causal-LM
+    checkpoint (trunk loaded, head fresh) or a reward-model checkpoint (head loaded too)."""
+    from fastllm.models import registry
+    from fastllm.models.checkpoint import read_config
+
+    head = models.TaskHead(num_labels=1, problem_type="regression", pad_token_id=tokenizer.pad_id)
+    if os.path.isdir(cfg.model):
+        hf = read_config(cfg.model)
+        model_type = hf.get("model_type")
+        _check_decoder(model_type, f"model: {cfg.model!r} holds a {model_type!r} model")
+        entry = registry.lookup(model_type)
+        cls = entry.head_class("sequence_classification")
+        if entry.class_for(hf.get("architectures")) is cls:  # already a reward model: keep its head
+            model = models.from_pretrained(cfg.model, cls=cls)
+            if model.head.num_labels != 1:
+                raise ValueError(f"model: {cfg.model!r} has a head of num_labels={model.head.num_labels}; a reward "
+                                 "model needs num_labels=1")
+            if model.head.pad_token_id is None:
+                model.head.pad_token_id = tokenizer.pad_id
+        else:
+            model = models.from_pretrained(cfg.model, cls=cls, head=head)
+    elif cfg.model not in models.PRESETS:
+        raise ValueError(f"model: {cfg.model!r} is neither a preset ({', '.join(models.PRESETS)}) nor an existing "
+                         "checkpoint directory")
+    else:
+        overrides = dict(cfg.model_overrides)
+        overrides.setdefault("vocab_size", tokenizer.vocab_size)
+        mcfg = models.preset(cfg.model, **overrides)
+        _check_decoder(mcfg.model_type, f"model: the preset {cfg.model!r} is a {mcfg.model_type!r} model")
+        model = models.build_head_model(mcfg, "sequence_classification", head)
+    check_fit(model, tokenizer.vocab_size, cfg.max_length)
+    return model
+
+
+def _check_decoder(model_type, what: str) -> None:
+    if model_type == "bert":
+        raise ValueError(f"{what}, a bidirectional encoder; a reward model needs a decoder (Llama family, GPT-2), "
+                         "whose last token has seen the whole prompt + response")
+
+
 # --------------------------------------------------------------------------- datasets
 
 class Subset:

@@ -142,7 +142,34 @@ class DPOConfig(TrainConfig):
     warmup_steps: int = _field(5, "steps of linear warm-up from 0 to lr", min=0)
 
 
-CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
+@dataclass
+class RewardConfig(TrainConfig):
+    """A reward model: a decoder plus a scalar head read at the last real token (the EOS) of
+    prompt + response, trained with the Bradley-Terry loss on prompt/chosen/rejected pairs. The
+    loss is a mean over pairs; batch_size counts pairs."""
+
+    data: str = _field("preferences", "the shipped preference set, or a .jsonl/.json file of "
+                       "{prompt, chosen, rejected}")
+    max_length: int = _field(256, "longest prompt + response in tokens (each side of a pair)", min=2)
+    too_long: str = _field("error", "what to do with a longer pair", choices=("error", "truncate", "skip"))
+    system: str | None = _field(None, "system message put first in every conversation")
+    margin: float | str = _field(0.0, "Bradley-Terry margin m in -log sigmoid(r_c - r_r - m): a constant, or the "
+                                 "name of a numeric field every record carries (e.g. margin)")
+    normalize: bool = _field(True, "after training, store the mean/std of the rewards of reference pairs so "
+                             "predict() and the scorer return rewards with mean 0 and std 1 on them")
+    normalize_samples: int = _field(512, "pairs (both sides scored) the normalisation is measured on: held-out "
+                                    "pairs, else training pairs", min=1)
+    freeze: list[str] = _field(factory=list, help="parameter-name globs to freeze (the score head stays trained "
+                               "unless a glob names it)")
+    train_layers: str | None = _field(None, "\"a:b\": train only decoder layers a..b-1 and the score head",
+                                      pattern=r"\d+:\d+", expect="\"a:b\" (first and end layer index)")
+    peft: dict | None = _field(None, "e.g. {method: lora, r: 8, alpha: 16}; the score head is trained too and the "
+                               "export is the merged model")
+    lr: float = _field(1e-5, "peak learning rate", min=0.0)
+    warmup_steps: int = _field(5, "steps of linear warm-up from 0 to lr", min=0)
+
+
+CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig}
 
 
 # --------------------------------------------------------------------------- type checks
