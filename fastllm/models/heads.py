@@ -24,10 +24,11 @@ rightmost token that is not pad), which `TaskHead.pad_token_id` writes; the two 
 pad_token_id is not a real token of the sequence.
 
 Losses are the one entries of fastllm.ops (classification_loss, regression_loss,
-token_classification_loss). Regression targets can be standardised with (target_mean,
-target_std) stored in config.json: the head is trained on (y - mean) / std and `predict()` maps
-back; a reward model stores its normalisation the same way (raw `scores()` are what
-transformers computes; `predict()` applies the stored mean and std).
+token_classification_loss). A regression head's outputs pass through one affine map stored in
+config.json, `predict() = scores() * output_scale + output_shift`: standardised regression
+targets store (scale, shift) = (std, mean) and train on (y - mean) / std; a reward model stores
+its normalisation (1 / sigma, -mu / sigma) so `predict()` gives rewards of mean 0 and std 1 on
+its reference samples. Raw `scores()` are what transformers computes (it does not read the map).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class TaskHead:
     id2label: class names (config.json id2label / label2id).
     pooling: "last" (decoders), "cls" (BERT's pooler on [CLS]) or "mean" (BERT: masked mean of
         the tokens; transformers has no such head and would read [CLS] instead).
-    target_mean, target_std: regression / reward standardisation (None: none).
+    output_scale, output_shift: the affine map of `predict()` for regression heads (None: none):
+        predict = raw * output_scale + output_shift; regression targets train as
+        (y - output_shift) / output_scale.
     pad_token_id: written to config.json so transformers finds the last real token.
     """
 
@@ -63,8 +66,8 @@ class TaskHead:
     problem_type: str = "regression"
     id2label: dict[int, str] | None = None
     pooling: str = "last"
-    target_mean: float | None = None
-    target_std: float | None = None
+    output_scale: float | None = None
+    output_shift: float | None = None
     pad_token_id: int | None = None
 
     def __post_init__(self):
@@ -79,10 +82,10 @@ class TaskHead:
             if sorted(self.id2label) != list(range(self.num_labels)):
                 raise ValueError(f"id2label: expected names for ids 0..{self.num_labels - 1}, "
                                  f"got ids {sorted(self.id2label)}")
-        if (self.target_mean is None) != (self.target_std is None):
-            raise ValueError("target_mean, target_std: give both or neither")
-        if self.target_std is not None and not self.target_std > 0:
-            raise ValueError(f"target_std: expected a positive number, got {self.target_std!r}")
+        if (self.output_scale is None) != (self.output_shift is None):
+            raise ValueError("output_scale, output_shift: give both or neither")
+        if self.output_scale is not None and not self.output_scale > 0:
+            raise ValueError(f"output_scale: expected a positive number, got {self.output_scale!r}")
 
     @property
     def labels(self) -> dict[int, str]:
@@ -90,8 +93,8 @@ class TaskHead:
 
     def to_hf(self) -> dict:
         names = self.labels
-        extra = {k: v for k, v in (("pooling", self.pooling), ("target_mean", self.target_mean),
-                                   ("target_std", self.target_std)) if v is not None}
+        extra = {k: v for k, v in (("pooling", self.pooling), ("output_scale", self.output_scale),
+                                   ("output_shift", self.output_shift)) if v is not None}
         d = {"num_labels": self.num_labels, "id2label": {str(i): n for i, n in names.items()},
              "label2id": {n: i for i, n in names.items()}, "problem_type": self.problem_type,
              "fastllm_head": extra}
@@ -106,8 +109,8 @@ class TaskHead:
         num_labels = len(id2label) if id2label else int(d.get("num_labels", 2))  # transformers' default
         return cls(num_labels=num_labels, problem_type=d.get("problem_type") or "single_label_classification",
                    id2label={int(k): v for k, v in id2label.items()} if id2label else None,
-                   pooling=extra.get("pooling", default_pooling), target_mean=extra.get("target_mean"),
-                   target_std=extra.get("target_std"), pad_token_id=d.get("pad_token_id"))
+                   pooling=extra.get("pooling", default_pooling), output_scale=extra.get("output_scale"),
+                   output_shift=extra.get("output_shift"), pad_token_id=d.get("pad_token_id"))
 
 
 def last_token_index(shape: tuple[int, int], attention_mask: Tensor | None = None,
@@ -150,25 +153,25 @@ class _SequenceHead:
     def loss(self, input_ids: Tensor, labels: Tensor, *, reduction: str = "mean",
              class_weights: Tensor | None = None, label_smoothing: float = 0.0, **kwargs) -> Tensor:
         """Classification: cross-entropy against (B,) class ids. Regression: mean squared error
-        against (B,) or (B, num_labels) targets, standardised with target_mean/std if set."""
+        against (B,) or (B, num_labels) targets, mapped to (y - output_shift) / output_scale if set."""
         out = self.scores(input_ids, **kwargs)
         if self.head.problem_type == "regression":
             target = labels.to(out.dtype)
-            if self.head.target_mean is not None:
-                target = (target - self.head.target_mean) / self.head.target_std
+            if self.head.output_scale is not None:
+                target = (target - self.head.output_shift) / self.head.output_scale
             return regression_loss(out.squeeze(-1) if target.dim() == 1 else out, target, reduction=reduction)
         return classification_loss(out, labels, class_weights=class_weights, label_smoothing=label_smoothing,
                                    reduction=reduction)
 
     @torch.no_grad()
     def predict(self, input_ids: Tensor, **kwargs) -> Tensor:
-        """Class ids (B,) for classification; de-standardised values (B,) or (B, num_labels) for
-        regression and reward models."""
+        """Class ids (B,) for classification; scores * output_scale + output_shift, (B,) or
+        (B, num_labels), for regression and reward models."""
         out = self.scores(input_ids, **kwargs)
         if self.head.problem_type != "regression":
             return out.argmax(-1)
-        if self.head.target_mean is not None:
-            out = out * self.head.target_std + self.head.target_mean
+        if self.head.output_scale is not None:
+            out = out * self.head.output_scale + self.head.output_shift
         return out.squeeze(-1) if self.head.num_labels == 1 else out
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -227,11 +227,11 @@ def pretrain_datasets(cfg, tokenizer, vocab_size: int):
     return train, held
 
 
-def chat_setup(cfg, info: DistInfo, kind: str, *, records=None, tokenizer=None, model=None):
+def chat_setup(cfg, info: DistInfo, kind: str, *, records=None, tokenizer=None, model=None, make_model=None):
     """What a chat-format method (SFT, DPO, reward model) starts from: its records (given, or
     read from cfg.data: kind "chat" or "preference"), the tokenizer (given, the checkpoint's, or
-    trained on the rendered records) and the model (given, or built for the tokenizer), checked to
-    fit. Returns (records, tokenizer, model)."""
+    trained on the rendered records) and the model (given, or make_model(cfg, tokenizer), by
+    default the causal LM get_model builds), checked to fit. Returns (records, tokenizer, model)."""
     records = read_records(cfg.data, kind=kind) if records is None else records
     if not records:
         raise ValueError("data: empty dataset (no records)")
@@ -239,7 +239,7 @@ def chat_setup(cfg, info: DistInfo, kind: str, *, records=None, tokenizer=None, 
     if tokenizer is None:
         tokenizer = get_tokenizer(cfg, info, lambda: texts(records, cfg.system))
     if model is None:
-        model = get_model(cfg, tokenizer.vocab_size, cfg.max_length)
+        model = make_model(cfg, tokenizer) if make_model else get_model(cfg, tokenizer.vocab_size, cfg.max_length)
     check_fit(model, tokenizer.vocab_size, cfg.max_length)
     return records, tokenizer, model
 

@@ -19,7 +19,8 @@ def _unsharded_model(model, wrapped, info: DistInfo):
     state = _model_state(wrapped, info)  # a collective: every rank takes part
     if not info.is_main:
         return None
-    copy = type(model)(model.config)
+    head = {"head": model.head} if hasattr(model, "head") else {}  # task heads: what they predict
+    copy = type(model)(model.config, **head)
     copy.load_state_dict({k[len("model."):]: v for k, v in state.items()})
     return copy
 

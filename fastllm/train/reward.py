@@ -22,8 +22,8 @@ of pairs with r_c > r_r), margin (mean r_c - r_r), rewards/chosen, rewards/rejec
 
 Normalisation (normalize=True): after training, the rewards of reference pairs (held-out, else
 training pairs; both sides) have mean mu and std sigma; the head stores the affine map
-x -> (x - mu) / sigma as TaskHead(target_mean=-mu/sigma, target_std=1/sigma), because
-`predict()` returns scores * target_std + target_mean. So `predict()` and `RewardScorer` give
+x -> (x - mu) / sigma as TaskHead(output_scale=1/sigma, output_shift=-mu/sigma) (`predict()`
+returns scores * output_scale + output_shift). So `predict()` and `RewardScorer` give
 rewards with mean 0 and std 1 on the reference pairs; `scores()` and transformers'
 AutoModelForSequenceClassification give the raw r (transformers does not read the stored map).
 
@@ -42,7 +42,6 @@ import math
 import numbers
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -58,16 +57,13 @@ from .common import (
     build_scheduler,
     enable_activation_checkpointing,
     freeze_parameters,
-    resolve_device,
-    resolve_dtype,
-    seed_everything,
     to_device,
     transformer_layers,
 )
-from .config import RewardConfig, as_config, save_config
-from .distributed import DistInfo, init_distributed, wrap_model
+from .config import RewardConfig, as_config
+from .distributed import DistInfo, wrap_model
 from .export import export_final
-from .loop import held_out_eval, supervised_step, train_loop
+from .loop import held_out_eval, start_run, supervised_step, train_loop
 from .peft_glue import apply_peft
 
 MODEL_KEYS = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen")
@@ -227,28 +223,17 @@ def reward(config: RewardConfig | str | dict | None = None, *, model=None, token
     config names; tokenizer / records (dicts with prompt, chosen, rejected): ready objects."""
     cfg = as_config(RewardConfig, config)
     # ---- setup: devices, tokenizer, model, data
-    info, device = init_distributed(cfg.distributed, resolve_device(cfg.device))
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    records = build.read_records(cfg.data, kind="preference") if records is None else records
-    if not records:
-        raise ValueError("data: empty dataset (no records)")
-    _check(cfg, records)
+    info, device, dtype, out = start_run(cfg)
     if cfg.peft and info.mode == "fsdp":
         raise NotImplementedError("distributed: exporting a LoRA reward model from an FSDP run is not supported; "
                                   "use ddp")
-    if tokenizer is None:
-        tokenizer = build.get_tokenizer(cfg, info, lambda: build.preference_texts(records, cfg.system))
-    if model is None:
-        model = build.get_reward_model(cfg, tokenizer)
+    records = build.read_records(cfg.data, kind="preference") if records is None else records
+    _check(cfg, records)
+    records, tokenizer, model = build.chat_setup(cfg, info, "preference", records=records, tokenizer=tokenizer,
+                                                 model=model, make_model=build.get_reward_model)
     if not hasattr(model, "scores") or model.head.num_labels != 1:
         raise ValueError(f"model: expected a sequence-classification head model with num_labels=1, got "
                          f"{type(model).__name__}")
-    build.check_fit(model, tokenizer.vocab_size, cfg.max_length)
     if info.is_main and tokenizer.pad_id is not None and tokenizer.pad_id == tokenizer.eos_id:
         warnings.warn(f"tokenizer: pad_id == eos_id ({tokenizer.pad_id}); transformers finds the last real token "
                       "as the last non-pad one, so on the export it reads the token before the EOS (fastllm reads "
@@ -322,7 +307,7 @@ def reward(config: RewardConfig | str | dict | None = None, *, model=None, token
         if not std > 0:
             raise ValueError(f"normalize: the {n} reference rewards are all equal ({mean}); nothing to normalise "
                              "by (set normalize=false)")
-        final.head = dataclasses.replace(final.head, target_mean=-mean / std, target_std=1.0 / std)
+        final.head = dataclasses.replace(final.head, output_scale=1.0 / std, output_shift=-mean / std)
         result.update(reward_mean=mean, reward_std=std, reward_samples=n)
     export_final(final, wrapped, tokenizer, out / "final", info)
     result["trainable_params"] = n_trainable

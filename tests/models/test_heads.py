@@ -151,7 +151,7 @@ def test_head_losses_match_pytorch():
     assert torch.equal(cls.predict(ids, attention_mask=mask), logits.argmax(-1))
 
     reg = _perturbed(build_head_model(preset("tiny-llama"), "sequence_classification",
-                                      TaskHead(num_labels=1, target_mean=3.0, target_std=2.0)))
+                                      TaskHead(num_labels=1, output_scale=2.0, output_shift=3.0)))
     y = torch.tensor([1.0, 4.0, 6.5])
     out = reg.scores(ids, attention_mask=mask)[:, 0]
     assert_close(reg.loss(ids, y, attention_mask=mask), F.mse_loss(out, (y - 3.0) / 2.0))
