@@ -1,18 +1,21 @@
 """Training loops, one explicit function per method, and the plain functions they share.
 
-    from fastllm.train import DPOConfig, PretrainConfig, SFTConfig, dpo, pretrain, sft
+    from fastllm.train import DPOConfig, FinetuneConfig, PretrainConfig, SFTConfig, dpo, finetune, pretrain, sft
     pretrain(PretrainConfig(model="tiny-llama", data="shakespeare", max_steps=200))
     sft(SFTConfig(model="runs/out/final", peft={"method": "lora", "r": 8}))
     dpo(DPOConfig(model="runs/out/final", beta=0.1, loss_type="sigmoid"))
+    finetune(FinetuneConfig(task="classification", data="topics", model="runs/out/final"))
 
 The same from the shell: `fastllm pretrain CONFIG.yaml key=value ...`, `fastllm sft ...`, `fastllm dpo ...`,
+`fastllm finetune ...`,
 under `torchrun --nproc_per_node N` for DDP (default) or FSDP2 (distributed=fsdp).
 """
 
-from .config import DPOConfig, PretrainConfig, SFTConfig, TrainConfig, apply_overrides, load_config
+from .config import DPOConfig, FinetuneConfig, PretrainConfig, SFTConfig, TrainConfig, apply_overrides, load_config
 from .dpo import dpo
+from .finetune import finetune
 from .pretrain import pretrain
 from .sft import sft
 
-__all__ = ["DPOConfig", "PretrainConfig", "SFTConfig", "TrainConfig", "apply_overrides", "dpo", "load_config",
-           "pretrain", "sft"]
+__all__ = ["DPOConfig", "FinetuneConfig", "PretrainConfig", "SFTConfig", "TrainConfig", "apply_overrides", "dpo",
+           "finetune", "load_config", "pretrain", "sft"]
