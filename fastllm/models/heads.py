@@ -256,7 +256,7 @@ class _BertHead(BertForMaskedLM):
 
     @property
     def mlm_head(self):
-        raise TypeError(f"{type(self).__name__} has no MLM head")
+        raise AttributeError(f"{type(self).__name__} has no MLM head")  # so hasattr(model, "mlm_head") is False
 
     def mlm_loss(self, *args, **kwargs):
         raise TypeError(f"{type(self).__name__} has no MLM head: use loss()")

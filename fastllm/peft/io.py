@@ -9,7 +9,10 @@ peft.PeftModel.from_pretrained on the matching transformers model and back:
             "use_rslora", "bias": "none", "task_type": "CAUSAL_LM", ...}
 
 Our Llama-family module names equal Hugging Face's, so <module name> is the same string in
-both (model.layers.0.self_attn.q_proj). Other methods (bottleneck adapters, prefix and prompt
+both (model.layers.0.self_attn.q_proj). A task head trained with the adapter (a classifier or
+score layer: PEFT's `modules_to_save`) is stored whole beside it, as PEFT stores it: keys
+base_model.model.<module>.<param> (LoRA; the bare fastllm names otherwise) and the module names
+in the config's "modules_to_save". Other methods (bottleneck adapters, prefix and prompt
 tuning) write their parameters under their fastllm names with peft_type "FASTLLM_<METHOD>";
 they load into a model to which the same method was applied. Files are written to a
 temporary name and renamed.
@@ -33,7 +36,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # PEFT config fields we cannot honour; loading fails rather than silently differing.
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none",
                 "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
@@ -49,13 +52,29 @@ def _lora_peft_config(cfg: LoraConfig, base_model_name_or_path: str | None) -> d
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
         "use_rslora": cfg.use_rslora, "init_lora_weights": True, "inference_mode": True, "revision": None,
-        "layers_pattern": None, **_UNSUPPORTED,
+        "layers_pattern": None, "modules_to_save": None, **_UNSUPPORTED,
     }
 
 
+def _saved_modules(model: nn.Module, modules: list[str], prefix: str) -> dict[str, torch.Tensor]:
+    """Every parameter of the named modules (a head trained whole), keyed prefix + full name."""
+    tensors = {}
+    for module in modules:
+        try:
+            sub = model.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"modules_to_save: the model has no module {module!r}") from None
+        for name, p in sub.named_parameters():
+            tensors[f"{prefix}{module}.{name}"] = p.detach().contiguous()
+    return tensors
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
-                 base_model_name_or_path: str | None = None) -> None:
-    """Write one adapter (LoRA in PEFT's layout; other methods in ours) to directory `path`."""
+                 base_model_name_or_path: str | None = None, modules_to_save: list[str] | None = None,
+                 task_type: str | None = None) -> None:
+    """Write one adapter (LoRA in PEFT's layout; other methods in ours) to directory `path`.
+    modules_to_save: modules stored whole with it (a task head: ["score"], ["classifier"]);
+    task_type: PEFT's task_type (default CAUSAL_LM for LoRA)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     lora = lora_modules(model)
@@ -72,12 +91,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                 tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].detach().contiguous()
                 tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].detach().contiguous()
         config = _lora_peft_config(cfg, base_model_name_or_path)
+        prefix = _PREFIX
     else:
         tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
         if not tensors:
             raise ValueError("model: has no adapter parameters to save")
         config = {"peft_type": getattr(model, "peft_type", "FASTLLM_ADAPTER"),
                   **getattr(model, "peft_settings", {})}
+        prefix = ""
+    if modules_to_save:
+        tensors.update(_saved_modules(model, list(modules_to_save), prefix))
+        config["modules_to_save"] = list(modules_to_save)
+    if task_type is not None:
+        config["task_type"] = task_type
     _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _atomic_write(path / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
 
@@ -108,10 +134,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                  backend: str | None = None) -> nn.Module:
     """Load an adapter directory into `model`. LoRA (ours or one trained with PEFT) is applied
     with the file's config; other methods load into a model that already has them.
-    Every file tensor must find its parameter and every adapter parameter its tensor."""
+    Every file tensor must find its parameter and every adapter parameter its tensor; the
+    modules the config lists in modules_to_save (a task head) are loaded whole."""
     path = Path(path)
     config = read_adapter_config(path)
     tensors = _read_tensors(path)
+    saved_modules = config.get("modules_to_save") or []
     if config.get("peft_type") == "LORA":
         _check_supported(config)
         apply_lora(model, target_modules=config["target_modules"], r=int(config["r"]),
@@ -125,9 +153,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         # PEFT keeps the adapter name in keys of non-default adapters saved by some versions
         tensors = {k.replace(f".lora_A.{adapter_name}.", ".lora_A.").replace(f".lora_B.{adapter_name}.", ".lora_B."): v
                    for k, v in tensors.items()}
+        prefix = _PREFIX
     else:
         wanted = dict(model.named_parameters())
         wanted = {k: wanted[k] for k in adapter_state_dict(model)}
+        prefix = ""
+    for module in saved_modules:
+        sub = model.get_submodule(module)
+        for name, p in sub.named_parameters():
+            wanted[f"{prefix}{module}.{name}"] = p
     missing = sorted(set(wanted) - set(tensors))
     unexpected = sorted(set(tensors) - set(wanted))
     if missing or unexpected:

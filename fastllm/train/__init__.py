@@ -1,21 +1,32 @@
 """Training loops, one explicit function per method, and the plain functions they share.
 
-    from fastllm.train import DPOConfig, PretrainConfig, SFTConfig, dpo, pretrain, sft
+    from fastllm.train import DPOConfig, FinetuneConfig, PretrainConfig, SFTConfig, dpo, finetune, pretrain, sft
     pretrain(PretrainConfig(model="tiny-llama", data="shakespeare", max_steps=200))
     sft(SFTConfig(model="runs/out/final", peft={"method": "lora", "r": 8}))
     dpo(DPOConfig(model="runs/out/final", beta=0.1, loss_type="sigmoid"))
     reward(RewardConfig(model="runs/out/final", max_steps=200))    # then RewardScorer(model, tokenizer)
+    finetune(FinetuneConfig(task="classification", data="topics", model="runs/out/final"))
 
 The same from the shell: `fastllm pretrain CONFIG.yaml key=value ...`, `fastllm sft ...`, `fastllm dpo ...`,
-`fastllm reward ...`,
+`fastllm reward ...`, `fastllm finetune ...`,
 under `torchrun --nproc_per_node N` for DDP (default) or FSDP2 (distributed=fsdp).
 """
 
-from .config import DPOConfig, PretrainConfig, RewardConfig, SFTConfig, TrainConfig, apply_overrides, load_config
+from .config import (
+    DPOConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    RewardConfig,
+    SFTConfig,
+    TrainConfig,
+    apply_overrides,
+    load_config,
+)
 from .dpo import dpo
+from .finetune import finetune
 from .pretrain import pretrain
 from .reward import RewardScorer, reward
 from .sft import sft
 
-__all__ = ["DPOConfig", "PretrainConfig", "RewardConfig", "RewardScorer", "SFTConfig", "TrainConfig",
-           "apply_overrides", "dpo", "load_config", "pretrain", "reward", "sft"]
+__all__ = ["DPOConfig", "FinetuneConfig", "PretrainConfig", "RewardConfig", "RewardScorer", "SFTConfig",
+           "TrainConfig", "apply_overrides", "dpo", "finetune", "load_config", "pretrain", "reward", "sft"]

@@ -323,3 +323,54 @@ def eval_batches(dataset, batch_size: int, max_batches: int, info: DistInfo, col
     idx = [info.rank + info.world_size * j for j in range(per_rank)][: batch_size * max_batches]
     collate = collate or dataset.collate
     return [collate([dataset[i] for i in idx[s:s + batch_size]]) for s in range(0, len(idx), batch_size)]
+
+
+# --------------------------------------------------------------------------- task heads
+
+def task_texts(records: list[dict]) -> list[str]:
+    """The texts of task records (tagged sentences joined by spaces), to train a tokenizer on."""
+    return [r["text"] if "text" in r else " ".join(r["tokens"]) for r in records]
+
+
+def get_head_model(cfg, kind: str, head, vocab_size: int | None, context: int) -> torch.nn.Module:
+    """A task-head model of `kind` ("sequence_classification" | "token_classification"):
+    a preset with a fresh head (vocab sized to the tokenizer); a checkpoint that already is
+    this head (continued, its stored head kept); or a new head on a checkpoint's trunk
+    (`from_pretrained(dir, cls=<head class>, head=head)`)."""
+    from fastllm.models import registry
+    from fastllm.models.checkpoint import read_config
+    from fastllm.models.heads import build_head_model
+
+    if os.path.isdir(cfg.model):
+        hf = read_config(cfg.model)
+        entry = registry.lookup(hf.get("model_type"))
+        try:
+            cls = entry.head_class(kind)
+        except ValueError:
+            raise ValueError(f"task: a {kind} head needs a trunk that has one; {cfg.model!r} is a "
+                             f"{hf.get('model_type')} model (token classification: a BERT encoder)") from None
+        if entry.class_for(hf.get("architectures")) is cls:
+            model = models.from_pretrained(cfg.model)
+            if model.head.num_labels != head.num_labels or model.head.problem_type != head.problem_type:
+                raise ValueError(f"model: {cfg.model!r} holds a {model.head.problem_type} head with "
+                                 f"{model.head.num_labels} labels, but the data needs {head.problem_type} with "
+                                 f"{head.num_labels}")
+        else:
+            model = models.from_pretrained(cfg.model, cls=cls, head=head)
+    elif cfg.model not in models.PRESETS:
+        raise ValueError(f"model: {cfg.model!r} is neither a preset ({', '.join(models.PRESETS)}) nor an existing "
+                         "checkpoint directory")
+    else:
+        overrides = dict(cfg.model_overrides)
+        if vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size
+        mcfg = models.preset(cfg.model, **overrides)
+        try:
+            model = build_head_model(mcfg, kind, head)
+        except ValueError:
+            raise ValueError(f"task: a {kind} head needs a trunk that has one; {cfg.model!r} is a "
+                             f"{mcfg.model_type} model (token classification: BERT, e.g. tiny-bert)") from None
+    check_fit(model, vocab_size, context)
+    return model
+
+

@@ -169,7 +169,42 @@ class RewardConfig(TrainConfig):
     warmup_steps: int = _field(5, "steps of linear warm-up from 0 to lr", min=0)
 
 
-CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig}
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Task fine-tuning: a classification, regression or token-classification head on a
+    pre-trained trunk (or a preset). batch_size counts sequences; the loss is a mean over
+    sequences (over tagged words for token classification)."""
+
+    task: str = _field("classification", "what the head predicts",
+                       choices=("classification", "regression", "token_classification"))
+    data: str = _field("topics", "a shipped set (topics, sentiment, entities) or a .csv/.jsonl/.json file")
+    columns: dict = _field(factory=dict, help="our field -> the file's column: text, label (sequence tasks), "
+                           "tokens, tags (token_classification), e.g. {text: sentence, label: score}")
+    labels: list[str] | None = _field(None, "class or tag names in id order (config.json id2label); null: the "
+                                      "names found in the data, sorted")
+    num_labels: int | None = _field(None, "number of classes when the labels are integer ids; null: from labels "
+                                    "or the data", min=1)
+    pooling: str | None = _field(None, "sequence heads: last (decoders), cls or mean (BERT); null: the model's "
+                                 "default", choices=("last", "cls", "mean"))
+    class_weights: list[float] | None = _field(None, "classification: one loss weight per class", min=0.0)
+    label_smoothing: float = _field(0.0, "cross-entropy label smoothing", min=0.0, max=1.0)
+    standardize: bool = _field(True, "regression: train on (y - mean) / std of the training targets; the "
+                               "stored mean/std map predictions back")
+    max_length: int = _field(128, "longest input in tokens (longer texts are truncated; a longer tagged "
+                             "sentence is an error)", min=3)
+    eval_fraction: float = _field(0.2, "held-out share of the data", min=0.0, max=1.0)
+    freeze: list[str] = _field(factory=list, help="parameter-name globs to freeze (the head stays trainable "
+                               "unless named here)")
+    train_layers: str | None = _field(None, "\"a:b\": train only layers a..b-1 and the head",
+                                      pattern=r"\d+:\d+", expect="\"a:b\" (first and end layer index)")
+    peft: dict | None = _field(None, "e.g. {method: lora, r: 8, alpha: 16}; the head stays trainable and is "
+                               "saved with the adapter (modules_to_save)")
+    lr: float = _field(1e-4, "peak learning rate", min=0.0)
+    warmup_steps: int = _field(5, "steps of linear warm-up from 0 to lr", min=0)
+
+
+CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig,
+           "finetune": FinetuneConfig}
 
 
 # --------------------------------------------------------------------------- type checks
