@@ -4,15 +4,21 @@
     python bench/bench_generate.py                          # CPU, or the GPU when there is one
     python bench/bench_generate.py --configs smollm2-135m --batch 16 --reps 3
 
-Each case: `batch` prompts of `prompt` random tokens, `new` greedy tokens each (no stop
-token, so both engines emit exactly batch * new tokens), float32 on the CPU, bfloat16 on
-CUDA, random weights (the speed does not depend on their values).
+Each case: `batch` prompts of `prompt` random tokens, `new` tokens each (no stop token, so
+both engines emit exactly batch * new tokens), greedy or top-p 0.9 sampling (`--sampling`),
+float32 on the CPU, bfloat16 on CUDA, random weights (the speed does not depend on their
+values). `--lora` adds a LoRA policy (r=16 on q/k/v/o/gate/up/down, the PPO case): fastllm
+with the adapters merged into cache-held weights (`fastllm_lora_merge`) and as one low-rank
+term per projection group (`fastllm_lora_low_rank`), Hugging Face with peft's LoRA model.
 
     tokens/s        = batch * new / median wall time of the whole call (prefill included)
     decode ms/token = (time(new tokens) - time(1 token)) / (new - 1): the decode steps alone
     bound %         = weights + KV bytes read per decode step / decode step time, over the
                       measured device copy bandwidth (2 * bytes / time of a 1 GiB copy);
                       KV bytes at the mean context prompt + new/2. Meaningful at batch 1.
+    matmul ms       = the decode step's matrix products alone (q/k/v, o, gate/up, down of every
+                      layer and the head, on the model's own weights, F.linear at the step's
+                      batch): the floor a decode step can approach on this device.
 
 Rows are appended as JSON lines to bench/results/generate.jsonl (device, versions, commit).
 """
@@ -77,19 +83,69 @@ def hf_model(ours, device, dtype):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def providers(model, hf, device):
-    def ours(graph):
-        return lambda ids, new: generate(model, ids, new, temperature=0.0, use_cuda_graph=graph)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-    def theirs(ids, new):
-        with torch.no_grad():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                               do_sample=False)
 
-    out = {"hf_generate": theirs, "fastllm": ours(True)}
+def lora_policies(model, hf):
+    """The same LoRA adapters (r=16, alpha=32, non-zero B) on both models."""
+    import copy
+
+    import peft
+
+    from fastllm.peft import apply_lora
+
+    ours = copy.deepcopy(model)
+    apply_lora(ours, target_modules=LORA_TARGETS, r=16, alpha=32)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    return ours.eval(), theirs.eval()
+
+
+def providers(model, hf, device, sampling, lora=None):
+    sample = {"temperature": 0.0} if sampling == "greedy" else {"temperature": 1.0, "top_p": 0.9}
+    hf_sample = {"do_sample": False} if sampling == "greedy" else {"do_sample": True, "top_p": 0.9, "top_k": 0}
+
+    def ours(m, graph=True, **kw):
+        return lambda ids, new: generate(m, ids, new, use_cuda_graph=graph, **sample, **kw)
+
+    def theirs(m):
+        def run(ids, new):
+            with torch.no_grad():
+                return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                  **hf_sample)
+        return run
+
+    if lora is not None:
+        ours_lora, hf_lora = lora
+        return {"hf_generate_lora": theirs(hf_lora), "fastllm_lora_merge": ours(ours_lora, lora="merge"),
+                "fastllm_lora_low_rank": ours(ours_lora, lora="low_rank")}
+    out = {"hf_generate": theirs(hf), "fastllm": ours(model)}
     if device.type == "cuda":
-        out["fastllm_no_graph"] = ours(False)
+        out["fastllm_no_graph"] = ours(model, graph=False)
     return out
+
+
+def matmul_floor(model, batch, device, reps) -> float:
+    """Median seconds of one decode step's matrix products alone (see the module docstring)."""
+    import torch.nn.functional as F
+
+    weights = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        weights += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight]
+    weights.append(model.lm_head_weight.detach())
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=w.dtype) for w in weights}
+
+    def gemms():
+        with torch.no_grad():
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+    gemms()
+    return statistics.median(_time(gemms, device, max(reps, 3)))
 
 
 def main(argv=None):
@@ -99,20 +155,22 @@ def main(argv=None):
     p.add_argument("--batch", type=int, nargs="*", default=None)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
+    p.add_argument("--sampling", nargs="*", default=["greedy", "top_p"], choices=["greedy", "top_p"])
+    p.add_argument("--lora", action="store_true", help="also the LoRA-policy rows (needs peft)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
-    batches = args.batch or ([1, 4, 16, 64] if gpu else [1, 16])
+    batches = args.batch or ([1, 4, 16, 64] if gpu else [1, 16, 64])
     reps = args.reps or (3 if gpu else 1)
     env = environment(device)
     bw = copy_bandwidth(device)
     print(f"\n## generate on {env['device']} (torch {env['torch']}, commit {env['commit']}), "
           f"copy bandwidth {bw / 1e9:.1f} GB/s, {dtype}")
-    header = (f"{'config':<14} {'batch':>5} {'provider':<17} {'tokens/s':>10} {'x hf':>6} {'median s':>9} "
-              f"{'decode ms/tok':>13} {'bound %':>8}")
+    header = (f"{'config':<14} {'batch':>5} {'sampling':<8} {'provider':<22} {'tokens/s':>10} {'x hf':>6} "
+              f"{'median s':>9} {'decode ms/tok':>13} {'matmul ms':>9} {'bound %':>8}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -124,13 +182,16 @@ def main(argv=None):
         hf = hf_model(model, device, dtype)
         cfg = model.config
         weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
-        for batch in batches:
+        lora = lora_policies(model, hf) if args.lora else None
+        for batch, sampling, policy in [(b, s, p) for b in batches for s in args.sampling
+                                        for p in ([None, lora] if lora else [None])]:
             ids = torch.randint(1, cfg.vocab_size, (batch, args.prompt), device=device)
+            floor = matmul_floor(model, batch, device, reps)
             results = {}
-            for pname, fn in providers(model, hf, device).items():
+            for pname, fn in providers(model, hf, device, sampling, policy).items():
                 fn(ids, 2)  # warm-up: kernel selection, allocator, graph capture path
-                full = _time(lambda: fn(ids, args.new), device, reps)
-                first = _time(lambda: fn(ids, 1), device, reps)
+                full = _time(lambda fn=fn, ids=ids: fn(ids, args.new), device, reps)
+                first = _time(lambda fn=fn, ids=ids: fn(ids, 1), device, reps)
                 med = statistics.median(full)
                 decode = (med - statistics.median(first)) / (args.new - 1)
                 ctx = args.prompt + args.new / 2
@@ -138,18 +199,20 @@ def main(argv=None):
                     torch.finfo(dtype).bits // 8
                 bound = (weight_bytes + kv_bytes) / decode / bw if decode > 0 else float("nan")
                 results[pname] = (med, decode, bound, full)
-                print(f"  ({cname} b{batch} {pname}: {med:.2f} s for {args.new} tokens)", flush=True)
-            base = results["hf_generate"][0]
+                print(f"  ({cname} b{batch} {sampling} {pname}: {med:.2f} s for {args.new} tokens)", flush=True)
+            base_name = next(iter(results))  # the Hugging Face provider of this case
+            base = results[base_name][0]
             for pname, (med, decode, bound, full) in results.items():
                 tps = batch * args.new / med
-                print(f"{cname:<14} {batch:>5} {pname:<17} {tps:>10.1f} {base / med:>6.2f} {med:>9.3f} "
-                      f"{decode * 1e3:>13.2f} {100 * bound:>7.1f}%")
-                rows.append({"bench": "generate", "case": f"{cname} b{batch}", "config": cname, "batch": batch,
+                print(f"{cname:<14} {batch:>5} {sampling:<8} {pname:<22} {tps:>10.1f} {base / med:>6.2f} "
+                      f"{med:>9.3f} {decode * 1e3:>13.2f} {floor * 1e3:>9.2f} {100 * bound:>7.1f}%")
+                rows.append({"bench": "generate", "case": f"{cname} b{batch} {sampling}" + (" lora" if policy else ""),
+                             "config": cname, "batch": batch, "sampling": sampling, "lora": policy is not None,
                              "prompt": args.prompt, "new": args.new, "dtype": str(dtype).replace("torch.", ""),
                              "provider": pname, "median_s": med, "times_s": full, "tokens_per_s": tps,
-                             "speedup_vs_baseline": base / med, "baseline": "hf_generate",
-                             "decode_ms_per_token": decode * 1e3, "bandwidth_bound_fraction": bound,
-                             "copy_gb_per_s": bw / 1e9, **env})
+                             "speedup_vs_baseline": base / med, "baseline": base_name,
+                             "decode_ms_per_token": decode * 1e3, "matmul_floor_ms": floor * 1e3,
+                             "bandwidth_bound_fraction": bound, "copy_gb_per_s": bw / 1e9, **env})
         del model, hf
     if rows and not args.no_write:
         os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -39,7 +39,7 @@ class CapturedStep:
         # the whole cache would double memory, so keep only what they touch: the rollout
         # tensors, and the cache rows at the positions they will write.
         tensors = {name: getattr(state, name).clone() for name in ("tokens", "logprobs", "mask", "finished",
-                                                                   "last", "pos")}
+                                                                   "last", "pos", "at")}
         return tensors
 
     @staticmethod

@@ -122,17 +122,20 @@ class _Rollout:
         self.pad = pad_token_id
         self.last = torch.zeros(B, dtype=torch.int64, device=dev)  # the token fed to the next step
         self.pos = (prompt_lengths - 1).to(torch.int32)  # position of `last` in its row
+        self.at = (prompt_lengths - 1).to(torch.int64).unsqueeze(1)  # (B, 1): pos, as a scatter index
 
     def record(self, token: Tensor, logprob: Tensor) -> None:
         """Write the tokens drawn for position pos + 1 of every live row; advance."""
-        live = ~self.finished
-        token = torch.where(live, token, self.pad)
-        at = (self.pos + 1).long()[:, None]  # (B, 1)
-        self.tokens.scatter_(1, at, token[:, None])
-        self.logprobs.scatter_(1, at, torch.where(live, logprob, 0.0)[:, None])
-        self.mask.scatter_(1, at, live[:, None])
-        # a broadcast compare, not torch.isin: isin's sorting path syncs with the host
-        self.finished |= live & (token[:, None] == self.stop[None, :]).any(-1)
+        # few, in-place ops: at small batch every tensor op costs more than its arithmetic
+        done = self.finished
+        token = token.masked_fill(done, self.pad)
+        at = self.at.add_(1)  # (B, 1) int64: pos + 1
+        self.tokens.scatter_(1, at, token.unsqueeze(1))
+        self.logprobs.scatter_(1, at, logprob.masked_fill(done, 0.0).unsqueeze(1))
+        self.mask.scatter_(1, at, done.logical_not().unsqueeze(1))
+        if self.stop.numel():
+            # a broadcast compare, not torch.isin: isin's sorting path syncs with the host
+            done |= (token.unsqueeze(1) == self.stop).any(-1)  # a stopped row's token is pad
         self.last.copy_(token)
         self.pos.add_(1)
 
@@ -169,6 +172,7 @@ def generate(
     use_cuda_graph: bool = True,
     sync_every: int | None = None,
     backend: str = "auto",
+    lora: str = "merge",
 ) -> GenerationOutput:
     """Sample up to max_new_tokens per prompt (see the module docstring).
 
@@ -180,7 +184,12 @@ def generate(
     sync_every: steps between checks that every sequence stopped (default 1 on the CPU,
         8 on CUDA).
     backend: "auto", "reference" or "native" for the fused ops.
+    lora: how LoRA-adapted projections run ("merge": s B A folded into a copy of each adapted
+        weight, kept for this call; "low_rank": the base weights plus one low-rank matmul pair
+        per projection group, no weight copy). The model's parameters are never changed.
     """
+    if lora not in ("merge", "low_rank"):
+        raise ValueError(f"lora: expected 'merge' or 'low_rank', got {lora!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
     _check_generate_args(model.config.vocab_size, stop_token_ids, temperature, pad_token_id, top_k, top_p)
@@ -205,6 +214,7 @@ def generate(
     try:
         state = _Rollout(ids, plens, max_new_tokens, pad_token_id, stop)
         cache = model.new_kv_cache(B, P + max_new_tokens, backend=backend)
+        cache.lora = lora
         # Prefill: every prompt in one right-padded forward; the logits at each prompt's last
         # token draw its first response token.
         mask = torch.arange(P, device=device)[None] < plens[:, None]  # (B, P)

@@ -7,7 +7,8 @@ token per sequence at its own position over a KVCache, no value checks, no host 
 layers run the same code for both and branch only where the decode step differs:
 `self_attention` appends the new key/value at each sequence's position and calls the fused
 `decode_attention` (Llama: `kv_append_rope` applies RoPE on the way), `norm` and `swiglu_act`
-call the native kernels directly, and `project` runs one matmul for several projections.
+call the native kernels directly, and `project` runs one matmul for several projections
+(LoRA adapters merged in, or added as one low-rank term).
 """
 
 from __future__ import annotations
@@ -287,19 +288,28 @@ def decode_attention(
 
 
 def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | None) -> list[Tensor]:
-    """x through owner.<name> for each name (projections that read the same input: q/k/v,
-    gate/up). In an inference forward over a KVCache (no gradients) whose projections are all
-    plain nn.Linear with the same bias setting, one matmul with their concatenated weight
-    (kept by the cache, rebuilt when a weight changes in place): at decode batch sizes every
-    matmul call costs a thread fork/join. Otherwise (training, LoRA-wrapped projections)
-    each module is called. The parameters keep their Hugging Face names either way."""
+    """x through owner.<name> for each name (one projection, or several that read the same
+    input: q/k/v, gate/up). In an inference forward over a KVCache (no gradients) whose
+    projections are plain nn.Linear or LoRALinear, one matmul with their concatenated weight,
+    LoRA merged in or added as one low-rank term (kept by the cache, rebuilt when a weight
+    changes in place: KVCache.fused_projection): at decode batch sizes every matmul and
+    module call costs more than its arithmetic. Otherwise (training, other wrappers) each
+    module is called. The parameters keep their Hugging Face names either way."""
     fused = None
     if step is not None and step.kv_cache is not None and not torch.is_grad_enabled():
         fused = step.kv_cache.fused_projection(owner, names)
     if fused is None:
         return [getattr(owner, name)(x) for name in names]
-    weight, bias, sizes = fused
-    return F.linear(x, weight, bias).split(sizes, dim=-1)
+    weight, bias, low_rank, sizes = fused
+    y = F.linear(x, weight, bias)
+    if low_rank is not None:
+        y += F.linear(F.linear(x, low_rank[0]), low_rank[1])
+    return y.split_with_sizes(sizes, -1) if len(sizes) > 1 else [y]
+
+
+def linear(owner: nn.Module, name: str, x: Tensor, step: Step | None) -> Tensor:
+    """owner.<name>(x) for one projection, through `project` (LoRA merged in inference)."""
+    return project(owner, (name,), x, step)[0]
 
 
 def norm(module: nn.Module, x: Tensor, step: Step) -> Tensor:

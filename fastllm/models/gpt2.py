@@ -38,10 +38,10 @@ class GPT2Attention(nn.Module):
     def forward(self, x: Tensor, step: _decoder.Step) -> Tensor:
         B, T, C = x.shape
         q, k, v = (
-            self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+            _decoder.linear(self, "c_attn", x, step).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
         )  # each (B, T, H, D)
         out = _decoder.self_attention(q, k, v, self.layer_idx, step)  # (B, T, H, D)
-        return self.c_proj(out.reshape(B, T, C))
+        return _decoder.linear(self, "c_proj", out.reshape(B, T, C), step)
 
 
 class GPT2MLP(nn.Module):
@@ -50,8 +50,9 @@ class GPT2MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, config.n_inner)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+    def forward(self, x: Tensor, step: _decoder.Step | None = None) -> Tensor:
+        h = F.gelu(_decoder.linear(self, "c_fc", x, step), approximate="tanh")
+        return _decoder.linear(self, "c_proj", h, step)
 
 
 class GPT2Block(nn.Module):
@@ -64,7 +65,7 @@ class GPT2Block(nn.Module):
 
     def forward(self, x: Tensor, step: _decoder.Step) -> Tensor:
         x = x + self.attn(self.ln_1(x), step)
-        return x + self.mlp(self.ln_2(x))
+        return x + self.mlp(self.ln_2(x), step)
 
 
 class GPT2Model(nn.Module):

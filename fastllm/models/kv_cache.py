@@ -12,12 +12,14 @@ single-token decode steps work with any lengths.
 
 A cache also serves the model's decode branch (`model.decode(tokens, positions, cache)`, one
 token per sequence at its own position, no host sync): it holds the inference kernels that
-branch calls, resolved once for its device (`kernels`), and the concatenated q/k/v and gate/up
-weights of an inference forward (`fused_weight`), which live as long as the cache, so a
-training step never carries them.
+branch calls, resolved once for its device (`kernels`), and the weights of an inference
+forward's projections (`fused_projection`: q/k/v and gate/up concatenated, LoRA adapters merged
+or stacked), which live as long as the cache, so a training step never carries them.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +76,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         backend: str = "auto",
+        lora: str = "merge",
     ):
+        if lora not in ("merge", "low_rank"):
+            raise ValueError(f"lora: expected 'merge' or 'low_rank', got {lora!r}")
         for name, value in (
             ("num_layers", num_layers),
             ("batch", batch),
@@ -93,7 +98,9 @@ class KVCache:
         self._equal = True  # whether every sequence has the same length
         self.rows = torch.arange(batch, device=self.k.device)  # (B,) row index of each sequence
         self.kernels = DecodeKernels(self.k.device, backend)
-        self._fused: dict[int, tuple] = {}  # id(owner) -> (owner, modules, tensors, versions, fused)
+        self.lora = lora  # how an inference forward runs LoRA-adapted projections (fused_projection)
+        # (id(owner), names) -> (owner, modules, tensors, version sum, adapter states, fused)
+        self._fused: dict[tuple, tuple] = {}
 
     @property
     def num_layers(self) -> int:
@@ -180,25 +187,76 @@ class KVCache:
 
     def fused_projection(
         self, owner: nn.Module, names: tuple[str, ...]
-    ) -> tuple[Tensor, Tensor | None, list[int]] | None:
-        """For the projections owner.<name> (names) that read the same input: one
-        (sum of out, in) weight, its bias (or None) and the split sizes, or None when they
-        cannot be fused (a projection is not a plain nn.Linear, e.g. LoRA-wrapped, or the bias
-        settings differ). Built on first use for this cache and rebuilt when a projection
-        module is replaced or a source tensor changed in place (its version counter: an
-        optimizer step or a copy_ under no_grad; writes through `.data` are not counted)."""
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None, list[int]] | None:
+        """The projections owner.<name> (names; several when they read the same input) as
+        one inference matmul: (weight (sum of out, in), bias or None, low_rank, split sizes),
+        or None when a projection is neither a plain nn.Linear nor a module with
+        `inference_parts()` (LoRALinear) that can give one now.
+
+        LoRA adapters (see `lora`): "merge" folds s B A into the weight (a copy of each adapted
+        projection, one matmul per group); "low_rank" keeps the base weight and returns
+        low_rank = (A (R, in), B (sum of out, R)), the adapters' A stacked and their s B placed
+        block-diagonally, so y = x W^T + b + (x A^T) B^T: two small matmuls more, no weight copy.
+        A single plain projection is returned as itself (no copy). Built on first use for this
+        cache and rebuilt when a projection module is replaced, an adapter is switched, merged
+        or disabled, or a source tensor changed in place (its version counter: an optimizer
+        step or a copy_ under no_grad; writes through `.data` are not counted)."""
+        key = (id(owner), names)
         found = owner._modules
         modules = tuple([found[n] for n in names])
-        entry = self._fused.get(id(owner))
+        entry = self._fused.get(key)
         # version counters only grow, so their sum changes exactly when one of them does
         if (entry is not None and entry[0] is owner and entry[1] == modules
-                and sum([t._version for t in entry[2]]) == entry[3]):
-            return entry[4]
-        tensors, fused = [], None
-        if all(type(m) is nn.Linear for m in modules) and len({m.bias is None for m in modules}) == 1:
-            tensors = [m.weight for m in modules] + [m.bias for m in modules if m.bias is not None]
-            weight = torch.cat([m.weight.detach() for m in modules])
-            bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
-            fused = (weight, bias, [m.out_features for m in modules])
-        self._fused[id(owner)] = (owner, modules, tensors, sum([t._version for t in tensors]), fused)
+                and sum([t._version for t in entry[2]]) == entry[3]
+                and (entry[4] is None or entry[4] == _states(modules))):
+            return entry[5]
+        fused, tensors, states = _fuse(modules, self.lora), [], None
+        if fused is not None:
+            tensors = [t for m in modules for t in m.parameters()]
+            states = _states(modules) if any(type(m) is not nn.Linear for m in modules) else None
+        self._fused[key] = (owner, modules, tensors, sum([t._version for t in tensors]), states, fused)
         return fused
+
+
+def _states(modules) -> tuple:
+    """What, besides tensor contents, decides a wrapped projection's inference weight."""
+    return tuple([m.inference_state() for m in modules if type(m) is not nn.Linear])
+
+
+def _parts(module: nn.Module):
+    """(weight, bias, (A, s B) or None) of a projection in an inference forward, or None."""
+    if type(module) is nn.Linear:
+        return module.weight, module.bias, None
+    parts = getattr(module, "inference_parts", None)
+    return parts() if parts is not None else None
+
+
+@torch.no_grad()
+def _fuse(modules, lora: str):
+    parts = [_parts(m) for m in modules]
+    if any(p is None for p in parts):
+        return None
+    sizes = [w.shape[0] for w, _, _ in parts]
+    weights = []
+    for w, _, low in parts:
+        if low is not None and lora == "merge":
+            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+            w = (w.to(acc) + low[1].to(acc) @ low[0].to(acc)).to(w.dtype)
+        weights.append(w.detach())
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    bias = None
+    if any(b is not None for _, b, _ in parts):
+        bias = torch.cat([b.detach() if b is not None else weights[0].new_zeros(n)
+                          for (_, b, _), n in zip(parts, sizes)])
+    low_rank = None
+    lows = [(i, low) for i, (_, _, low) in enumerate(parts) if low is not None]
+    if lows and lora == "low_rank":
+        a = torch.cat([low[0].detach().to(weight.dtype) for _, low in lows])  # (R, in)
+        b = weight.new_zeros(sum(sizes), a.shape[0])  # (sum of out, R), block-diagonal
+        row, col = [0] + list(itertools.accumulate(sizes)), 0
+        for i, low in lows:
+            r = low[0].shape[0]
+            b[row[i]:row[i + 1], col:col + r] = low[1].detach()
+            col += r
+        low_rank = (a, b)
+    return weight, bias, low_rank, sizes

@@ -56,7 +56,7 @@ class LlamaAttention(nn.Module):
             q, k = apply_rope(q, k, cos, sin)
         # (decode step: RoPE at each sequence's position is fused with the cache append)
         out = _decoder.self_attention(q, k, v, self.layer_idx, step)  # (B, T, Hq, D)
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+        return _decoder.linear(self, "o_proj", out.reshape(B, T, self.n_heads * self.head_dim), step)
 
 
 class LlamaMLP(nn.Module):
@@ -69,7 +69,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: Tensor, step: _decoder.Step | None = None) -> Tensor:
         gate, up = _decoder.project(self, ("gate_proj", "up_proj"), x, step)
-        return self.down_proj(_decoder.swiglu_act(gate, up, step))
+        return _decoder.linear(self, "down_proj", _decoder.swiglu_act(gate, up, step), step)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -167,6 +167,24 @@ class LoRALinear(nn.Module):
         return lora_linear(x, self.weight, self.bias, a, b, cfg.scaling, keep=keep,
                            dropout_p=cfg.dropout if keep is not None else 0.0, backend=self.backend)
 
+    def inference_parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None] | None:
+        """What an inference forward (no gradients) computes, for callers that fuse several
+        projections into one matmul (the models' KVCache.fused_projection): (weight, bias,
+        low_rank) with y = x weight^T + bias + (x A^T) (s B)^T, low_rank = (A (r, in), s B (out, r))
+        of the active adapter, or None when the base linear alone is the output (no adapter,
+        disabled, merged). None in training mode with dropout (the forward is then random)."""
+        name = self.active_adapter
+        if name is None or self.disabled or self.merged is not None:
+            return self.weight, self.bias, None
+        cfg = self.configs[name]
+        if self.training and cfg.dropout > 0:
+            return None
+        return self.weight, self.bias, (self.lora_A[name], cfg.scaling * self.lora_B[name].detach())
+
+    def inference_state(self) -> tuple:
+        """The settings besides tensor contents that decide inference_parts()."""
+        return (self.active_adapter, self.disabled, self.merged, self.training)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"adapters={ {n: c.r for n, c in self.configs.items()} }, active={self.active_adapter!r}")

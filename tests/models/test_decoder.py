@@ -238,7 +238,7 @@ def test_torch_compile_fullgraph_loss_and_gradients(name):
 # --------------------------------------------------------------------------- decode branch
 
 
-def _decode_vs_full(model, backend="auto"):
+def _decode_vs_full(model, backend="auto", lora="merge"):
     """Ragged prompts prefilled right-padded, then model.decode steps at each sequence's own
     position; every step's logits against a full forward over the whole sequence."""
     torch.manual_seed(5)
@@ -249,6 +249,7 @@ def _decode_vs_full(model, backend="auto"):
     mask = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).long()
     with torch.no_grad():
         cache = model.new_kv_cache(batch=3, max_len=7 + new, backend=backend)
+        cache.lora = lora
         model(ids, attention_mask=mask, kv_cache=cache)
         pos = torch.tensor(lengths, dtype=torch.int32)
         for _ in range(new):
@@ -267,21 +268,64 @@ def _decode_vs_full(model, backend="auto"):
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_decode_branch_equals_full_forward(name, backend):
     cache = _decode_vs_full(_model(name), backend)
+    fused = [entry[-1] for entry in cache._fused.values()]
+    assert len(fused) == 4 * 2 and all(f is not None for f in fused)  # every projection as a matmul
     if name != "tiny-gpt2":  # plain projections: one matmul for q/k/v and one for gate/up
-        assert sum(entry[-1] is not None for entry in cache._fused.values()) == 2 * 2
+        assert sum(len(f[3]) > 1 for f in fused) == 2 * 2
 
 
-def test_decode_branch_with_lora_equals_full_forward():
+def _lora_model(**overrides):
     from fastllm.peft import apply_lora
 
-    model = _model("tiny-llama")
-    apply_lora(model, target_modules=("q_proj", "v_proj", "gate_proj"), r=4)
+    model = _model("tiny-llama", **overrides)
+    apply_lora(model, target_modules=("q_proj", "v_proj", "gate_proj", "o_proj"), r=4)
     with torch.no_grad():  # non-zero B so the adapters change the output
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.2)
-    cache = _decode_vs_full(model.eval())
-    assert all(entry[-1] is None for entry in cache._fused.values())  # wrapped: modules called
+    return model.eval()
+
+
+@pytest.mark.parametrize("lora", ["merge", "low_rank"])
+def test_decode_branch_with_lora_equals_full_forward(lora):
+    model = _lora_model()
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    cache = _decode_vs_full(model, lora=lora)
+    fused = [entry[-1] for entry in cache._fused.values()]
+    assert len(fused) == 4 * 2 and all(f is not None for f in fused)  # adapters fused, not called
+    # q/k/v, gate/up and o_proj carry adapters in each layer; down_proj does not
+    assert sum(f[2] is not None for f in fused) == (3 * 2 if lora == "low_rank" else 0)
+    for n, p in model.named_parameters():  # merging works on copies
+        assert torch.equal(p, weights[n]), n
+
+
+@pytest.mark.parametrize("lora", ["merge", "low_rank"])
+def test_decode_with_lora_sees_adapter_changes(lora):
+    # One layer, changes in the MLP only: the cached keys/values stay right (as in the test below)
+    from fastllm.peft import disable_adapters
+
+    model = _lora_model(num_hidden_layers=1)
+    ids = torch.randint(0, 128, (2, 6))
+    tok, pos = torch.tensor([3, 4]), torch.tensor([6, 6], dtype=torch.int32)
+    b = model.model.layers[0].mlp.gate_proj.lora_B["default"]
+    with torch.no_grad():
+        cache = model.new_kv_cache(batch=2, max_len=8)
+        cache.lora = lora
+        model(ids, kv_cache=cache)
+        before = model.logits(model.decode(tok, pos, cache))
+        b.mul_(-2.0)  # an optimizer step on the adapter, in place
+        after = model.logits(model.decode(tok, pos, cache))
+        full = model.logits(model(torch.cat([ids, tok[:, None]], 1)))[:, -1]
+        assert not torch.allclose(before, full)
+        assert_close(after, full)
+        with disable_adapters(model):  # the MLP's adapter off; attention's kept (the cached k/v used them)
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.disabled = layer.self_attn.v_proj.disabled = False
+                layer.self_attn.o_proj.disabled = False
+            base = model.logits(model.decode(tok, pos, cache))
+            want = model.logits(model(torch.cat([ids, tok[:, None]], 1)))[:, -1]
+        assert_close(base, want)
+        assert not torch.allclose(base, after)
 
 
 def test_decode_sees_in_place_weight_updates():
