@@ -1,5 +1,5 @@
 """The `fastllm` command: `fastllm pipeline [--quick]` (the main job), `fastllm demo`,
-`fastllm pretrain|sft|dpo [CONFIG.yaml] key=value ...`,
+`fastllm pretrain|sft|dpo|ppo [CONFIG.yaml] key=value ...`,
 `fastllm plot metrics.jsonl`. Under `torchrun --nproc_per_node N -m fastllm.cli sft ...` the
 loops run distributed (DDP, or FSDP2 with distributed=fsdp)."""
 
@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = (("pretrain", "causal or masked LM pre-training"),
                 ("sft", "supervised fine-tuning (full, layers, PEFT)"),
-                ("dpo", "direct preference optimisation (DPO, IPO, conservative DPO)"))
+                ("dpo", "direct preference optimisation (DPO, IPO, conservative DPO)"),
+                ("ppo", "PPO on the policy's own rollouts against a reward model / function"))
     for name, what in commands:
         p = sub.add_parser(name, help=what, description=f"{what}. Options: a YAML config and/or key=value overrides "
                            "(values parsed as YAML: lr=1e-4, freeze=[a,b], peft.r=8).",
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("metrics")
     plot.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.command in ("pretrain", "sft", "dpo"):
+    if args.command in ("pretrain", "sft", "dpo", "ppo"):
         return _train(args.command, args.args)
     if args.command == "pipeline":
         from fastllm.pipeline import PipelineOptions, run_pipeline
