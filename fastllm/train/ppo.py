@@ -245,6 +245,62 @@ def collect_rollout(ac: ActorCritic, prompts: list[list[int]], cfg: PPOConfig, *
             "rewards": rewards, "times": {"rollout": t1 - t0, "scoring": t2 - t1}}
 
 
+def ppo_loss_fns(cfg: PPOConfig, wrapped: nn.Module, kl_coef: Callable[[], float], stats: Tensor):
+    """(loss_sum, count_fn) for `optimizer_step`: loss_sum(micro-batch) is the summed PPO loss of
+    its rows (policy + vf_coef value - entropy_coef entropy [+ beta KL]), count_fn(micro-batch) the
+    normaliser of its mask under cfg.loss_aggregation; optimizer_step divides the sums by the
+    normaliser of the whole minibatch, all ranks included. Statistics accumulate into `stats`
+    (_TRAIN_STATS order)."""
+    N, mode = cfg.max_new_tokens, cfg.loss_aggregation
+
+    def count_fn(mb: dict) -> int:
+        return int(aggregation_normaliser(mb["mask"], mode, N))
+
+    def loss_sum(mb: dict) -> Tensor:
+        logp, entropy, values = wrapped(mb["input_ids"], mb["attention_mask"], mb["targets"])
+        logp, entropy, values = (to_response(x, mb["starts"], N) for x in (logp, entropy, values))
+        mask = mb["mask"]
+        pol = ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip_eps, mode=mode, max_len=N)
+        val = ppo_value_loss(values, mb["old_values"], mb["returns"], mask, cfg.clip_eps_value, mode=mode, max_len=N)
+        ent, _ = entropy_bonus(entropy, mask, mode, N)
+        total = pol.loss_sum + cfg.vf_coef * val.loss_sum - cfg.entropy_coef * ent
+        kl_sum = torch.zeros((), device=logp.device)
+        if cfg.kl_penalty == "loss":
+            kl_sum, _ = kl_loss(logp, mb["ref_logp"], mask, cfg.kl_estimator, old_logp=mb["old_logp"], mode=mode,
+                                max_len=N)
+            total = total + kl_coef() * kl_sum
+        stats.add_(torch.stack([pol.loss_sum.detach(), val.loss_sum.detach(), ent.detach(), kl_sum.detach(),
+                                pol.normaliser, pol.clip_fraction * pol.tokens, pol.approx_kl * pol.tokens,
+                                val.clip_fraction * pol.tokens, pol.tokens]).double())
+        return total
+
+    return loss_sum, count_fn
+
+
+def ppo_update(rows: dict, cfg: PPOConfig, step: int, wrapped: nn.Module, optimizer, scheduler, info: DistInfo, *,
+               device: torch.device, dtype: torch.dtype, loss_sum, count_fn, no_sync=None) -> dict:
+    """cfg.ppo_epochs passes over this rank's rollout rows, each in a fresh order (drawn from
+    (seed, step, rank), so a resumed run repeats it), cut into cfg.num_minibatches optimizer
+    steps of cfg.grad_accum micro-batches. Returns {"loss", "grad_norm", "lr"} lists per step."""
+    B = rows["input_ids"].shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + info.rank)
+    mb_size = B // cfg.num_minibatches
+    micro = mb_size // cfg.grad_accum
+    out = {"loss": [], "grad_norm": [], "lr": []}
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=gen).to(device)
+        for k in range(cfg.num_minibatches):
+            idx = order[k * mb_size:(k + 1) * mb_size]
+            micro_batches = [{key: rows[key][idx[j * micro:(j + 1) * micro]] for key in _ROW_KEYS}
+                             for j in range(cfg.grad_accum)]
+            res = optimizer_step(micro_batches, loss_sum, wrapped, optimizer, scheduler, device=device, dtype=dtype,
+                                 max_grad_norm=cfg.max_grad_norm, world_size=info.world_size, no_sync=no_sync,
+                                 count_fn=count_fn)
+            for key in out:
+                out[key].append(res[key])
+    return out
+
+
 def _explained_variance_sums(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     m = mask.double()
     r, d = returns.double(), (returns - values).double()
@@ -355,30 +411,9 @@ def ppo(config: PPOConfig | str | dict | None = None, *, model=None, tokenizer=N
         reward_model.eval()
     ref.eval()
     no_sync = no_sync_fn(wrapped, info)
-    N, mode = cfg.max_new_tokens, cfg.loss_aggregation
     stats = torch.zeros(len(_TRAIN_STATS), dtype=torch.float64, device=device)
 
-    def count_fn(mb: dict) -> int:
-        return int(aggregation_normaliser(mb["mask"], mode, N))
-
-    def loss_sum(mb: dict) -> Tensor:
-        """The summed PPO loss of a micro-batch (optimizer_step divides by the minibatch's normaliser)."""
-        logp, entropy, values = wrapped(mb["input_ids"], mb["attention_mask"], mb["targets"])
-        logp, entropy, values = (to_response(x, mb["starts"], N) for x in (logp, entropy, values))
-        mask = mb["mask"]
-        pol = ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, cfg.clip_eps, mode=mode, max_len=N)
-        val = ppo_value_loss(values, mb["old_values"], mb["returns"], mask, cfg.clip_eps_value, mode=mode, max_len=N)
-        ent, _ = entropy_bonus(entropy, mask, mode, N)
-        total = pol.loss_sum + cfg.vf_coef * val.loss_sum - cfg.entropy_coef * ent
-        kl_sum = torch.zeros((), device=logp.device)
-        if cfg.kl_penalty == "loss":
-            kl_sum, _ = kl_loss(logp, mb["ref_logp"], mask, cfg.kl_estimator, old_logp=mb["old_logp"], mode=mode,
-                                max_len=N)
-            total = total + kl_ctl.value * kl_sum
-        stats.add_(torch.stack([pol.loss_sum.detach(), val.loss_sum.detach(), ent.detach(), kl_sum.detach(),
-                                pol.normaliser, pol.clip_fraction * pol.tokens, pol.approx_kl * pol.tokens,
-                                val.clip_fraction * pol.tokens, pol.tokens]).double())
-        return total
+    loss_sum, count_fn = ppo_loss_fns(cfg, wrapped, lambda: kl_ctl.value, stats)
 
     def step_fn(step: int) -> dict:
         # 1-2. rollout and scoring on this rank's prompts
@@ -386,27 +421,12 @@ def ppo(config: PPOConfig | str | dict | None = None, *, model=None, tokenizer=N
         roll = collect_rollout(ac, prompts_now, cfg, reference_logprobs=reference_logprobs,
                                reward_model=reward_model, reward_fn=reward_fn, eos_id=eos_id, pad_id=pad_id,
                                kl_coef=kl_ctl.value, info=info)
-        rows, B = roll["rows"], len(prompts_now)
         # 3. ppo_epochs passes of num_minibatches optimizer steps over shuffled rows
         t0 = time.perf_counter()
         stats.zero_()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + info.rank)
-        mb_size, micro = B // cfg.num_minibatches, B // cfg.num_minibatches // cfg.grad_accum
-        losses, grad_norms, lrs = [], [], []
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=gen).to(device)
-            for k in range(cfg.num_minibatches):
-                idx = order[k * mb_size:(k + 1) * mb_size]
-                micro_batches = [{key: rows[key][idx[j * micro:(j + 1) * micro]] for key in _ROW_KEYS}
-                                 for j in range(cfg.grad_accum)]
-                res = optimizer_step(micro_batches, loss_sum, wrapped, optimizer, scheduler, device=device,
-                                     dtype=dtype, max_grad_norm=cfg.max_grad_norm, world_size=info.world_size,
-                                     no_sync=no_sync, count_fn=count_fn)
-                losses.append(res["loss"])
-                grad_norms.append(res["grad_norm"])
-                lrs.append(res["lr"])
-        t_train = time.perf_counter() - t0
-        return _iteration_metrics(roll, stats, info, kl_ctl, losses, grad_norms, lrs, t_train, cfg)
+        updates = ppo_update(roll["rows"], cfg, step, wrapped, optimizer, scheduler, info, device=device, dtype=dtype,
+                             loss_sum=loss_sum, count_fn=count_fn, no_sync=no_sync)
+        return _iteration_metrics(roll, stats, info, kl_ctl, updates, time.perf_counter() - t0, cfg)
 
     def save(step: int):
         return save_training_state(cfg, step, wrapped, optimizer, scheduler, loader, info,
@@ -437,8 +457,8 @@ def ppo(config: PPOConfig | str | dict | None = None, *, model=None, tokenizer=N
     return result
 
 
-def _iteration_metrics(roll: dict, stats: Tensor, info: DistInfo, kl_ctl, losses: list, grad_norms: list,
-                       lrs: list, t_train: float, cfg: PPOConfig) -> dict:
+def _iteration_metrics(roll: dict, stats: Tensor, info: DistInfo, kl_ctl, updates: dict, t_train: float,
+                       cfg: PPOConfig) -> dict:
     """The logged record of one iteration, every statistic pooled over the ranks."""
     batch, mask = roll["batch"], roll["rows"]["mask"]
     m = mask.double()
@@ -463,8 +483,9 @@ def _iteration_metrics(roll: dict, stats: Tensor, info: DistInfo, kl_ctl, losses
     kl_ctl.update(kl_mean, int(n))  # the coefficient of the next iteration
     times = dict(roll["times"], training=t_train)
     metrics = {
-        "loss": sum(losses) / len(losses), "tokens": int(sums[7]), "grad_norm": sum(grad_norms) / len(grad_norms),
-        "lr": lrs[0], "reward/mean": mean, "reward/std": var ** 0.5, "reward/total": float(sums[9]) / n,
+        "loss": sum(updates["loss"]) / len(updates["loss"]), "loss/first_update": updates["loss"][0],
+        "tokens": int(sums[7]), "grad_norm": sum(updates["grad_norm"]) / len(updates["grad_norm"]),
+        "lr": updates["lr"][0], "reward/mean": mean, "reward/std": var ** 0.5, "reward/total": float(sums[9]) / n,
         "kl": kl_mean, "kl_coef": beta, "entropy": float(sums[4]) / n_tok,
         "policy/loss": s["policy_sum"] / max(s["normaliser"], 1.0),
         "policy/clip_fraction": s["clip_tokens"] / train_tokens,
