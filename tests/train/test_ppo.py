@@ -227,7 +227,7 @@ def _gold_of_samples(policy, prompts) -> float:
 
 
 def _cli_fields(tok_dir, prompts_file, out, **kw) -> dict:
-    return dict(model="tiny-llama", model_overrides="{num_hidden_layers: 1}", tokenizer=tok_dir,
+    return dict(model="tiny-llama", model_overrides={"num_hidden_layers": 1}, tokenizer=tok_dir,
                 data=str(prompts_file), output_dir=str(out), batch_size=4, max_new_tokens=6, ppo_epochs=2,
                 grad_accum=2, lr=1e-3, reward_fn="tests.train.test_ppo:gold_reward", progress=False, plot=False,
                 seed=3, **kw)
