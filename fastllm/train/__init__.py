@@ -5,16 +5,18 @@
     sft(SFTConfig(model="runs/out/final", peft={"method": "lora", "r": 8}))
     dpo(DPOConfig(model="runs/out/final", beta=0.1, loss_type="sigmoid"))
     reward(RewardConfig(model="runs/out/final", max_steps=200))    # then RewardScorer(model, tokenizer)
+    ppo(PPOConfig(model="runs/out/final", reward_model="runs/reward/final", kl_coef=0.05))
     finetune(FinetuneConfig(task="classification", data="topics", model="runs/out/final"))
 
 The same from the shell: `fastllm pretrain CONFIG.yaml key=value ...`, `fastllm sft ...`, `fastllm dpo ...`,
-`fastllm reward ...`, `fastllm finetune ...`,
+`fastllm reward ...`, `fastllm ppo ...`, `fastllm finetune ...`,
 under `torchrun --nproc_per_node N` for DDP (default) or FSDP2 (distributed=fsdp).
 """
 
 from .config import (
     DPOConfig,
     FinetuneConfig,
+    PPOConfig,
     PretrainConfig,
     RewardConfig,
     SFTConfig,
@@ -24,9 +26,11 @@ from .config import (
 )
 from .dpo import dpo
 from .finetune import finetune
+from .ppo import ppo
 from .pretrain import pretrain
 from .reward import RewardScorer, reward
 from .sft import sft
 
-__all__ = ["DPOConfig", "FinetuneConfig", "PretrainConfig", "RewardConfig", "RewardScorer", "SFTConfig",
-           "TrainConfig", "apply_overrides", "dpo", "finetune", "load_config", "pretrain", "reward", "sft"]
+__all__ = ["DPOConfig", "FinetuneConfig", "PPOConfig", "PretrainConfig", "RewardConfig", "RewardScorer",
+           "SFTConfig", "TrainConfig", "apply_overrides", "dpo", "finetune", "load_config", "ppo", "pretrain",
+           "reward", "sft"]

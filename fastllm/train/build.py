@@ -67,6 +67,33 @@ def read_records(data, kind: str = "chat") -> list:
     return records
 
 
+def check_prompt_record(record, where: str) -> None:
+    """A generation prompt: {"prompt": str} (other keys ignored), or a chat record whose last
+    assistant turn is dropped; otherwise a ValueError naming `where` and the field."""
+    if isinstance(record, dict) and "prompt" in record and "messages" not in record:
+        if not isinstance(record["prompt"], str):
+            raise ValueError(f"data: {where}: field 'prompt': expected a string, got "
+                             f"{type(record['prompt']).__name__} {record['prompt']!r:.60}")
+        return
+    if isinstance(record, dict) and "messages" in record:
+        check_chat_record(record, where)
+        return
+    raise ValueError(f"data: {where}: expected a JSON object with 'prompt' or 'messages', got {record!r:.60}")
+
+
+def read_prompt_records(data) -> list:
+    """Prompts for rollouts: the shipped instruction set ("instructions"; its prompts), or a
+    .jsonl / .json file of {"prompt": ...} or {"messages": [...]} records, each checked."""
+    if isinstance(data, str) and data == "instructions":
+        return load_instructions()
+    if not os.path.isfile(data):
+        raise FileNotFoundError(f"data: {str(data)!r} is neither the shipped set (instructions) nor an existing "
+                                ".jsonl/.json file")
+    records = read_records_file(data, check_prompt_record)
+    if not records:
+        raise ValueError(f"data: empty dataset ({str(data)!r} holds no records)")
+    return records
+
 # --------------------------------------------------------------------------- tokenizer and model
 
 def get_tokenizer(cfg, info: DistInfo, training_texts: Callable[[], list[str]]):

@@ -203,8 +203,57 @@ class FinetuneConfig(TrainConfig):
     warmup_steps: int = _field(5, "steps of linear warm-up from 0 to lr", min=0)
 
 
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO on the policy's own rollouts against a reward model and/or a reward function.
+    A step is one iteration: batch_size prompts per process are rolled out and scored, then
+    ppo_epochs passes of num_minibatches optimizer steps (each over grad_accum micro-batches)."""
+
+    data: str = _field("instructions", "prompts: the shipped instruction set, or a .jsonl/.json file of records "
+                       "with a prompt (or messages)")
+    system: str | None = _field(None, "system message put first in every prompt")
+    max_prompt_length: int = _field(128, "longer prompts are left out", min=1)
+    max_new_tokens: int = _field(64, "response length limit (tokens)", min=1)
+    temperature: float = _field(1.0, "sampling temperature; log-probs and entropy use the same", min=1e-6)
+    top_k: int = _field(0, "sample among the k likeliest tokens (0: off)", min=0)
+    top_p: float = _field(1.0, "nucleus sampling threshold (1: off)", min=0.0, max=1.0)
+    reward_model: str | None = _field(None, "a reward-model checkpoint dir (a sequence-classification head)")
+    reward_fn: str | None = _field(None, "\"module:function\" called with (prompts, responses) as token-id lists, "
+                                   "returning one float each (added to the reward model's score)")
+    no_eos_score: float | None = _field(-1.0, "score of a response that ended without EOS (null: keep its score)")
+    kl_coef: float = _field(0.05, "beta: weight of the KL to the reference (initial value when adaptive)", min=0.0)
+    kl_estimator: str = _field("k1", "per-token KL estimator", choices=("k1", "k3"))
+    kl_penalty: str = _field("reward", "where the KL enters: per-token reward, or a loss term (importance-"
+                             "weighted, so its gradient is that of KL(pi || ref))", choices=("reward", "loss"))
+    kl_target: float | None = _field(None, "adaptive beta (Ziegler et al.): the per-sequence KL to hold; null: fixed",
+                                     min=0.0)
+    kl_horizon: float = _field(10000.0, "adaptive beta: horizon in sequences", min=1.0)
+    critic: str = _field("separate", "value model: a separate critic (the reward model's copy, else the policy "
+                         "trunk + a zero head) or a head on the policy trunk", choices=("separate", "shared"))
+    gamma: float = _field(1.0, "GAE discount", min=0.0, max=1.0)
+    lam: float = _field(0.95, "GAE lambda", min=0.0, max=1.0)
+    whiten_rewards: bool = _field(False, "whiten the per-token rewards of each rollout (changes beta's scale)")
+    whiten_advantages: bool = _field(True, "whiten the advantages of each rollout (all ranks pooled)")
+    ppo_epochs: int = _field(4, "passes over each rollout", min=1)
+    num_minibatches: int = _field(1, "optimizer steps per pass (batch_size must divide by num_minibatches * "
+                                  "grad_accum)", min=1)
+    clip_eps: float = _field(0.2, "policy ratio clip", min=0.0, max=1.0)
+    clip_eps_value: float | None = _field(0.2, "value clip around the rollout's values (null: no clip)", min=0.0)
+    vf_coef: float = _field(0.1, "value-loss weight", min=0.0)
+    entropy_coef: float = _field(0.0, "entropy bonus weight", min=0.0)
+    loss_aggregation: str = _field("token_mean", "how token losses are normalised (fastllm.rl.aggregate)",
+                                   choices=("token_mean", "seq_mean", "seq_sum_norm"))
+    peft: dict | None = _field(None, "e.g. {method: lora, r: 8}; the reference is then the base with adapters off")
+    batch_size: int = _field(8, "prompts rolled out per iteration, per process", min=1)
+    lr: float = _field(1e-5, "peak learning rate", min=0.0)
+    warmup_steps: int = _field(0, "iterations of linear warm-up", min=0)
+    schedule: str = _field("constant", "learning-rate decay after warm-up", choices=("cosine", "linear", "constant"))
+    weight_decay: float = _field(0.0, "AdamW weight decay (not on norms and biases)", min=0.0)
+    eval_batches: int = _field(0, "unused by PPO (no held-out loss)", min=0)
+
+
 CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig,
-           "finetune": FinetuneConfig}
+           "ppo": PPOConfig, "finetune": FinetuneConfig}
 
 
 # --------------------------------------------------------------------------- type checks
