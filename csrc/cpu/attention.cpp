@@ -32,6 +32,7 @@
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_vec.h"
+#include "fastllm/grain.h"
 
 // Fortran BLAS, resolved at load time if the process has it (torch's MKL does); weak so the
 // extension still loads, and falls back to the loop below, where it does not.
@@ -276,13 +277,23 @@ const acc_t* tile(const scalar_t* base, int64_t row_stride, int64_t r0, int64_t 
   }
 }
 
+int64_t max_len(const int32_t* cu, int64_t B);
+
+// Tasks per thread chunk. A task is one tile of up to `rows` queries (or keys) of one head
+// against up to `others` keys (or queries), `gemms` tile products of depth D; a vectorised
+// multiply-add counts as 1/8 of a unit of grain_for's work.
+inline int64_t tile_grain(const Problem& pb, int64_t rows, int64_t others, int64_t gemms) {
+  return grain_for(std::max<int64_t>(1, rows * others * pb.D * gemms / 8));
+}
+
 template <typename scalar_t>
 void fwd_kernel(const Problem& pb, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                 scalar_t* out, acc_type_t<scalar_t>* lse, int64_t max_q) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = pb.D, m_blocks = (max_q + BLOCK_M - 1) / BLOCK_M;
   const acc_t scale = acc_t(pb.scale);
-  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = tile_grain(pb, std::min(BLOCK_M, max_q), max_len(pb.cu_k, pb.batch), 2);
+  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M), l(BLOCK_M);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks, bh = task / m_blocks;
@@ -363,7 +374,8 @@ void bwd_dq_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q, c
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = pb.D, m_blocks = (max_q + BLOCK_M - 1) / BLOCK_M;
   const acc_t scale = acc_t(pb.scale);
-  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = tile_grain(pb, std::min(BLOCK_M, max_q), max_len(pb.cu_k, pb.batch), 3);
+  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf, dobuf, obuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N),
         acc(BLOCK_M * D);
     for (int64_t task = begin; task < end; ++task) {
@@ -407,7 +419,9 @@ void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q,
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = pb.D, n_blocks = (max_k + BLOCK_N - 1) / BLOCK_N;
   const acc_t scale = acc_t(pb.scale);
-  at::parallel_for(0, pb.batch * pb.n_kv_heads * n_blocks, 1, [&](int64_t begin, int64_t end) {
+  // A key tile meets every query head of its group.
+  const int64_t grain = tile_grain(pb, std::min(BLOCK_N, max_k), max_len(pb.cu_q, pb.batch), 4 * pb.group);
+  at::parallel_for(0, pb.batch * pb.n_kv_heads * n_blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf, dobuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N),
         dk_acc(BLOCK_N * D), dv_acc(BLOCK_N * D);
     for (int64_t task = begin; task < end; ++task) {
