@@ -15,7 +15,8 @@
 //      histogram of counts and masses per bucket, a walk from the largest bucket to the one
 //      where the running count reaches k (top-k) or the running mass reaches top_p * kept
 //      (top-p), then the same inside that bucket's elements only. The last level is a single
-//      key, i.e. the exact threshold value;
+//      key, i.e. the exact threshold value. Top-p selects among the tokens top-k kept, or
+//      (top-p alone) among those above a cut that provably lies below the nucleus threshold;
 //   4. the draw: masked chunk sums in index order find the chunk where the running mass
 //      crosses u * total, then a walk inside it.
 // The float exp is within 2.6e-7 (relative) of exp, so every running mass is within
