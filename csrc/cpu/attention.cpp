@@ -32,6 +32,7 @@
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_vec.h"
+#include "fastllm/grain.h"
 
 // Fortran BLAS, resolved at load time if the process has it (torch's MKL does); weak so the
 // extension still loads, and falls back to the loop below, where it does not.
@@ -42,6 +43,9 @@ __attribute__((weak)) void sgemm_(const char*, const char*, const int*, const in
 __attribute__((weak)) void dgemm_(const char*, const char*, const int*, const int*, const int*,
                                   const double*, const double*, const int*, const double*,
                                   const int*, const double*, double*, const int*);
+// MKL's per-thread thread count, C interface (the lowercase symbol is the Fortran one, by
+// pointer): returns the previous value; 0 means the global setting.
+__attribute__((weak)) int MKL_Set_Num_Threads_Local(int);
 }
 
 namespace fastllm::cpu {
@@ -49,6 +53,21 @@ namespace {
 
 constexpr int64_t BLOCK_M = 64;   // queries per tile
 constexpr int64_t BLOCK_N = 128;  // keys per tile
+
+// Tile products are small: BLAS must not start threads of its own inside a task. MKL does,
+// for every tile, when a task loop runs inline (outside an OpenMP parallel region), which is
+// what small shapes do. Held for the duration of a task loop.
+struct SerialBlas {
+  int previous = 0;
+  SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+};
 
 // Row-major C (m x n) = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
 // Row-major C is column-major C^T = op(B)^T op(A)^T, hence the swapped BLAS call.
@@ -276,13 +295,24 @@ const acc_t* tile(const scalar_t* base, int64_t row_stride, int64_t r0, int64_t 
   }
 }
 
+int64_t max_len(const int32_t* cu, int64_t B);
+
+// Tasks per thread chunk. A task is one tile of up to `rows` queries (or keys) of one head
+// against up to `others` keys (or queries), `gemms` tile products of depth D; a vectorised
+// multiply-add counts as 1/8 of a unit of grain_for's work.
+inline int64_t tile_grain(const Problem& pb, int64_t rows, int64_t others, int64_t gemms) {
+  return grain_for(std::max<int64_t>(1, rows * others * pb.D * gemms / 8));
+}
+
 template <typename scalar_t>
 void fwd_kernel(const Problem& pb, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                 scalar_t* out, acc_type_t<scalar_t>* lse, int64_t max_q) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = pb.D, m_blocks = (max_q + BLOCK_M - 1) / BLOCK_M;
   const acc_t scale = acc_t(pb.scale);
-  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = tile_grain(pb, std::min(BLOCK_M, max_q), max_len(pb.cu_k, pb.batch), 2);
+  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, grain, [&](int64_t begin, int64_t end) {
+    const SerialBlas serial_blas;
     std::vector<acc_t> qbuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M), l(BLOCK_M);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks, bh = task / m_blocks;
@@ -363,7 +393,9 @@ void bwd_dq_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q, c
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = pb.D, m_blocks = (max_q + BLOCK_M - 1) / BLOCK_M;
   const acc_t scale = acc_t(pb.scale);
-  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = tile_grain(pb, std::min(BLOCK_M, max_q), max_len(pb.cu_k, pb.batch), 3);
+  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, grain, [&](int64_t begin, int64_t end) {
+    const SerialBlas serial_blas;
     std::vector<acc_t> qbuf, dobuf, obuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N),
         acc(BLOCK_M * D);
     for (int64_t task = begin; task < end; ++task) {
@@ -407,7 +439,10 @@ void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q,
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = pb.D, n_blocks = (max_k + BLOCK_N - 1) / BLOCK_N;
   const acc_t scale = acc_t(pb.scale);
-  at::parallel_for(0, pb.batch * pb.n_kv_heads * n_blocks, 1, [&](int64_t begin, int64_t end) {
+  // A key tile meets every query head of its group.
+  const int64_t grain = tile_grain(pb, std::min(BLOCK_N, max_k), max_len(pb.cu_q, pb.batch), 4 * pb.group);
+  at::parallel_for(0, pb.batch * pb.n_kv_heads * n_blocks, grain, [&](int64_t begin, int64_t end) {
+    const SerialBlas serial_blas;
     std::vector<acc_t> qbuf, dobuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N),
         dk_acc(BLOCK_N * D), dv_acc(BLOCK_N * D);
     for (int64_t task = begin; task < end; ++task) {

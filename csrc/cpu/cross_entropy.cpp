@@ -33,6 +33,7 @@
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_vec.h"
+#include "fastllm/grain.h"
 
 // Without this GCC keeps the clamps and floor of exp_f scalar (they could raise FP
 // exceptions, which no code here inspects), and none of the loops below vectorise.
@@ -196,9 +197,6 @@ inline acc_t log_sum_exp(const acc_t* z, int64_t n, acc_t* max_out) {
   *max_out = m;
   return m + std::log(sum_exp(z, n, m));
 }
-
-// Rows per task: enough work per thread to amortise the scheduling cost.
-inline int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
 // ---------------------------------------------------------------------------- kernels
 

@@ -22,6 +22,7 @@
 #include "fastllm/decode_attention_checks.h"
 #include "fastllm/checks.h"
 #include "fastllm/cpu_vec.h"
+#include "fastllm/grain.h"
 
 namespace fastllm::cpu {
 namespace {
@@ -148,8 +149,11 @@ void decode_attention_rows(const scalar_t* q, const scalar_t* kc, const scalar_t
                            int64_t Hkv, int64_t Smax, int64_t D, double scale) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t G = Hq / Hkv;
-  // Tasks per thread chunk: small caches run inline (a fork/join costs more than the work).
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, Smax * D * (G + 1)));
+  // A task reads its sequence's cached keys and values (len * D each) for G query heads:
+  // ~len * D * (G + 1) units, from the mean length (the cache capacity Smax overstates it).
+  int64_t total_len = 0;
+  for (int64_t b = 0; b < B; ++b) total_len += std::max<int32_t>(lengths[b], 0);
+  const int64_t grain = grain_for(std::max<int64_t>(1, total_len / std::max<int64_t>(B, 1)) * D * (G + 1));
 #ifdef FASTLLM_DECODE_F32_FAST
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (D % 8 == 0 && G <= 8) {

@@ -18,6 +18,7 @@
 #include "fastllm/kv_append_rope_checks.h"
 #include "fastllm/checks.h"
 #include "fastllm/cpu_vec.h"
+#include "fastllm/grain.h"
 
 namespace fastllm::cpu {
 namespace {
@@ -55,8 +56,7 @@ at::Tensor kv_append_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at
     scalar_t* kc = k_cache.mutable_data_ptr<scalar_t>();
     scalar_t* vc = v_cache.mutable_data_ptr<scalar_t>();
     // A token's heads are little work: batch them so small steps run inline.
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (Hq + 2 * Hkv) * D));
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, grain_for((Hq + 2 * Hkv) * D), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> cos(half), sin(half);
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t i = 0; i < half; ++i) {

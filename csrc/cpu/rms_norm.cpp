@@ -17,12 +17,10 @@
 #include "fastllm/checks.h"
 #include "fastllm/rms_norm_checks.h"
 #include "fastllm/cpu_vec.h"
+#include "fastllm/grain.h"
 
 namespace fastllm::cpu {
 namespace {
-
-// Rows per task: enough work per thread to amortise the scheduling cost.
-inline int64_t grain_for(int64_t hidden) { return std::max<int64_t>(1, 16384 / hidden); }
 
 template <typename scalar_t>
 void rms_norm_fwd_rows(const scalar_t* x, const acc_type_t<scalar_t>* w, scalar_t* y,

@@ -13,6 +13,7 @@
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_vec.h"
+#include "fastllm/grain.h"
 
 namespace fastllm::cpu {
 namespace {
@@ -49,8 +50,7 @@ void rope_rows(const scalar_t* q, const scalar_t* k, const acc_type_t<scalar_t>*
                int64_t hq, int64_t hk, int64_t half, bool inverse) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = 2 * half;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (hq + hk) * D));
-  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tokens, grain_for((hq + hk) * D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xs, ys(D), neg(half);
     for (int64_t t = begin; t < end; ++t) {
       const acc_t* c = cos + t * half;

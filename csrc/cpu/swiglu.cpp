@@ -20,6 +20,7 @@
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_vec.h"  // acc_type_t, bf16_to_float, float_to_bf16
+#include "fastllm/grain.h"
 
 namespace fastllm::cpu {
 namespace {
@@ -102,7 +103,7 @@ inline void store_chunk(const acc_t* src, scalar_t* dst, int64_t n) {
 template <typename scalar_t>
 void swiglu_fwd_flat(const scalar_t* g, const scalar_t* u, scalar_t* y, int64_t n) {
   using acc_t = acc_type_t<scalar_t>;
-  at::parallel_for(0, (n + kChunk - 1) / kChunk, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (n + kChunk - 1) / kChunk, grain_for(kChunk), [&](int64_t begin, int64_t end) {
     acc_t gs[kChunk], us[kChunk], ys[kChunk];
     for (int64_t c = begin; c < end; ++c) {
       const int64_t off = c * kChunk, len = std::min(kChunk, n - off);
@@ -126,7 +127,7 @@ template <typename scalar_t>
 void swiglu_bwd_flat(const scalar_t* dy, const scalar_t* g, const scalar_t* u, scalar_t* dg,
                      scalar_t* du, int64_t n) {
   using acc_t = acc_type_t<scalar_t>;
-  at::parallel_for(0, (n + kChunk - 1) / kChunk, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (n + kChunk - 1) / kChunk, grain_for(kChunk), [&](int64_t begin, int64_t end) {
     acc_t dys[kChunk], gs[kChunk], us[kChunk], dgs[kChunk], dus[kChunk];
     for (int64_t c = begin; c < end; ++c) {
       const int64_t off = c * kChunk, len = std::min(kChunk, n - off);
