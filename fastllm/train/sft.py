@@ -13,6 +13,7 @@ restarting at 0); without it, rows are right-padded and masked.
 from __future__ import annotations
 
 from fastllm.data import BatchLoader
+from fastllm.peft.utils import adapter_parameter_names
 
 from . import build
 from .checkpoint import resume_training_state
@@ -58,7 +59,7 @@ def sft(config: SFTConfig | str | dict | None = None, *, model=None, tokenizer=N
     scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                 schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     step, _ = resume_training_state(cfg, wrapped, optimizer, scheduler, loader, info)
-    adapters_only = bool(cfg.peft)
+    adapters_only = bool(cfg.peft) or bool(adapter_parameter_names(model))  # a PEFT model passed in too
 
     def loss_sum(batch):
         return wrapped(**batch)
