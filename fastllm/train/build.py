@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from fastllm import models
 from fastllm.data import (
@@ -298,6 +299,25 @@ def preference_datasets(cfg, tokenizer, records):
 def preference_texts(records, system=None) -> list[str]:
     """Both rendered conversations of every pair (to train a tokenizer on)."""
     return [format_chat((r["prompt"], r[side]), system=system)[1] for r in records for side in ("chosen", "rejected")]
+
+
+PAIR_STATS = ("rewards/chosen", "rewards/rejected", "accuracy", "margin")  # summed per step, then means
+
+
+def count_pairs(batch: dict) -> int:
+    """The count a pairwise loss (DPO, reward model) is normalised by: the batch's pairs."""
+    return int(batch["num_pairs"])
+
+
+def pair_metrics(stats: Tensor, n_pairs: float, info: DistInfo, prefix: str = "") -> dict:
+    """Means over pairs of a step's (or an evaluation's) summed PAIR_STATS (+ tokens read, last),
+    all ranks pooled."""
+    if info.world_size > 1:
+        torch.distributed.all_reduce(stats)
+    values = (stats[:4] / max(n_pairs, 1.0)).tolist()
+    out = {prefix + name: v for name, v in zip(PAIR_STATS, values, strict=True)}
+    out[prefix + "tokens"] = int(stats[4])
+    return out
 
 
 def pack_pairs(items: list[dict]) -> dict:

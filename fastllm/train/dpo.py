@@ -53,7 +53,7 @@ from .common import (
     transformer_layers,
 )
 from .config import DPOConfig, as_config
-from .distributed import DistInfo, no_sync_fn, wrap_model
+from .distributed import no_sync_fn, wrap_model
 from .export import export_final
 from .loop import start_run, train_loop
 from .peft_glue import apply_peft
@@ -61,7 +61,6 @@ from .peft_glue import apply_peft
 REFERENCES = ("precomputed", "live")
 MODEL_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "max_seqlen", "segment_ids")
 # per-step sums kept beside the loss: chosen reward, rejected reward, accuracy, margin, tokens
-_STATS = ("rewards/chosen", "rewards/rejected", "accuracy", "margin")
 
 
 class SequenceLogProbs(nn.Module):
@@ -87,10 +86,6 @@ class SequenceLogProbs(nn.Module):
 
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_KEYS}
-
-
-def count_pairs(batch: dict) -> int:
-    return int(batch["num_pairs"])
 
 
 @contextlib.contextmanager
@@ -151,16 +146,6 @@ def _check(cfg: DPOConfig) -> None:
         raise ValueError(f"label_smoothing: expected 0 with loss_type='ipo', got {cfg.label_smoothing}")
 
 
-def _pair_metrics(stats: Tensor, n_pairs: float, info: DistInfo, prefix: str = "") -> dict:
-    """Means over pairs of the step's (or evaluation's) summed statistics, all ranks pooled."""
-    if info.world_size > 1:
-        torch.distributed.all_reduce(stats)
-    values = (stats[:4] / max(n_pairs, 1.0)).tolist()
-    out = {prefix + name: v for name, v in zip(_STATS, values, strict=True)}
-    out[prefix + "tokens"] = int(stats[4])
-    return out
-
-
 def dpo(config: DPOConfig | str | dict | None = None, *, model=None, tokenizer=None, records=None,
         reference_model=None) -> dict:
     """Run DPO; returns {"step", "loss", "eval_loss", "eval_accuracy", "eval_margin", ...,
@@ -218,13 +203,13 @@ def dpo(config: DPOConfig | str | dict | None = None, *, model=None, tokenizer=N
                                 schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     step, _ = resume_training_state(cfg, wrapped, optimizer, scheduler, loader, info)
     adapters_only = bool(cfg.peft)
-    stats = torch.zeros(5, dtype=torch.float64, device=device)  # _STATS sums, tokens
+    stats = torch.zeros(5, dtype=torch.float64, device=device)  # build.PAIR_STATS sums, tokens
 
     def loss_sum(batch: dict) -> Tensor:
         """The summed DPO loss of the batch's pairs (optimizer_step divides by all pairs)."""
         logps = wrapped(**model_inputs(batch))  # (2P,): chosen, then rejected
         ref = batch["ref_logps"] if cfg.reference == "precomputed" else reference_logps(batch)
-        P = count_pairs(batch)
+        P = build.count_pairs(batch)
         res = dpo_loss(logps[:P], logps[P:], ref[:P], ref[P:], beta=cfg.beta, loss_type=cfg.loss_type,
                        label_smoothing=cfg.label_smoothing)
         stats[:4] += torch.stack([res.chosen_rewards.sum(), res.rejected_rewards.sum(), res.accuracy.sum(),
@@ -239,18 +224,18 @@ def dpo(config: DPOConfig | str | dict | None = None, *, model=None, tokenizer=N
         micro = [loader.next_batch() for _ in range(cfg.grad_accum)]
         metrics = optimizer_step(micro, loss_sum, wrapped, optimizer, scheduler, device=device, dtype=dtype,
                                  max_grad_norm=cfg.max_grad_norm, world_size=info.world_size, no_sync=no_sync,
-                                 count_fn=count_pairs)
+                                 count_fn=build.count_pairs)
         metrics["pairs"] = metrics["tokens"]
-        metrics.update(_pair_metrics(stats, metrics["pairs"], info))  # tokens: what the forwards read
+        metrics.update(build.pair_metrics(stats, metrics["pairs"], info))  # tokens: what the forwards read
         return metrics
 
     def run_eval() -> dict:
         stats.zero_()
         with _eval_mode(wrapped):
             res = evaluate(loss_sum, eval_data, device=device, dtype=dtype, world_size=info.world_size,
-                           count_fn=count_pairs)
+                           count_fn=build.count_pairs)
         metrics = {"eval_loss": res["eval_loss"], "eval_pairs": res["eval_tokens"]}
-        metrics.update(_pair_metrics(stats, res["eval_tokens"], info, prefix="eval_"))
+        metrics.update(build.pair_metrics(stats, res["eval_tokens"], info, prefix="eval_"))
         return metrics
 
     def save(step: int):

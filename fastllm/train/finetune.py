@@ -31,7 +31,6 @@ BIO spans and tag accuracy (token classification).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -50,16 +49,13 @@ from .common import (
     enable_activation_checkpointing,
     evaluate,
     freeze_parameters,
-    resolve_device,
-    resolve_dtype,
-    seed_everything,
     to_device,
     transformer_layers,
 )
-from .config import FinetuneConfig, as_config, save_config
-from .distributed import DistInfo, init_distributed, wrap_model
+from .config import FinetuneConfig, as_config
+from .distributed import DistInfo, wrap_model
 from .export import export_final
-from .loop import supervised_step, train_loop
+from .loop import start_run, supervised_step, train_loop
 from .metrics import classification_metrics, entity_metrics, regression_metrics
 from .peft_glue import apply_peft
 
@@ -201,13 +197,7 @@ def finetune(config: FinetuneConfig | str | dict | None = None, *, model=None, t
     kind = HEAD_KIND[cfg.task]
     # ---- setup: data (checked before anything else), devices, tokenizer, model
     data = load_task_data(cfg.data, cfg.task, columns=cfg.columns, labels=cfg.labels, num_labels=cfg.num_labels)
-    info, device = init_distributed(cfg.distributed, resolve_device(cfg.device))
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    info, device, dtype, out = start_run(cfg)
     indices, held = list(range(len(data.records))), []
     if cfg.eval_batches > 0 and cfg.eval_fraction > 0 and len(indices) >= 2:
         indices, held = train_test_split(indices, cfg.eval_fraction, seed=cfg.seed)

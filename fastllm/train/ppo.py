@@ -77,15 +77,12 @@ from .common import (
     build_optimizer,
     build_scheduler,
     optimizer_step,
-    resolve_device,
-    resolve_dtype,
-    seed_everything,
 )
-from .config import PPOConfig, as_config, save_config
-from .distributed import DistInfo, init_distributed, no_sync_fn, wrap_model
+from .config import PPOConfig, as_config
+from .distributed import DistInfo, no_sync_fn, wrap_model
 from .export import export_final
 from .logging import read_metrics
-from .loop import train_loop
+from .loop import start_run, train_loop
 from .peft_glue import apply_peft
 from .rollout import (
     ResponseBatch,
@@ -338,15 +335,9 @@ def ppo(config: PPOConfig | str | dict | None = None, *, model=None, tokenizer=N
     cfg = as_config(PPOConfig, config)
     _check(cfg)
     # ---- setup: devices, tokenizer, models, prompts
-    info, device = init_distributed(cfg.distributed, resolve_device(cfg.device))
-    if info.mode == "fsdp":
+    if cfg.distributed == "fsdp":
         raise ValueError("distributed: PPO supports ddp (or none), got fsdp")
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    info, device, dtype, out = start_run(cfg)
     token_prompts = prompts is not None and len(prompts) > 0 and isinstance(prompts[0], (list, tuple)) and \
         all(isinstance(t, int) for t in prompts[0])
     if tokenizer is None and not (token_prompts and model is not None):

@@ -61,14 +61,13 @@ from .common import (
     transformer_layers,
 )
 from .config import RewardConfig, as_config
-from .distributed import DistInfo, wrap_model
+from .distributed import wrap_model
 from .export import export_final
 from .loop import held_out_eval, start_run, supervised_step, train_loop
 from .peft_glue import apply_peft
 
 MODEL_KEYS = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen")
 # per-step sums kept beside the loss: chosen reward, rejected reward, accuracy, margin, tokens
-_STATS = ("rewards/chosen", "rewards/rejected", "accuracy", "margin")
 
 
 class PackedRewards(nn.Module):
@@ -89,10 +88,6 @@ class PackedRewards(nn.Module):
 
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_KEYS}
-
-
-def count_pairs(batch: dict) -> int:
-    return int(batch["num_pairs"])
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -203,16 +198,6 @@ def reference_stats(model: nn.Module, dataset, n_pairs: int, batch_size: int, de
     return float(r.mean()), float(r.std(correction=0)), r.numel()
 
 
-def _pair_metrics(stats: Tensor, n_pairs: float, info: DistInfo, prefix: str = "") -> dict:
-    """Means over pairs of the step's (or evaluation's) summed statistics, all ranks pooled."""
-    if info.world_size > 1:
-        torch.distributed.all_reduce(stats)
-    values = (stats[:4] / max(n_pairs, 1.0)).tolist()
-    out = {prefix + name: v for name, v in zip(_STATS, values, strict=True)}
-    out[prefix + "tokens"] = int(stats[4])
-    return out
-
-
 def reward(config: RewardConfig | str | dict | None = None, *, model=None, tokenizer=None, records=None) -> dict:
     """Train a reward model; returns {"step", "loss", "eval_loss", "eval_accuracy", "eval_margin",
     "reward_mean", "reward_std" (raw rewards on the reference pairs, with normalize),
@@ -257,13 +242,13 @@ def reward(config: RewardConfig | str | dict | None = None, *, model=None, token
                                 schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     step, _ = resume_training_state(cfg, wrapped, optimizer, scheduler, loader, info)
     adapters_only = bool(cfg.peft)
-    stats = torch.zeros(5, dtype=torch.float64, device=device)  # _STATS sums, tokens
+    stats = torch.zeros(5, dtype=torch.float64, device=device)  # build.PAIR_STATS sums, tokens
     constant_margin = None if isinstance(cfg.margin, str) or cfg.margin == 0 else cfg.margin
 
     def loss_sum(batch: dict) -> Tensor:
         """The summed Bradley-Terry loss of the batch's pairs (optimizer_step divides by all pairs)."""
         r = wrapped(**model_inputs(batch)).float()  # (2P,): chosen, then rejected
-        P = count_pairs(batch)
+        P = build.count_pairs(batch)
         r_c, r_r = r[:P], r[P:]
         losses = bradley_terry_loss(r_c, r_r, batch.get("margins", constant_margin))
         d = (r_c - r_r).detach()
@@ -272,23 +257,23 @@ def reward(config: RewardConfig | str | dict | None = None, *, model=None, token
         return losses.sum()
 
     base_step = supervised_step(loader, loss_sum, wrapped, optimizer, scheduler, cfg, info, device=device,
-                                dtype=dtype, count_fn=count_pairs)
+                                dtype=dtype, count_fn=build.count_pairs)
 
     def step_fn(step: int) -> dict:
         stats.zero_()
         metrics = base_step(step)
         metrics["pairs"] = metrics["tokens"]
-        metrics.update(_pair_metrics(stats, metrics["pairs"], info))  # tokens: what the forwards read
+        metrics.update(build.pair_metrics(stats, metrics["pairs"], info))  # tokens: what the forwards read
         return metrics
 
     base_eval = held_out_eval(wrapped, loss_sum, eval_data, device=device, dtype=dtype,
-                              world_size=info.world_size, count_fn=count_pairs)
+                              world_size=info.world_size, count_fn=build.count_pairs)
 
     def run_eval() -> dict:
         stats.zero_()
         res = base_eval()
         metrics = {"eval_loss": res["eval_loss"], "eval_pairs": res["eval_tokens"]}
-        metrics.update(_pair_metrics(stats, res["eval_tokens"], info, prefix="eval_"))
+        metrics.update(build.pair_metrics(stats, res["eval_tokens"], info, prefix="eval_"))
         return metrics
 
     def save(step: int):
