@@ -1,8 +1,9 @@
-"""Preference training side by side: fastllm's DPO trainer against TRL's `DPOTrainer`, same
-model, data and batch shapes, in one run.
+"""Preference training side by side: fastllm's DPO and GRPO trainers against TRL's `DPOTrainer`
+and `GRPOTrainer`, same model, data and batch shapes, in one run.
 
     python bench/bench_preference.py                       # a small Llama (hidden 512, 4 layers), 8 pairs/step
     python bench/bench_preference.py --config smollm2-135m --overrides '{}' --pairs 4 --steps 8
+    python bench/bench_preference.py --methods grpo --prompts 4 --generations 4 --completion-length 64
 
 Setup shared by both: one byte-level BPE tokenizer trained on the preference texts (saved as
 tokenizer.json, loaded by fastllm and by transformers), one model built from the fastllm preset
@@ -22,6 +23,16 @@ pairs) / median step time, so both sides are divided by the same work; peak memo
 of the process minus its RSS after imports, tokenizer and data (model, reference, optimizer
 state, activations). Rows are appended to bench/results/preference.jsonl. TRL is an optional
 bench dependency (requirements/bench.txt): without it that provider is skipped with a message.
+
+GRPO case: --prompts prompts per step (the first ones of the same records, the generation prompt
+as text), --generations G samples each, at most --completion-length new tokens, temperature 1,
+the same Python reward function on both sides (`bench_reward`: spaces in the decoded completion
+/ 10), beta 0.04 (a reference model on both sides), token_mean aggregation (TRL's "dapo"), group
+std scaling, one pass per rollout (mu = 1), AdamW at a constant learning rate. One step = one
+iteration, generation included (TRL generates inside its training step). tokens/s = prompts x
+G x (mean prompt tokens + completion length) / median step time, the same work formula on both
+sides; each side's mean sampled completion length is reported (an untrained model rarely stops,
+so both sample close to the limit).
 """
 
 from __future__ import annotations
@@ -79,7 +90,7 @@ def prepare(work: str, config: str, overrides: dict, n_records: int, vocab: int)
     torch.manual_seed(0)
     overrides = {"max_position_embeddings": 1024, **overrides, "vocab_size": len(hf_tok)}
     model = models.build_model(models.preset(config, **overrides))
-    model.save_pretrained(os.path.join(work, "model"))
+    models.save_pretrained(model, os.path.join(work, "model"))
 
 
 def run_fastllm(work: str, args) -> dict:
@@ -146,6 +157,96 @@ def run_trl(work: str, args) -> dict:
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 
+def bench_reward(prompts, completions, **kw):
+    """The GRPO case's reward on both sides: spaces in the decoded completion / 10."""
+    return [c.count(" ") / 10.0 for c in completions]
+
+
+def run_fastllm_grpo(work: str, args) -> dict:
+    import torch
+
+    import fastllm.peft  # noqa: F401  (imported before the baseline RSS, as TRL's side imports everything first)
+    from fastllm.generation import generate  # noqa: F401
+    from fastllm.ops import token_logprobs
+    from fastllm.tokenizer import load_tokenizer
+    from fastllm.train import grpo
+    from fastllm.train.logging import read_metrics
+
+    token_logprobs(torch.zeros(2, 8), torch.zeros(4, 8), torch.zeros(2, dtype=torch.long))  # loads the extension
+    tok = load_tokenizer(os.path.join(work, "model"))
+    recs = [{"prompt": r["prompt"]} for r in _records(args.prompts)]
+    base = _rss_mib()
+    out = os.path.join(work, "fastllm_grpo")
+    grpo(dict(model=os.path.join(work, "model"), output_dir=out, max_steps=args.warmup + args.steps,
+              batch_size=args.prompts, num_generations=args.generations, max_new_tokens=args.completion_length,
+              temperature=1.0, beta=0.04, loss_type="token_mean", advantage="grpo", scale_rewards=True,
+              reward_inputs="text", lr=1e-6, warmup_steps=0, schedule="constant", weight_decay=0.0,
+              max_prompt_length=args.max_length, progress=False, plot=False, resume=None, dtype="float32",
+              device="cpu", seed=1), tokenizer=tok, prompts=recs, reward_funcs=[bench_reward])
+    m = os.path.join(out, "metrics.jsonl")
+    tokens, rate, loss = (read_metrics(m, k) for k in ("tokens", "tokens_per_s", "loss"))
+    length, reward = read_metrics(m, "response_length"), read_metrics(m, "reward/mean")
+    steps = [s for s in tokens if s > args.warmup]
+    return {"step_ms": [1e3 * tokens[s] / rate[s] for s in steps], "peak_mib": _peak_rss_mib() - base,
+            "first_loss": loss[1], "last_loss": loss[max(loss)],
+            "completion_length": statistics.mean(length[s] for s in steps),
+            "reward": statistics.mean(reward[s] for s in steps)}
+
+
+def run_trl_grpo(work: str, args) -> dict:
+    import datasets
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(work, "model"))
+    data = datasets.Dataset.from_list([{"prompt": r["prompt_text"]} for r in _records(args.prompts)])
+    base = _rss_mib()
+    model = LlamaForCausalLM.from_pretrained(os.path.join(work, "model"), attn_implementation="sdpa",
+                                             dtype=torch.float32)
+    times, logged = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(1e3 * (time.perf_counter() - self.t0))
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                logged.append(dict(logs))
+
+    n = args.prompts * args.generations
+    cfg = GRPOConfig(output_dir=os.path.join(work, "trl_grpo"), per_device_train_batch_size=n,
+                     num_generations=args.generations, max_completion_length=args.completion_length,
+                     temperature=1.0, beta=0.04, loss_type="dapo", scale_rewards="group", num_iterations=1,
+                     max_steps=args.warmup + args.steps, learning_rate=1e-6, lr_scheduler_type="constant",
+                     warmup_steps=0, weight_decay=0.0, report_to="none", use_cpu=True, logging_steps=1,
+                     save_strategy="no", eval_strategy="no", bf16=False, fp16=False, dataloader_num_workers=0,
+                     disable_tqdm=True, seed=1, shuffle_dataset=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=[bench_reward], args=cfg, train_dataset=data,
+                          processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+    timed = logged[args.warmup:] or logged
+    return {"step_ms": times[args.warmup:], "peak_mib": _peak_rss_mib() - base,
+            "first_loss": logged[0]["loss"] if logged else None, "last_loss": logged[-1]["loss"] if logged else None,
+            "completion_length": statistics.mean(r.get("completions/mean_length", float("nan")) for r in timed),
+            "reward": statistics.mean(r.get("reward", float("nan")) for r in timed)}
+
+
+def grpo_step_tokens(work: str, args) -> float:
+    """prompts x G x (mean prompt tokens + completion length), fastllm's tokenisation of the prompts."""
+    from fastllm.data import PromptDataset
+    from fastllm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(os.path.join(work, "model"))
+    data = PromptDataset([{"prompt": r["prompt"]} for r in _records(args.prompts)], tok, args.max_length,
+                         skip_too_long=True)
+    mean_prompt = sum(len(p) for p in data.examples) / len(data.examples)
+    return args.prompts * args.generations * (mean_prompt + args.completion_length)
+
+
 def mean_step_tokens(work: str, args) -> float:
     """Real tokens per step (both sides of --pairs pairs, prompt included), fastllm's tokenisation."""
     from fastllm.data import PreferenceDataset
@@ -158,6 +259,49 @@ def mean_step_tokens(work: str, args) -> float:
     return args.pairs * sum(per_pair) / len(per_pair)
 
 
+def _providers(work: str, args, have_trl: bool, method: str, extra: list[str]) -> dict:
+    """Each provider of one case in its own subprocess -> {provider: result}."""
+    results = {}
+    for provider in ["fastllm"] + (["trl"] if have_trl else []):
+        cmd = [sys.executable, os.path.abspath(__file__), "--_worker", provider, "--_method", method, "--_work", work,
+               "--records", str(args.records), "--pairs", str(args.pairs), "--max-length", str(args.max_length),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--prompts", str(args.prompts), "--generations", str(args.generations), "--completion-length",
+               str(args.completion_length), *extra]
+        envv = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=envv)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{method:<12} {provider:<8} failed: {(proc.stdout + proc.stderr)[-1500:]}")
+            continue
+        results[provider] = json.loads(lines[-1][len("RESULT "):])
+    return results
+
+
+def _table_rows(results: dict, label: str, step_tokens: float, common: dict) -> list[dict]:
+    """Print one case's rows (speed and memory relative to TRL) and return them as records."""
+    base = results.get("trl")
+    rows = []
+    for provider, r in results.items():
+        med = statistics.median(r["step_ms"])
+        q = statistics.quantiles(r["step_ms"], n=5) if len(r["step_ms"]) >= 2 else [med] * 4
+        speed = statistics.median(base["step_ms"]) / med if base else None
+        mem = r["peak_mib"] / base["peak_mib"] if base else None
+        losses = f"{r['first_loss']:.4f}->{r['last_loss']:.4f}" if r["first_loss"] is not None else "-"
+        extra = f" completion {r['completion_length']:.1f}" if "completion_length" in r else ""
+        print(f"{label:<12} {provider:<8} {med:>10.1f} {f'{q[0]:.1f}-{q[3]:.1f}':>15} "
+              f"{step_tokens / med * 1e3:>9.0f} {r['peak_mib']:>9.1f} "
+              f"{'-' if speed is None else f'{speed:.2f}':>9} {'-' if mem is None else f'{mem:.2f}':>8} "
+              f"{losses:>16}{extra}")
+        rows.append({**common, "provider": provider, "tokens_per_step": step_tokens, "median_ms": med,
+                     "p20_ms": q[0], "p80_ms": q[3], "reps": len(r["step_ms"]),
+                     "tokens_per_s": step_tokens / med * 1e3, "peak_mib": r["peak_mib"],
+                     "first_loss": r["first_loss"], "last_loss": r["last_loss"],
+                     **{k: r[k] for k in ("completion_length", "reward") if k in r},
+                     "speedup_vs_baseline": speed, "memory_vs_baseline": mem, "baseline": "trl" if base else None})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny-llama")
@@ -165,16 +309,21 @@ def main(argv=None):
                                                              "num_hidden_layers": 4, "num_attention_heads": 8,
                                                              "num_key_value_heads": 4},
                    help="preset fields to replace, as JSON")
+    p.add_argument("--methods", nargs="*", default=["dpo", "grpo"], choices=["dpo", "grpo"])
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--records", type=int, default=256)
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--prompts", type=int, default=4, help="GRPO: prompts per step")
+    p.add_argument("--generations", type=int, default=4, help="GRPO: samples per prompt (G)")
+    p.add_argument("--completion-length", type=int, default=64, help="GRPO: max new tokens per sample")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--references", nargs="*", default=["live", "precomputed"], choices=["live", "precomputed"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--_worker", choices=["fastllm", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--_method", default="dpo", help=argparse.SUPPRESS)
     p.add_argument("--_work", help=argparse.SUPPRESS)
     p.add_argument("--reference", default="live", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -182,8 +331,9 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
-        res = (run_fastllm if args._worker == "fastllm" else run_trl)(args._work, args)
-        print("RESULT " + json.dumps(res))
+        run = {("dpo", "fastllm"): run_fastllm, ("dpo", "trl"): run_trl, ("grpo", "fastllm"): run_fastllm_grpo,
+               ("grpo", "trl"): run_trl_grpo}[(args._method, args._worker)]
+        print("RESULT " + json.dumps(run(args._work, args)))
         return
 
     from bench.harness import RESULTS_DIR, environment
@@ -193,56 +343,45 @@ def main(argv=None):
         have_trl = True
     except ImportError:
         have_trl = False
-        print("trl is not installed (pip install -r requirements/bench.txt): TRL's DPOTrainer is skipped")
+        print("trl is not installed (pip install -r requirements/bench.txt): TRL's DPOTrainer and GRPOTrainer are "
+              "skipped")
+    rows = []
+    header = (f"{'case':<12} {'provider':<8} {'median ms':>10} {'p20-p80 ms':>15} {'tokens/s':>9} "
+              f"{'peak MiB':>9} {'speed/TRL':>9} {'mem/TRL':>8} {'loss 1st->last':>16}")
     with tempfile.TemporaryDirectory() as work:
         prepare(work, args.config, args.overrides, args.records, args.vocab)
-        step_tokens = mean_step_tokens(work, args)
         env = environment(__import__("torch").device("cpu"))
         env["threads"] = args.threads
-        env["load_average"] = os.getloadavg()
-        print(f"\n## DPO step, {args.config} {json.dumps(args.overrides)}, {args.pairs} pairs/step, "
-              f"max_length {args.max_length}, "
-              f"~{step_tokens:.0f} tokens/step, float32, {args.threads} thread(s), {env['device']}, "
-              f"commit {env['commit']}, load average {env['load_average'][0]:.2f}")
-        header = (f"{'reference':<12} {'provider':<8} {'median ms':>10} {'p20-p80 ms':>15} {'tokens/s':>9} "
-                  f"{'peak MiB':>9} {'speed/TRL':>9} {'mem/TRL':>8} {'loss 1st->last':>16}")
-        print(header + "\n" + "-" * len(header))
-        rows = []
-        for reference in args.references:
-            results = {}
-            for provider in ["fastllm"] + (["trl"] if have_trl else []):
-                cmd = [sys.executable, os.path.abspath(__file__), "--_worker", provider, "--_work", work,
-                       "--reference", reference, "--records", str(args.records), "--pairs", str(args.pairs),
-                       "--max-length", str(args.max_length), "--steps", str(args.steps), "--warmup",
-                       str(args.warmup), "--threads", str(args.threads)]
-                envv = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=envv)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    print(f"{reference:<12} {provider:<8} failed: {(proc.stdout + proc.stderr)[-1500:]}")
-                    continue
-                results[provider] = json.loads(lines[-1][len("RESULT "):])
-            base = results.get("trl")
-            for provider, r in results.items():
-                med = statistics.median(r["step_ms"])
-                q = statistics.quantiles(r["step_ms"], n=5) if len(r["step_ms"]) >= 2 else [med] * 4
-                speed = statistics.median(base["step_ms"]) / med if base else None
-                mem = r["peak_mib"] / base["peak_mib"] if base else None
-                losses = f"{r['first_loss']:.4f}->{r['last_loss']:.4f}" if r["first_loss"] is not None else "-"
-                print(f"{reference:<12} {provider:<8} {med:>10.1f} {f'{q[0]:.1f}-{q[3]:.1f}':>15} "
-                      f"{step_tokens / med * 1e3:>9.0f} {r['peak_mib']:>9.1f} "
-                      f"{'-' if speed is None else f'{speed:.2f}':>9} {'-' if mem is None else f'{mem:.2f}':>8} "
-                      f"{losses:>16}")
-                rows.append({"bench": "preference", "case": f"dpo {args.config} p{args.pairs} {reference}",
-                             "method": "dpo", "config": args.config, "overrides": args.overrides,
-                             "reference": reference, "provider": provider,
-                             "pairs": args.pairs, "max_length": args.max_length, "tokens_per_step": step_tokens,
-                             "median_ms": med, "p20_ms": q[0], "p80_ms": q[3], "reps": len(r["step_ms"]),
-                             "tokens_per_s": step_tokens / med * 1e3, "peak_mib": r["peak_mib"],
-                             "first_loss": r["first_loss"], "last_loss": r["last_loss"],
-                             "speedup_vs_baseline": speed, "memory_vs_baseline": mem,
-                             "baseline": "trl" if base else None,
-                             "trl": getattr(trl, "__version__", None) if have_trl else None, **env})
+        env["trl"] = getattr(trl, "__version__", None) if have_trl else None
+        model = {"config": args.config, "overrides": args.overrides}
+        if "dpo" in args.methods:
+            step_tokens = mean_step_tokens(work, args)
+            env["load_average"] = os.getloadavg()
+            print(f"\n## DPO step, {args.config} {json.dumps(args.overrides)}, {args.pairs} pairs/step, "
+                  f"max_length {args.max_length}, "
+                  f"~{step_tokens:.0f} tokens/step, float32, {args.threads} thread(s), {env['device']}, "
+                  f"commit {env['commit']}, load average {env['load_average'][0]:.2f}")
+            print(header + "\n" + "-" * len(header))
+            for reference in args.references:
+                results = _providers(work, args, have_trl, "dpo", ["--reference", reference])
+                rows += _table_rows(results, reference, step_tokens, {
+                    "bench": "preference", "case": f"dpo {args.config} p{args.pairs} {reference}", "method": "dpo",
+                    **model, "reference": reference, "pairs": args.pairs, "max_length": args.max_length, **env})
+        if "grpo" in args.methods:
+            step_tokens = grpo_step_tokens(work, args)
+            env["load_average"] = os.getloadavg()
+            print(f"\n## GRPO iteration (generation included), {args.config} {json.dumps(args.overrides)}, "
+                  f"{args.prompts} prompts x G={args.generations}, completions <= {args.completion_length} tokens, "
+                  f"beta 0.04, ~{step_tokens:.0f} tokens/step, float32, {args.threads} thread(s), {env['device']}, "
+                  f"commit {env['commit']}, load average {env['load_average'][0]:.2f}")
+            print(header + "\n" + "-" * len(header))
+            results = _providers(work, args, have_trl, "grpo", [])
+            rows += _table_rows(results, "grpo", step_tokens, {
+                "bench": "preference", "case": f"grpo {args.config} p{args.prompts} g{args.generations} "
+                f"c{args.completion_length}", "method": "grpo", **model, "prompts": args.prompts,
+                "generations": args.generations, "completion_length_max": args.completion_length, **env})
+            env["load_average_after"] = os.getloadavg()
+            print(f"load average after: {env['load_average_after'][0]:.2f}")
     if rows and not args.no_write:
         os.makedirs(RESULTS_DIR, exist_ok=True)
         with open(os.path.join(RESULTS_DIR, "preference.jsonl"), "a") as f:

@@ -1,5 +1,5 @@
 """The `fastllm` command: `fastllm pipeline [--quick]` (the main job), `fastllm demo`,
-`fastllm pretrain|sft|dpo|reward|ppo|finetune [CONFIG.yaml] key=value ...`,
+`fastllm pretrain|sft|dpo|reward|ppo|grpo|finetune [CONFIG.yaml] key=value ...`,
 `fastllm plot metrics.jsonl`. Under `torchrun --nproc_per_node N -m fastllm.cli sft ...` the
 loops run distributed (DDP, or FSDP2 with distributed=fsdp)."""
 
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("dpo", "direct preference optimisation (DPO, IPO, conservative DPO)"),
                 ("reward", "a reward model from preference pairs (Bradley-Terry)"),
                 ("ppo", "PPO on the policy's own rollouts against a reward model / function"),
+                ("grpo", "GRPO / RLOO: group-relative advantages over G samples per prompt, no critic"),
                 ("finetune", "task heads: classification, regression, token classification (named entities)"))
     for name, what in commands:
         p = sub.add_parser(name, help=what, description=f"{what}. Options: a YAML config and/or key=value overrides "
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("metrics")
     plot.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.command in ("pretrain", "sft", "dpo", "reward", "ppo", "finetune"):
+    if args.command in ("pretrain", "sft", "dpo", "reward", "ppo", "grpo", "finetune"):
         return _train(args.command, args.args)
     if args.command == "pipeline":
         from fastllm.pipeline import PipelineOptions, run_pipeline

@@ -6,16 +6,18 @@
     dpo(DPOConfig(model="runs/out/final", beta=0.1, loss_type="sigmoid"))
     reward(RewardConfig(model="runs/out/final", max_steps=200))    # then RewardScorer(model, tokenizer)
     ppo(PPOConfig(model="runs/out/final", reward_model="runs/reward/final", kl_coef=0.05))
+    grpo(GRPOConfig(model="runs/out/final", reward_funcs=["my_rewards:correct"], num_generations=8))
     finetune(FinetuneConfig(task="classification", data="topics", model="runs/out/final"))
 
 The same from the shell: `fastllm pretrain CONFIG.yaml key=value ...`, `fastllm sft ...`, `fastllm dpo ...`,
-`fastllm reward ...`, `fastllm ppo ...`, `fastllm finetune ...`,
+`fastllm reward ...`, `fastllm ppo ...`, `fastllm grpo ...`, `fastllm finetune ...`,
 under `torchrun --nproc_per_node N` for DDP (default) or FSDP2 (distributed=fsdp).
 """
 
 from .config import (
     DPOConfig,
     FinetuneConfig,
+    GRPOConfig,
     PPOConfig,
     PretrainConfig,
     RewardConfig,
@@ -26,11 +28,12 @@ from .config import (
 )
 from .dpo import dpo
 from .finetune import finetune
+from .grpo import grpo
 from .ppo import ppo
 from .pretrain import pretrain
 from .reward import RewardScorer, reward
 from .sft import sft
 
-__all__ = ["DPOConfig", "FinetuneConfig", "PPOConfig", "PretrainConfig", "RewardConfig", "RewardScorer",
-           "SFTConfig", "TrainConfig", "apply_overrides", "dpo", "finetune", "load_config", "ppo", "pretrain",
+__all__ = ["DPOConfig", "FinetuneConfig", "GRPOConfig", "PPOConfig", "PretrainConfig", "RewardConfig", "RewardScorer",
+           "SFTConfig", "TrainConfig", "apply_overrides", "dpo", "finetune", "grpo", "load_config", "ppo", "pretrain",
            "reward", "sft"]

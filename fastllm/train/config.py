@@ -252,8 +252,54 @@ class PPOConfig(TrainConfig):
     eval_batches: int = _field(0, "unused by PPO (no held-out loss)", min=0)
 
 
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO / RLOO on groups of the policy's own samples, no critic. A step is one iteration:
+    batch_size prompts per process, num_generations samples each, scored and given group-relative
+    advantages, then num_iterations passes of num_minibatches optimizer steps (each over
+    grad_accum micro-batches) over the batch_size * num_generations rows."""
+
+    data: str = _field("instructions", "prompts: the shipped instruction set, or a .jsonl/.json file of records "
+                       "with a prompt (or messages)")
+    system: str | None = _field(None, "system message put first in every prompt")
+    max_prompt_length: int = _field(128, "longer prompts are left out", min=1)
+    max_new_tokens: int = _field(64, "response length limit (tokens)", min=1)
+    num_generations: int = _field(4, "G: samples per prompt (one group)", min=2)
+    temperature: float = _field(1.0, "sampling temperature; log-probs use the same", min=1e-6)
+    top_k: int = _field(0, "sample among the k likeliest tokens (0: off)", min=0)
+    top_p: float = _field(1.0, "nucleus sampling threshold (1: off)", min=0.0, max=1.0)
+    reward_model: str | None = _field(None, "a reward-model checkpoint dir (a sequence-classification head)")
+    reward_funcs: list[str] = _field(factory=list, help="\"module:function\" reward functions called with "
+                                     "(prompts, responses), returning one float each; summed with reward_weights")
+    reward_weights: list[float] | None = _field(None, "one weight per reward function (null: all 1)")
+    reward_inputs: str = _field("tokens", "what reward functions receive: token-id lists, or decoded text",
+                                choices=("tokens", "text"))
+    no_eos_score: float | None = _field(None, "score of a response that ended without EOS (null: keep its score)")
+    advantage: str = _field("grpo", "grpo: (r - group mean) [/ group std]; rloo: leave-one-out baseline "
+                            "(unbiased, keeps pi_ref exp(r / beta) as the optimum)", choices=("grpo", "rloo"))
+    scale_rewards: bool = _field(True, "grpo: divide by the group's std (false: Dr. GRPO)")
+    beta: float = _field(0.04, "weight of the k3 KL-to-reference loss term (0: no reference model)", min=0.0)
+    kl_weighted: bool = _field(True, "importance-weight the k3 term (pi / pi_old) so its gradient is that of "
+                               "KL(pi || ref); false: the GRPO paper's k3, whose gradient is that of KL(ref || pi)")
+    epsilon: float = _field(0.2, "policy ratio clip (low side)", min=0.0, max=1.0)
+    epsilon_high: float | None = _field(None, "upper ratio clip (DAPO clip-higher; null: epsilon)", min=0.0)
+    loss_type: str = _field("token_mean", "token-loss aggregation: token_mean (DAPO: over all tokens), seq_mean "
+                            "(GRPO paper: per sequence, then over sequences), seq_sum_norm (Dr. GRPO: token sum / "
+                            "(rows x max_new_tokens))", choices=("token_mean", "seq_mean", "seq_sum_norm"))
+    num_iterations: int = _field(1, "mu: passes over each rollout (1: on-policy, ratio 1)", min=1)
+    num_minibatches: int = _field(1, "optimizer steps per pass (batch_size * num_generations must divide by "
+                                  "num_minibatches * grad_accum)", min=1)
+    peft: dict | None = _field(None, "e.g. {method: lora, r: 8}; the reference is then the base with adapters off")
+    batch_size: int = _field(8, "prompts per iteration, per process (each sampled num_generations times)", min=1)
+    lr: float = _field(1e-6, "peak learning rate", min=0.0)
+    warmup_steps: int = _field(0, "iterations of linear warm-up", min=0)
+    schedule: str = _field("constant", "learning-rate decay after warm-up", choices=("cosine", "linear", "constant"))
+    weight_decay: float = _field(0.0, "AdamW weight decay (not on norms and biases)", min=0.0)
+    eval_batches: int = _field(0, "unused by GRPO (no held-out loss)", min=0)
+
+
 CONFIGS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig,
-           "ppo": PPOConfig, "finetune": FinetuneConfig}
+           "ppo": PPOConfig, "finetune": FinetuneConfig, "grpo": GRPOConfig}
 
 
 # --------------------------------------------------------------------------- type checks

@@ -93,6 +93,7 @@ from .rollout import (
     sample_responses,
     score_responses,
     to_response,
+    update_passes,
 )
 
 # per-iteration sums of the training passes, all-reduced at the end of the iteration
@@ -287,23 +288,15 @@ def ppo_update(rows: dict, cfg: PPOConfig, step: int, wrapped: nn.Module, optimi
     """cfg.ppo_epochs passes over this rank's rollout rows, each in a fresh order (drawn from
     (seed, step, rank), so a resumed run repeats it), cut into cfg.num_minibatches optimizer
     steps of cfg.grad_accum micro-batches. Returns {"loss", "grad_norm", "lr"} lists per step."""
-    B = rows["input_ids"].shape[0]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + info.rank)
-    mb_size = B // cfg.num_minibatches
-    micro = mb_size // cfg.grad_accum
-    out = {"loss": [], "grad_norm": [], "lr": []}
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=gen).to(device)
-        for k in range(cfg.num_minibatches):
-            idx = order[k * mb_size:(k + 1) * mb_size]
-            micro_batches = [{key: rows[key][idx[j * micro:(j + 1) * micro]] for key in _ROW_KEYS}
-                             for j in range(cfg.grad_accum)]
-            res = optimizer_step(micro_batches, loss_sum, wrapped, optimizer, scheduler, device=device, dtype=dtype,
-                                 max_grad_norm=cfg.max_grad_norm, world_size=info.world_size, no_sync=no_sync,
-                                 count_fn=count_fn)
-            for key in out:
-                out[key].append(res[key])
-    return out
+
+    def one_step(micro_batches: list[dict]) -> dict:
+        return optimizer_step(micro_batches, loss_sum, wrapped, optimizer, scheduler, device=device, dtype=dtype,
+                              max_grad_norm=cfg.max_grad_norm, world_size=info.world_size, no_sync=no_sync,
+                              count_fn=count_fn)
+
+    return update_passes(rows, _ROW_KEYS, epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches,
+                         grad_accum=cfg.grad_accum, generator=gen, step_fn=one_step)
 
 
 def _explained_variance_sums(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:

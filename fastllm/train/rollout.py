@@ -1,11 +1,12 @@
-"""Rollouts for on-policy RLHF (PPO now, GRPO/RLOO next): sample responses from the live
-policy, score them, and gather the per-token quantities the losses need.
+"""Rollouts for on-policy RLHF (PPO, GRPO/RLOO): sample responses from the live policy, score
+them, gather the per-token quantities the losses need, and run the update passes.
 
     out  = sample_responses(policy, prompts, max_new_tokens=64, temperature=1.0, eos_id=tok.eos_id)
     roll = response_batch(out)                                   # tokens, masks, targets, starts
     logp, entropy = policy_logprobs(policy, roll, temperature)   # (B, L), token-aligned
     scores, eos = score_responses(roll, reward_model=rm, reward_fn=fn, no_eos_score=-1.0)
     rewards, kl = kl_penalised_rewards(scores, resp(logp), resp(ref_logp), roll.mask, kl_coef, "k1")
+    out  = sample_responses(policy, prompts, ..., num_samples=G)  # GRPO: rows [g G, (g + 1) G) share prompt g
 
 Layouts. `generate` returns rows `prompt | response | pad` (right-padded, L = longest prompt +
 max_new_tokens). Model forwards run on those (B, L) rows with an attention mask; the per-token
@@ -67,13 +68,18 @@ class ResponseBatch:
 @torch.no_grad()
 def sample_responses(policy: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-                     pad_id: int = 0, generator: torch.Generator | None = None):
-    """`fastllm.generation.generate` on the live policy weights (no copy), stopping at eos_id."""
+                     pad_id: int = 0, generator: torch.Generator | None = None, num_samples: int = 1):
+    """`fastllm.generation.generate` on the live policy weights (no copy), stopping at eos_id.
+    num_samples = G > 1 repeats each prompt G times in a row (GRPO/RLOO groups: rows
+    [g G, (g + 1) G) answer prompts[g], each its own sample)."""
     if not temperature > 0:
         raise ValueError(f"temperature: expected a positive sampling temperature for RL rollouts, got {temperature}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected at least 1 sample per prompt, got {num_samples}")
     stop = () if eos_id is None else (eos_id,)
-    return generate(policy, [list(p) for p in prompts], max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, stop_token_ids=stop, pad_token_id=pad_id, generator=generator)
+    rows = [list(p) for p in prompts for _ in range(num_samples)]
+    return generate(policy, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    stop_token_ids=stop, pad_token_id=pad_id, generator=generator)
 
 
 def response_batch(out, max_new_tokens: int | None = None) -> ResponseBatch:
@@ -103,6 +109,24 @@ def policy_logprobs(model: nn.Module, batch: ResponseBatch, temperature: float =
     hidden = model(batch.tokens, attention_mask=batch.attention_mask)  # (B, L, H)
     return token_logprobs_and_entropy(hidden, model.lm_head_weight.to(hidden.dtype), batch.targets,
                                       temperature=temperature)
+
+
+class PolicyLogProbs(nn.Module):
+    """The policy and its fused log-probs behind one forward, so DDP sees the LM head used inside it.
+
+    forward(input_ids (B, L), attention_mask (B, L), targets (B, L)) -> (logp, entropy), each
+    (B, L) float32 and token-aligned, as `policy_logprobs`. The policy is held as `model`, so
+    checkpoints name its weights as the policy does (fastllm.train.checkpoint strips `model.`)."""
+
+    def __init__(self, policy: nn.Module, temperature: float = 1.0):
+        super().__init__()
+        self.model = policy
+        self.temperature = float(temperature)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        hidden = self.model(input_ids, attention_mask=attention_mask)  # (B, L, H)
+        return token_logprobs_and_entropy(hidden, self.model.lm_head_weight.to(hidden.dtype), targets,
+                                          temperature=self.temperature)
 
 
 @torch.no_grad()
@@ -155,3 +179,25 @@ def kl_penalised_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: T
     last = (mask.sum(1) - 1).clamp_min(0)
     has = mask.any(1).to(rewards.dtype)
     return rewards.scatter_add(1, last[:, None], (scores.to(rewards.dtype) * has)[:, None]), kl
+
+
+def update_passes(rows: dict, keys: Sequence[str], *, epochs: int, num_minibatches: int, grad_accum: int,
+                  generator: torch.Generator, step_fn: Callable[[list[dict]], dict]) -> dict:
+    """`epochs` passes over a rollout's rows, each in a fresh order drawn from `generator`, cut
+    into num_minibatches minibatches of grad_accum micro-batches; step_fn(micro_batches) is one
+    optimizer step (`optimizer_step` with the method's loss closure). Returns {"loss",
+    "grad_norm", "lr"}, one list entry per optimizer step. The row count must divide by
+    num_minibatches * grad_accum (the methods check it on their config)."""
+    B = rows[keys[0]].shape[0]
+    device = rows[keys[0]].device
+    mb_size = B // num_minibatches
+    micro = mb_size // grad_accum
+    out = {"loss": [], "grad_norm": [], "lr": []}
+    for _ in range(epochs):
+        order = torch.randperm(B, generator=generator).to(device)
+        for k in range(num_minibatches):
+            idx = order[k * mb_size:(k + 1) * mb_size]
+            res = step_fn([{key: rows[key][idx[j * micro:(j + 1) * micro]] for key in keys} for j in range(grad_accum)])
+            for key in out:
+                out[key].append(res[key])
+    return out

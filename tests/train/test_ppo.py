@@ -23,24 +23,13 @@ from fastllm.train.checkpoint import list_checkpoints
 from fastllm.train.logging import read_metrics
 
 from .conftest import ROOT, as_args, run_cli
+from .rl_helpers import BETA, EOS, TARGET, arm_reward, bandit_policy, gold_reward, next_token_dist, total_variation
+from .rl_helpers import gold_of_samples as _gold_of_samples
+from .rl_helpers import gold_prompts as _gold_prompts
+from .rl_helpers import quiet as _quiet
+from .rl_helpers import tiny_policy as _policy
 
 ppo_mod = importlib.import_module("fastllm.train.ppo")  # the module (fastllm.train.ppo is the function)
-EOS = 2  # tiny-llama's eos_token_id
-TARGET = 7
-
-
-def _policy(seed: int, vocab: int = 12, layers: int = 1):
-    torch.manual_seed(seed)
-    return models.build_model(models.preset("tiny-llama", vocab_size=vocab, num_hidden_layers=layers))
-
-
-def _quiet(out, **kw) -> dict:
-    return {"output_dir": str(out), "progress": False, "plot": False, "resume": None, "seed": 0, **kw}
-
-
-def gold_reward(prompts, responses):
-    """Share of TARGET tokens in the response; 0 unless the response ends with EOS."""
-    return [sum(t == TARGET for t in r[:-1]) / max(len(r) - 1, 1) if r and r[-1] == EOS else 0.0 for r in responses]
 
 
 # --------------------------------------------------------------------------- the first update by hand
@@ -117,47 +106,24 @@ def test_first_update_loss_equals_the_math_by_hand(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- the bandit
 
 
-R_ARMS = torch.tensor([1.0, 0.2, -0.5, 0.6, 0.0], dtype=torch.float64)
-BETA = 0.3
-
-
-def _next_token_dist(model) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.softmax(model.logits(model(torch.tensor([[0]]))[0, -1]).double(), -1)
-
-
 @pytest.mark.parametrize("critic", ["shared", "separate"])
 def test_bandit_reaches_the_kl_regularised_optimum(tmp_path, critic):
     """Vocabulary = the K arms, prompt [0], max_new_tokens=1 and no EOS: a response is exactly one
     arm. pi_ref = the initial policy's next-token distribution (sharpened to be far from uniform
     and from pi*); PPO with k1 in the reward must end within total variation 0.05 of
     pi* = pi_ref exp(r / beta) / Z."""
-    policy = _policy(0, vocab=5)
-    with torch.no_grad():
-        policy.model.norm.weight.mul_(4.0)
-    pi_ref = _next_token_dist(policy)
-    pi_star = torch.softmax(pi_ref.log() + R_ARMS / BETA, 0)
-    assert 0.5 * float((pi_ref - pi_star).abs().sum()) > 0.3  # the run must move far
-
-    def arm_reward(prompts, responses):
-        assert all(len(r) == 1 for r in responses)
-        return [float(R_ARMS[r[0]]) for r in responses]
+    policy, pi_ref, pi_star = bandit_policy()
+    assert total_variation(pi_ref, pi_star) > 0.3  # the run must move far
 
     ppo(_quiet(tmp_path, max_steps=100, batch_size=64, max_new_tokens=1, no_eos_score=None, kl_coef=BETA,
                ppo_epochs=2, lr=1e-3, schedule="cosine", min_lr_ratio=0.05, critic=critic, vf_coef=0.5,
                max_grad_norm=None), model=policy, prompts=[[0]] * 64, reward_fn=arm_reward)
-    pi = _next_token_dist(policy)
-    tv = 0.5 * float((pi - pi_star).abs().sum())
+    pi = next_token_dist(policy)
+    tv = total_variation(pi, pi_star)
     assert tv < 0.05, (pi.tolist(), pi_star.tolist(), tv)
 
 
 # --------------------------------------------------------------------------- a computable gold reward
-
-
-def _gold_prompts(n: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(3, 12, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
 
 
 def _gold_fields(out, **kw):
@@ -213,14 +179,6 @@ def test_reward_model_trained_on_gold_pairs_lifts_the_gold_reward(tmp_path):
     ppo(_gold_fields(tmp_path, max_steps=25), model=policy, prompts=prompts, reward_model=rm)
     after = _gold_of_samples(policy, prompts)
     assert after > before + 0.2, (before, after)
-
-
-def _gold_of_samples(policy, prompts) -> float:
-    from fastllm.train.rollout import response_batch, sample_responses
-
-    torch.manual_seed(123)
-    batch = response_batch(sample_responses(policy, prompts * 4, max_new_tokens=6, eos_id=EOS), 6)
-    return sum(gold_reward(None, batch.responses())) / len(batch.responses())
 
 
 # --------------------------------------------------------------------------- CLI, resume, processes

@@ -1,0 +1,72 @@
+"""Problems with known answers shared by the PPO and GRPO trainer tests: tiny decoders, the
+K-armed bandit (vocabulary = arms, prompt [0], one-token responses) with its KL-regularised
+optimum, and a computable gold reward on a 12-token vocabulary."""
+
+from __future__ import annotations
+
+import torch
+
+from fastllm import models
+
+EOS = 2  # tiny-llama's eos_token_id
+TARGET = 7
+
+R_ARMS = torch.tensor([1.0, 0.2, -0.5, 0.6, 0.0], dtype=torch.float64)
+BETA = 0.3
+
+
+def tiny_policy(seed: int, vocab: int = 12, layers: int = 1):
+    torch.manual_seed(seed)
+    return models.build_model(models.preset("tiny-llama", vocab_size=vocab, num_hidden_layers=layers))
+
+
+def quiet(out, **kw) -> dict:
+    """Config fields of a quiet, fresh, seeded run into `out`."""
+    return {"output_dir": str(out), "progress": False, "plot": False, "resume": None, "seed": 0, **kw}
+
+
+def gold_reward(prompts, responses):
+    """Share of TARGET tokens in the response; 0 unless the response ends with EOS."""
+    return [sum(t == TARGET for t in r[:-1]) / max(len(r) - 1, 1) if r and r[-1] == EOS else 0.0 for r in responses]
+
+
+def gold_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 12, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def gold_of_samples(policy, prompts, max_new_tokens: int = 6) -> float:
+    """Mean gold reward of 4 fresh samples per prompt (fixed seed)."""
+    from fastllm.train.rollout import response_batch, sample_responses
+
+    torch.manual_seed(123)
+    batch = response_batch(sample_responses(policy, prompts * 4, max_new_tokens=max_new_tokens, eos_id=EOS),
+                           max_new_tokens)
+    return sum(gold_reward(None, batch.responses())) / len(batch.responses())
+
+
+def next_token_dist(model) -> torch.Tensor:
+    """The policy's distribution over the arms after the prompt [0] (float64)."""
+    with torch.no_grad():
+        return torch.softmax(model.logits(model(torch.tensor([[0]]))[0, -1]).double(), -1)
+
+
+def bandit_policy(seed: int = 0):
+    """(policy, pi_ref, pi_star): a 5-token tiny decoder whose next-token distribution after [0]
+    is sharpened to be far from uniform and from pi* = pi_ref exp(R_ARMS / BETA) / Z."""
+    policy = tiny_policy(seed, vocab=len(R_ARMS))
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(4.0)
+    pi_ref = next_token_dist(policy)
+    return policy, pi_ref, torch.softmax(pi_ref.log() + R_ARMS / BETA, 0)
+
+
+def arm_reward(prompts, responses):
+    """The bandit's reward: R_ARMS of the one response token."""
+    assert all(len(r) == 1 for r in responses)
+    return [float(R_ARMS[r[0]]) for r in responses]
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * float((p - q).abs().sum())
