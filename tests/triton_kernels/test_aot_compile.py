@@ -72,7 +72,7 @@ def compiled(request):
 
 
 @pytest.mark.parametrize("cc", CAPABILITIES, ids=lambda c: f"sm_{c}")
-@pytest.mark.parametrize("key", list(SPECS))
+@pytest.mark.parametrize("key", list(SPECS), ids=list(SPECS))  # full ids: pytest shortens long strings
 def test_compiles(key, cc, compiled):
     r = compiled.get((key, cc))
     assert r is not None, f"{key}: no result for sm_{cc}"
