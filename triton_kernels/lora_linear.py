@@ -81,16 +81,28 @@ def _matmul_lowrank_kernel(
     tl.store(OUT + out_offs, acc.to(OUT.dtype.element_ty), mask=out_mask)
 
 
-# GPU tile shapes (the interpreter gets one small config: autotuning several fails there).
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-]
+# GPU tile shapes, autotuned per shape (the interpreter gets one small config: autotuning several
+# fails there). bf16/fp16 run on tensor cores; float32 products are IEEE FMAs unrolled per thread,
+# so float32 gets one smaller tile (128 x 256 x 64 in 3 stages needs 192 KiB of shared memory, over
+# the 163 KiB one block may use on A100).
+_GPU_CONFIGS = {
+    "half": [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    ],
+    "float32": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    ],
+}
+
+
+def _tile_kind(dtype: torch.dtype) -> str:
+    return "float32" if dtype == torch.float32 else "half"
 
 
 @functools.cache
-def _autotuned():
-    return triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "R"])(_matmul_lowrank_kernel)
+def _autotuned(kind: str):
+    return triton.autotune(configs=_GPU_CONFIGS[kind], key=["M", "N", "K", "R"])(_matmul_lowrank_kernel)
 
 
 def _dot_dtype(dtype: torch.dtype, interpret: bool | None = None):
@@ -103,7 +115,7 @@ def _dot_dtype(dtype: torch.dtype, interpret: bool | None = None):
 
 def _flags(dtype: torch.dtype, rank: int, has_bias: bool, has_keep: bool, interpret: bool | None = None) -> dict:
     """Constants of every launch; the tile (BLOCK_M/N/K, GROUP_M, warps, stages) comes from
-    _GPU_CONFIGS (autotuned) on a GPU and is fixed under the interpreter."""
+    _GPU_CONFIGS of the dtype (autotuned) on a GPU and is fixed under the interpreter."""
     return dict(HAS_BIAS=has_bias, HAS_KEEP=has_keep, DOT=_dot_dtype(dtype, interpret), ACC=acc_dtype(dtype),
                 PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
                 BLOCK_R=max(16, min(64, triton.next_power_of_2(max(rank, 1)))))
@@ -116,7 +128,7 @@ _LAYOUT_ONES = {"forward": ("stride_xk", "stride_wk", "stride_ur", "stride_vr", 
 
 
 def launch_configs() -> list[LaunchSpec]:
-    """Every variant the launcher can launch on a GPU: each autotuned tile, dtype and BLOCK_R
+    """Every variant the launcher can launch on a GPU: each dtype with each of its autotuned tiles and BLOCK_R
     (16, 32, 64), in both layouts with the layout's switch on (bias forward, keep backward);
     then each switch off once."""
     def spec(config, dtype, rank, layout, switch=True):
@@ -128,9 +140,10 @@ def launch_configs() -> list[LaunchSpec]:
         return LaunchSpec(_matmul_lowrank_kernel, pointers, constexprs, config.num_warps, config.num_stages,
                           floats=("scale",))
 
-    specs = [spec(config, dtype, rank, layout) for config in _GPU_CONFIGS for dtype in GPU_DTYPES
+    specs = [spec(config, dtype, rank, layout) for dtype in GPU_DTYPES for config in _GPU_CONFIGS[_tile_kind(dtype)]
              for rank in (16, 32, 64) for layout in _LAYOUT_ONES]
-    return specs + [spec(_GPU_CONFIGS[-1], torch.bfloat16, 64, layout, switch=False) for layout in _LAYOUT_ONES]
+    return specs + [spec(_GPU_CONFIGS["half"][-1], torch.bfloat16, 64, layout, switch=False)
+                    for layout in _LAYOUT_ONES]
 
 
 def matmul_lowrank(x: torch.Tensor, w_t: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,
@@ -162,5 +175,5 @@ def matmul_lowrank(x: torch.Tensor, w_t: torch.Tensor, u: torch.Tensor, v: torch
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _autotuned()[grid](*args, **flags)
+        _autotuned(_tile_kind(x.dtype))[grid](*args, **flags)
     return out
