@@ -45,8 +45,8 @@ SIZES = {
     # --quick: the end-to-end test's run (a few minutes on one CPU thread)
     "quick": dict(vocab=600, seq_len=64, batch=8, pretrain_steps=60, mlm_steps=60, sft_steps=40, peft_steps=40,
                   eval_batches=4, max_length=96, sample_tokens=16, lr=3e-3, sft_lr=1e-3, peft_lr=5e-3,
-                  head_steps=40, head_batch=16, head_max_length=64, head_lr=3e-3, entity_lr=5e-3,
-                  reward_steps=40, reward_lr=1e-3, dpo_steps=30, dpo_lr=1e-4, dpo_beta=0.1, pref_batch=8,
+                  head_steps=60, head_batch=16, head_max_length=64, head_lr=3e-3, entity_lr=5e-3,
+                  reward_steps=60, reward_lr=1e-3, dpo_steps=30, dpo_lr=1e-4, dpo_beta=0.1, pref_batch=8,
                   decoder=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2),
                   encoder=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
