@@ -375,14 +375,15 @@ def _head_setup(cfg, tok):
 def _head_scores(cfg, model, data, batches) -> dict:
     """The held-out metrics `finetune` reports, of `model` as it is (here: the untrained head)."""
     ft = importlib.import_module("fastllm.train.finetune")  # the package's `finetune` is the function
-    from fastllm.train.common import resolve_device
+    from fastllm.train.common import autocast, resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
     model.to(device).eval()
     preds, golds = [], []
     with torch.no_grad():
         for batch in batches:
-            pred = model.predict(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            with autocast(device, resolve_dtype(cfg.dtype, device)):
+                pred = model.predict(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             p, g = ft._predictions(cfg.task, pred.cpu(), batch["labels"])
             preds += p
             golds += g
@@ -488,7 +489,7 @@ def stage_reward(ctx) -> StageResult:
     preference pairs (all weights)."""
     from fastllm.rl import bradley_terry_loss
     from fastllm.train import RewardConfig, build, reward
-    from fastllm.train.common import resolve_device, to_device
+    from fastllm.train.common import autocast, resolve_device, resolve_dtype, to_device
     from fastllm.train.distributed import DistInfo
 
     reward_mod = importlib.import_module("fastllm.train.reward")  # the package's `reward` is the function
@@ -507,7 +508,8 @@ def stage_reward(ctx) -> StageResult:
     with torch.no_grad():
         for batch in batches:
             batch = to_device(batch, device)
-            r = reward_mod.PackedRewards(model)(**reward_mod.model_inputs(batch)).float()
+            with autocast(device, resolve_dtype(cfg.dtype, device)):
+                r = reward_mod.PackedRewards(model)(**reward_mod.model_inputs(batch)).float()
             P = reward_mod.count_pairs(batch)
             d = r[:P] - r[P:]
             n, correct, margin = n + P, correct + float((d > 0).sum()), margin + float(d.sum())
@@ -535,7 +537,7 @@ def stage_dpo(ctx) -> StageResult:
     precomputed once."""
     from fastllm.rl import dpo_loss
     from fastllm.train import DPOConfig, build, dpo
-    from fastllm.train.common import resolve_device, to_device
+    from fastllm.train.common import autocast, resolve_device, resolve_dtype, to_device
     from fastllm.train.distributed import DistInfo
     from fastllm.train.dpo import SequenceLogProbs, count_pairs, model_inputs
 
@@ -555,7 +557,8 @@ def stage_dpo(ctx) -> StageResult:
     with torch.no_grad():
         for batch in batches:
             batch = to_device(batch, device)
-            logps = SequenceLogProbs(model)(**model_inputs(batch)).float()
+            with autocast(device, resolve_dtype(cfg.dtype, device)):
+                logps = SequenceLogProbs(model)(**model_inputs(batch)).float()
             P = count_pairs(batch)
             res = dpo_loss(logps[:P], logps[P:], logps[:P], logps[P:], beta=cfg.beta)
             n, correct = n + P, correct + float(res.accuracy.sum())
