@@ -355,8 +355,9 @@ def _head_setup(cfg, tok):
     split, the fresh head on the trunk, and the exact held-out batches it evaluates on."""
     from fastllm.data import TaskDataset, load_task_data, train_test_split
     from fastllm.train import build
-    ft = importlib.import_module("fastllm.train.finetune")  # the package's `finetune` is the function
     from fastllm.train.distributed import DistInfo
+
+    ft = importlib.import_module("fastllm.train.finetune")  # the package's `finetune` is the function
 
     data = load_task_data(cfg.data, cfg.task)
     indices, held = train_test_split(list(range(len(data.records))), cfg.eval_fraction, seed=cfg.seed)
@@ -374,8 +375,9 @@ def _head_setup(cfg, tok):
 
 def _head_scores(cfg, model, data, batches) -> dict:
     """The held-out metrics `finetune` reports, of `model` as it is (here: the untrained head)."""
-    ft = importlib.import_module("fastllm.train.finetune")  # the package's `finetune` is the function
     from fastllm.train.common import autocast, resolve_device, resolve_dtype
+
+    ft = importlib.import_module("fastllm.train.finetune")  # the package's `finetune` is the function
 
     device = resolve_device(cfg.device)
     model.to(device).eval()
