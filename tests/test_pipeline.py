@@ -1,5 +1,6 @@
 """End to end: `fastllm pipeline --quick` on the shipped data. Every stage runs and improves
-what it optimises on held-out data, the report files exist, exported models load in
+what it optimises on held-out data (losses fall; each task head, the reward model and DPO's
+preference accuracy beat their chance level), the report files exist, exported models load in
 transformers with their tokenizer, and a run stopped half-way resumes without redoing a
 finished stage."""
 
@@ -10,6 +11,7 @@ import pytest
 
 from fastllm.pipeline import STAGES, PipelineOptions, plan, run_pipeline
 from fastllm.pipeline import run as run_mod
+from fastllm.pipeline.report import format_table
 
 
 class Killed(Exception):
@@ -76,11 +78,52 @@ def test_every_stage_improves_what_it_optimises(pipeline_run):
         assert 0 < r["trainable_params"] < r["params"] / 10, r["method"]
 
 
+def test_task_heads_beat_chance(pipeline_run):
+    _, _, _, summary = pipeline_run
+    heads = {r["head"]: r for r in next(r for r in summary["stages"] if r["stage"] == "heads")["rows"]}
+    assert list(heads) == ["topics", "sentiment", "entities"]
+    assert heads["entities"]["trunk"] == "mlm" and heads["topics"]["trunk"] == heads["sentiment"]["trunk"] == "pretrain"
+    topics, sentiment, entities = heads["topics"], heads["sentiment"], heads["entities"]
+    # topics: 4 classes, the majority class is about 0.3 of the held-out records
+    assert topics["chance"] < 0.4 and topics["after"] > topics["chance"] + 0.3, topics
+    assert topics["after_scores"]["macro_f1"] > topics["before_scores"]["macro_f1"] + 0.3, topics
+    # sentiment optimises squared error: the MSE falls below the untrained head's and the
+    # training mean's; Pearson r of a constant is 0, sd of r on 200 unrelated pairs about 0.07
+    assert sentiment["eval_records"] == 200 and sentiment["after"] > 0.2, sentiment
+    mse = {k: sentiment[f"{k}_scores"]["mse"] for k in ("before", "after", "chance")}
+    assert mse["after"] < min(mse["before"], mse["chance"]), sentiment
+    # entities: tagging every word O finds no entity
+    assert entities["after"] > 0.2 and entities["after_scores"]["tag_accuracy"] > 0.7, entities
+    for r in (topics, entities):
+        assert r["after"] > r["before"] and r["after"] > r["chance"], r
+    for r in heads.values():
+        assert r["improved"] and r["beats_chance"], r
+        assert r["tokens_per_s"] > 0 and r["wall_s"] > 0 and r["trainable_params"] > 0
+
+
+def test_reward_model_and_dpo_beat_chance(pipeline_run):
+    _, _, _, summary = pipeline_run
+    rows = {r["stage"]: r for r in summary["stages"]}
+    rm, dpo = rows["reward"], rows["dpo"]
+    # about 98 held-out pairs: a coin flip is 0.5 with sd 0.05
+    assert rm["eval_pairs"] > 60 and rm["after"] > 0.62, rm
+    assert rm["after_scores"]["loss"] < math.log(2) < rm["before_scores"]["loss"] + 0.1, rm
+    # at step 0 the policy is its reference: every implicit reward is 0, a tie, loss ln 2
+    assert dpo["before"] == 0.0 and dpo["before_scores"]["margin"] == 0.0
+    assert dpo["before_scores"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert dpo["after"] > 0.62 and dpo["after_scores"]["margin"] > 0, dpo
+    assert dpo["after_scores"]["loss"] < math.log(2), dpo
+    assert [r["prompt"] for r in summary["extra"]["dpo"]["samples"]] == \
+        [r["prompt"] for r in summary["extra"]["sft"]["samples"]]
+
+
 def test_report_files(pipeline_run):
     out, _, _, summary = pipeline_run
     md = (out / "report.md").read_text()
     for s in STAGES:
-        assert f"| {s.name} |" in md
+        assert f"| {s.name} " in md or f"| {s.name}: " in md, s.name
+    for head in ("topics", "sentiment", "entities"):
+        assert f"| heads: {head} |" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4
     assert json.loads((out / "summary.json").read_text())["stages"] == json.loads(json.dumps(summary["stages"]))
@@ -111,6 +154,9 @@ def test_plan_adds_what_is_needed_and_checks_names():
     assert plan(["peft"], set(), None) == ["tokenizer", "pretrain", "peft"]
     assert plan(["peft"], {"tokenizer", "pretrain"}, None) == ["peft"]
     assert plan(["sft"], set(), "some/hf_dir") == ["sft"]  # --model: no pre-training needed
+    assert plan(["heads"], set(), None) == ["tokenizer", "pretrain", "mlm", "heads"]
+    assert plan(["heads"], set(), "some/hf_dir") == ["tokenizer", "mlm", "heads"]  # the encoder is ours
+    assert plan(["dpo", "reward"], {"tokenizer"}, None) == ["pretrain", "sft", "reward", "dpo"]
     with pytest.raises(ValueError, match="unknown stage"):
         plan(["pretrain", "nope"], set(), None)
 
@@ -119,3 +165,18 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps({"settings": {"quick": False}, "stages": {}}))
     with pytest.raises(ValueError, match="other settings"):
         run_mod._load_state(tmp_path, {"quick": True})
+
+
+def test_table_expands_multi_model_stages_and_shows_kl_only_when_reported():
+    row = {"stage": "pretrain", "optimised": "x", "metric": "m", "before_text": "1", "after_text": "0.5"}
+    heads = {"stage": "heads", "rows": [{"head": "topics", "metric": "acc", "before_text": "0.3", "after_text": "0.9",
+                                         "chance_text": "0.3"}]}
+    table = format_table([row, heads])
+    lines = table.splitlines()
+    assert "KL" not in lines[0] and "| chance |" in lines[0]
+    assert lines[3].startswith("| heads: topics | - | acc | 0.3 | 0.9 | 0.3 |")
+    ppo = {"stage": "ppo", "metric": "mean reward", "before_text": "-0.1", "after_text": "0.4", "kl_text": "0.02"}
+    lines = format_table([row, ppo]).splitlines()
+    titles = [t.strip() for t in lines[0].strip("|").split("|")]
+    assert titles[titles.index("after") + 1] == "KL"
+    assert "| -0.1 | 0.4 | 0.02 |" in lines[3] and "| 1 | 0.5 | - |" in lines[2]

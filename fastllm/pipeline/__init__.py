@@ -6,7 +6,8 @@
 
 Stages (fastllm.pipeline.stages.STAGES), each feeding the next: tokenizer -> causal-LM
 pre-training of a small decoder -> masked-LM pre-training of a small encoder -> SFT (all
-weights; last layer only) -> PEFT methods side by side. The output folder gets report.md,
+weights; last layer only) -> PEFT methods side by side -> task heads (topics, sentiment on the
+decoder; entities on the encoder) -> a reward model and DPO from the SFT model. The output folder gets report.md,
 report.html (plots inline), summary.json, every stage's run folder and a state.json that
 lets a killed run resume where it stopped.
 """

@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 
 COLUMNS = [("stage", "stage"), ("optimised", "what it optimised"), ("metric", "metric"),
-           ("before_text", "before"), ("after_text", "after"), ("tokens_per_s", "tokens/s"),
+           ("before_text", "before"), ("after_text", "after"), ("chance_text", "chance"), ("tokens_per_s", "tokens/s"),
            ("wall_s", "wall s"), ("peak_mem_mb", "peak MB")]
+# shown after "after" when a stage reports one (PPO, GRPO: the KL to the reference)
+KL_COLUMN = ("kl_text", "KL")
 
 
 def _cell(key: str, value) -> str:
@@ -23,11 +25,34 @@ def _cell(key: str, value) -> str:
     return str(value)
 
 
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The summary's rows with a stage that trained several models (the task heads) expanded
+    into one row per model, named "stage: model"."""
+    out = []
+    for row in rows:
+        subs = row.get("rows")
+        if not subs:
+            out.append(row)
+            continue
+        for sub in subs:
+            out.append({**sub, "stage": f"{row['stage']}: {sub['head']}"})
+    return out
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, str]]:
+    if not any(r.get(KL_COLUMN[0]) for r in rows):
+        return COLUMNS
+    i = [k for k, _ in COLUMNS].index("after_text") + 1
+    return COLUMNS[:i] + [KL_COLUMN] + COLUMNS[i:]
+
+
 def format_table(rows: list[dict]) -> str:
     """The summary as a Markdown table (also what the command prints)."""
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    rows = table_rows(rows)
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(k, row.get(k)) for k, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(k, row.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)
 
 
@@ -42,10 +67,20 @@ def _peft_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _heads_table(rows: list[dict]) -> str:
+    lines = ["| head | data | trunk | metric | untrained head | trained | chance | held-out records | steps | "
+             "trainable params |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['head']} | {r['data']} ({r['task']}) | {r['trunk']} | {r['metric']} | {r['before_text']} | "
+                     f"{r['after_text']} | {r['chance_text']} | {r['eval_records']} | {r['steps']} | "
+                     f"{r['trainable_params']:,} |")
+    return "\n".join(lines)
+
+
 def _plots(summary: dict) -> list[tuple[str, str]]:
     """(title, PNG path) of every loss curve the stages wrote."""
     plots = []
-    for row in summary["stages"]:
+    for row in table_rows(summary["stages"]):
         curves = row.get("loss_curve")
         if isinstance(curves, str):
             plots.append((f"{row['stage']}: loss", curves))
@@ -67,9 +102,17 @@ def _markdown(summary: dict, out: Path) -> str:
         f"fine-tuning from: {s['model'] or 'the decoder pre-trained here'}; wall time of this run: "
         f"{summary['wall_s']:.0f} s.", "",
         "## Summary", "", format_table(summary["stages"]), "",
-        f"Peak memory: {summary['memory']}. Eval loss is the held-out cross-entropy in nats per token "
-        "(perplexity in brackets); tokens/s counts the tokens the loss was taken on.", "",
+        f"Peak memory: {summary['memory']}. Every before -> after is measured on the held-out data the stage's "
+        "trainer evaluates on, before is the model the stage starts from (for the task heads and the reward model: "
+        "the trunk with a fresh, untrained head). Eval loss is the held-out cross-entropy in nats per token "
+        "(perplexity in brackets). Chance: what a guess scores (a uniform distribution over the vocabulary; "
+        "the majority class; a constant; tagging every word O; a coin flip for a pair). tokens/s counts the tokens "
+        "the loss was taken on (pre-training, SFT, PEFT), all tokens of both sides of the pairs (reward model, "
+        "DPO), or the real input tokens of the sequences trained on (task heads).", "",
     ]
+    heads = next((r["rows"] for r in summary["stages"] if r["stage"] == "heads" and r.get("rows")), None)
+    if heads:
+        parts += ["## Task heads", "", _heads_table(heads), ""]
     peft = summary["extra"].get("peft", {}).get("peft")
     if peft:
         parts += ["## PEFT methods side by side", "", _peft_table(peft), ""]

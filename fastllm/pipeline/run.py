@@ -209,7 +209,9 @@ def run_pipeline(opts: PipelineOptions | None = None, **kwargs) -> dict:
                                  "finished_at": time.time()}
         ctx.artefacts[name] = result.artefacts
         _save_state(out, state)
-        _say(f"{head} - {row['metric']}: {row['before_text']} -> {row['after_text']} in {m.wall_s:.1f} s")
+        scores = "; ".join(f"{r.get('head', name)} {r['metric']}: {r['before_text']} -> {r['after_text']}"
+                           for r in row.get("rows") or [row])
+        _say(f"{head} - {scores} in {m.wall_s:.1f} s")
     summary = {"settings": settings, "device": str(device), "memory": MEMORY_NOTE.get(device.type, ""),
                "wall_s": time.perf_counter() - t_start,
                "stages": [state["stages"][s.name]["row"] for s in STAGES if s.name in state["stages"]],

@@ -9,7 +9,9 @@ so a stage killed half-way resumes through its trainer's own checkpoints (`resum
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,15 +43,18 @@ class Stage:
 
 SIZES = {
     # --quick: the end-to-end test's run (a few minutes on one CPU thread)
-    "quick": dict(vocab=600, seq_len=64, batch=8, pretrain_steps=60, mlm_steps=60, sft_steps=40, peft_steps=40,
+    "quick": dict(vocab=600, seq_len=64, batch=8, pretrain_steps=150, mlm_steps=100, sft_steps=80, peft_steps=60,
                   eval_batches=4, max_length=96, sample_tokens=16, lr=3e-3, sft_lr=1e-3, peft_lr=5e-3,
+                  head_steps=60, head_batch=16, head_max_length=64, head_lr=1e-3, entity_lr=5e-3,
+                  reward_steps=80, reward_lr=1e-3, dpo_steps=40, dpo_lr=1e-4, dpo_beta=0.1, pref_batch=8,
                   decoder=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2),
                   encoder=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
     # the default: small models that learn visibly within the 15-minute budget on 2 CPU cores
     "default": dict(vocab=2000, seq_len=128, batch=16, pretrain_steps=300, mlm_steps=150, sft_steps=150,
                     peft_steps=80, eval_batches=8, max_length=160, sample_tokens=40, lr=2e-3, sft_lr=5e-4,
-                    peft_lr=3e-3,
+                    peft_lr=3e-3, head_steps=100, head_batch=16, head_max_length=128, head_lr=1e-3, entity_lr=3e-3,
+                    reward_steps=100, reward_lr=3e-4, dpo_steps=60, dpo_lr=5e-5, dpo_beta=0.1, pref_batch=8,
                     decoder=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=2),
                     encoder=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -108,13 +113,14 @@ def _tokens_per_s(output_dir: str | Path) -> float | None:
     return sum(n for n, _ in steps.values()) / seconds if seconds > 0 else None
 
 
-def _loss_row(ctx, optimised: str, result: dict, before: float, n_params: int, trainable: int) -> dict:
-    import math
-
+def _loss_row(ctx, optimised: str, result: dict, before: float, n_params: int, trainable: int,
+              vocab_size: int) -> dict:
+    """A loss row; its chance level is a uniform guess over the vocabulary, ln(vocab_size) nats."""
     after = result.get("eval_loss")
     return {"optimised": optimised, "metric": "eval loss (ppl)", "before": before, "after": after,
             "before_text": f"{before:.3f} ({math.exp(min(before, 50)):.1f})",
             "after_text": f"{after:.3f} ({math.exp(min(after, 50)):.1f})" if after is not None else "-",
+            "chance": math.log(vocab_size), "chance_text": f"{math.log(vocab_size):.3f} (uniform)",
             "improved": after is not None and after < before, "steps": result.get("step"),
             "tokens_per_s": _tokens_per_s(result["output_dir"]), "params": n_params, "trainable_params": trainable,
             "loss_curve": result.get("loss_curve")}
@@ -191,7 +197,7 @@ def stage_pretrain(ctx) -> StageResult:
     result = pretrain(cfg, model=model, tokenizer=tok)
     final = Path(result["output_dir"]) / "final"
     n = _n_params(model)
-    return StageResult(row=_loss_row(ctx, "next-token cross-entropy", result, before, n, n),
+    return StageResult(row=_loss_row(ctx, "next-token cross-entropy", result, before, n, n, tok.vocab_size),
                        artefacts={"model": str(final)},
                        extra={"samples": _samples(ctx, models.from_pretrained(final).to(ctx.torch_device), tok)})
 
@@ -211,7 +217,7 @@ def stage_mlm(ctx) -> StageResult:
     before = _before_eval(cfg, model, tok, "mlm")
     result = pretrain(cfg, model=model, tokenizer=tok)
     n = _n_params(model)
-    return StageResult(row=_loss_row(ctx, "masked-token cross-entropy", result, before, n, n),
+    return StageResult(row=_loss_row(ctx, "masked-token cross-entropy", result, before, n, n, tok.vocab_size),
                        artefacts={"model": str(Path(result["output_dir"]) / "final")})
 
 
@@ -233,7 +239,7 @@ def _sft_stage(ctx, name: str, what: str, **fields) -> StageResult:
     before = _before_eval(cfg, model, tok, "sft", records)
     n = _n_params(model)
     result = sft(cfg, model=model, tokenizer=tok, records=records)
-    row = _loss_row(ctx, what, result, before, n, result["trainable_params"])
+    row = _loss_row(ctx, what, result, before, n, result["trainable_params"], tok.vocab_size)
     final = Path(result["output_dir"]) / "final"
     extra = {}
     if name == "sft":
@@ -261,16 +267,29 @@ PEFT_METHODS = {  # module swaps through SFTConfig.peft; the wrappers (prefix, p
 }
 
 
-class _ExportablePrefix(PrefixTuningModel):
-    """Prefix tuning whose export (`export_final` calls save_pretrained) is the adapter alone."""
+class _WrapperExport:
+    """Prefix and prompt tuning wrap the model instead of swapping its modules, so SFT exports
+    them as a whole model (fastllm.models.save_pretrained): no tensor of the wrapper has a
+    Hugging Face name, and `_save_wrapper_adapter` then replaces that export's config.json and
+    empty weights file with the adapter in fastllm.peft's format."""
 
-    def save_pretrained(self, path):
-        save_adapter(self, path)
+    @classmethod
+    def _to_hf(cls, name, tensor):
+        return None
 
 
-class _ExportablePrompt(PromptTuningModel):
-    def save_pretrained(self, path):
-        save_adapter(self, path)
+class _ExportablePrefix(_WrapperExport, PrefixTuningModel):
+    pass
+
+
+class _ExportablePrompt(_WrapperExport, PromptTuningModel):
+    pass
+
+
+def _save_wrapper_adapter(model, final: Path) -> None:
+    for name in ("config.json", "model.safetensors"):
+        (final / name).unlink(missing_ok=True)
+    save_adapter(model, final)
 
 
 _WRAPPERS = {"prefix": _ExportablePrefix, "prompt": _ExportablePrompt}
@@ -299,7 +318,9 @@ def stage_peft(ctx) -> StageResult:
         before = _before_eval(cfg, model, tok, "sft", records)
         with measure(ctx.torch_device) as m:
             result = sft(cfg, model=model, tokenizer=tok, records=records)
-        row = _loss_row(ctx, label, result, before, n, result["trainable_params"])
+            if wrapper is not None:
+                _save_wrapper_adapter(model, Path(result["output_dir"]) / "final")
+        row = _loss_row(ctx, label, result, before, n, result["trainable_params"], tok.vocab_size)
         row.update(method=label, wall_s=m.wall_s, peak_mem_mb=m.peak_mb)
         table.append(row)
         artefacts[label] = str(Path(result["output_dir"]) / "final")
@@ -308,6 +329,7 @@ def stage_peft(ctx) -> StageResult:
         row={"optimised": "response cross-entropy, adapters only", "metric": "eval loss (best method)",
              "before": best["before"], "after": best["after"],
              "before_text": table[0]["before_text"], "after_text": f"{best['after_text']} {best['method']}",
+             "chance": table[0]["chance"], "chance_text": table[0]["chance_text"],
              "improved": all(r["improved"] for r in table),
              "tokens_per_s": sum(r["tokens_per_s"] or 0 for r in table) / len(table),
              "trainable_params": {r["method"]: r["trainable_params"] for r in table},
@@ -315,6 +337,267 @@ def stage_peft(ctx) -> StageResult:
         artefacts=artefacts, extra={"peft": table})
 
 
+# --------------------------------------------------------------------------- task heads
+
+# (label, task, shipped set, trunk stage, what the loss is). The decoder heads start from the
+# pre-trained decoder (or --model), the tagger from the masked-LM encoder.
+HEADS = (("topics", "classification", "topics", "pretrain", "cross-entropy over the topics"),
+         ("sentiment", "regression", "sentiment", "pretrain", "squared error (standardised targets)"),
+         ("entities", "token_classification", "entities", "mlm", "per-word BIO tag cross-entropy"))
+HEAD_METRICS = {"classification": ("accuracy", "macro_f1"), "regression": ("pearson", "mse"),
+                "token_classification": ("f1", "tag_accuracy")}
+HEAD_METRIC_NAMES = {"classification": "accuracy / macro-F1", "regression": "Pearson r / MSE",
+                     "token_classification": "entity F1 / tag accuracy"}
+
+
+def _head_setup(cfg, tok):
+    """What `finetune` builds before training, built the same way: the records, the held-out
+    split, the fresh head on the trunk, and the exact held-out batches it evaluates on."""
+    from fastllm.data import TaskDataset, load_task_data, train_test_split
+    from fastllm.train import build
+    from fastllm.train.distributed import DistInfo
+
+    ft = importlib.import_module("fastllm.train.finetune")  # the package's `finetune` is the function
+
+    data = load_task_data(cfg.data, cfg.task)
+    indices, held = train_test_split(list(range(len(data.records))), cfg.eval_fraction, seed=cfg.seed)
+    head = ft._make_head(cfg, data, [data.records[i] for i in indices], tok.pad_id)
+    torch.manual_seed(cfg.seed)
+    model = build.get_head_model(cfg, ft.HEAD_KIND[cfg.task], head, tok.vocab_size, cfg.max_length)
+
+    def dataset(idx):
+        return TaskDataset([data.records[i] for i in idx], tok, cfg.task, cfg.max_length,
+                           wheres=[data.wheres[i] for i in idx])
+    train_set, held_set = dataset(indices), dataset(held)
+    batches = build.eval_batches(held_set, cfg.batch_size, cfg.eval_batches, DistInfo(), train_set.collate)
+    return data, model, train_set, batches
+
+
+def _head_scores(cfg, model, data, batches) -> dict:
+    """The held-out metrics `finetune` reports, of `model` as it is (here: the untrained head)."""
+    from fastllm.train.common import autocast, resolve_device, resolve_dtype
+
+    ft = importlib.import_module("fastllm.train.finetune")  # the package's `finetune` is the function
+
+    device = resolve_device(cfg.device)
+    model.to(device).eval()
+    preds, golds = [], []
+    with torch.no_grad():
+        for batch in batches:
+            with autocast(device, resolve_dtype(cfg.dtype, device)):
+                pred = model.predict(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            p, g = ft._predictions(cfg.task, pred.cpu(), batch["labels"])
+            preds += p
+            golds += g
+    model.train()
+    return ft._metrics(cfg.task, preds, golds, data.label_names)
+
+
+def _head_chance(task: str, model, batches) -> tuple[dict, str]:
+    """What a guess without the text scores on the held-out batches: always the most frequent
+    class (classification); always the training targets' mean (regression: Pearson 0, the MSE
+    of that constant); every word O (entities: F1 0)."""
+    from fastllm.train.metrics import classification_metrics
+
+    gold = [y for b in batches for y in b["labels"].tolist()]
+    if task == "classification":
+        majority = max(set(gold), key=gold.count)
+        m = classification_metrics([majority] * len(gold), gold)
+        return m, f"{m['accuracy']:.2f} / {m['macro_f1']:.2f} (majority class)"
+    if task == "regression":
+        mean = model.head.output_shift or 0.0  # standardised training: the training targets' mean
+        mse = sum((y - mean) ** 2 for y in gold) / len(gold)
+        return {"pearson": 0.0, "mse": mse}, f"0.00 / {mse:.3f} (training mean)"
+    return {"f1": 0.0}, "0.00 (all O)"
+
+
+def _head_verdict(task: str, before: dict, after: dict, chance: dict) -> dict:
+    """improved: what the head optimised moved the right way (regression: the MSE fell; else the
+    first score rose); beats_chance: its score is past the guess (regression: Pearson above 0
+    and MSE below the training mean's)."""
+    if task == "regression":
+        return {"improved": after["mse"] < before["mse"],
+                "beats_chance": after["pearson"] > 0 and after["mse"] < chance["mse"]}
+    key = HEAD_METRICS[task][0]
+    return {"improved": after[key] > before[key], "beats_chance": after[key] > chance[key]}
+
+
+def _per_unit_tokens(train_set, task: str) -> float:
+    """Real input tokens per unit `finetune`'s tokens/s counts: a sequence, or a tagged word."""
+    from fastllm.labels import IGNORE_INDEX
+
+    tokens = sum(it["input_ids"].numel() for it in train_set.items)
+    if task != "token_classification":
+        return tokens / len(train_set.items)
+    return tokens / sum(int((it["labels"] != IGNORE_INDEX).sum()) for it in train_set.items)
+
+
+def _scores_text(task: str, m: dict) -> str:
+    a, b = HEAD_METRICS[task]
+    return f"{m[a]:.2f} / {m[b]:.2f}" if task != "regression" else f"{m[a]:.2f} / {m[b]:.3f}"
+
+
+def stage_heads(ctx) -> StageResult:
+    """Three task heads on the pre-trained trunks: topic classification and sentiment regression
+    on the decoder, named-entity tagging on the encoder (all weights trained)."""
+    from fastllm.train import FinetuneConfig, finetune
+
+    from .run import measure
+
+    s = ctx.sizes
+    rows, artefacts = [], {}
+    for label, task, data_name, trunk, optimised in HEADS:
+        base = ctx.model_dir if trunk == "pretrain" and ctx.model_dir else ctx.artefacts[trunk]["model"]
+        tok = load_tokenizer(base)
+        cfg = _train_config(FinetuneConfig, ctx, f"heads/{label}", model=base, task=task, data=data_name,
+                            batch_size=s["head_batch"], max_length=s["head_max_length"], max_steps=s["head_steps"],
+                            lr=s["entity_lr"] if task == "token_classification" else s["head_lr"],
+                            weight_decay=0.0, eval_fraction=0.2, eval_batches=1000)  # all held-out records
+        data, model, train_set, batches = _head_setup(cfg, tok)
+        chance, chance_text = _head_chance(task, model, batches)
+        before = _head_scores(cfg, model, data, batches)
+        with measure(ctx.torch_device) as m:
+            result = finetune(cfg, model=model, tokenizer=tok)
+        after = {k[len("eval_"):]: v for k, v in result.items() if k.startswith("eval_")}
+        key = HEAD_METRICS[task][0]
+        units_per_s = _tokens_per_s(result["output_dir"])
+        rows.append({
+            "head": label, "task": task, "data": data_name, "trunk": trunk,
+            "optimised": f"{optimised}, all weights", "metric": HEAD_METRIC_NAMES[task], "key": key,
+            "before": before[key], "after": after[key], "chance": chance[key],
+            "before_scores": before, "after_scores": after, "chance_scores": chance,
+            "before_text": _scores_text(task, before), "after_text": _scores_text(task, after),
+            "chance_text": chance_text, **_head_verdict(task, before, after, chance), "steps": result["step"],
+            "tokens_per_s": units_per_s * _per_unit_tokens(train_set, task) if units_per_s else None,
+            "params": _n_params(model), "trainable_params": result["trainable_params"],
+            "eval_records": sum(len(b["labels"]) for b in batches), "wall_s": m.wall_s, "peak_mem_mb": m.peak_mb,
+            "loss_curve": result.get("loss_curve")})
+        artefacts[label] = str(Path(result["output_dir"]) / "final")
+    return StageResult(
+        row={"optimised": "task losses, all weights", "metric": "held-out score (see rows)",
+             "before": None, "after": None, "before_text": "-", "after_text": "-",
+             "improved": all(r["improved"] and r["beats_chance"] for r in rows), "rows": rows,
+             "tokens_per_s": sum(r["tokens_per_s"] or 0 for r in rows) / len(rows),
+             "trainable_params": {r["head"]: r["trainable_params"] for r in rows},
+             "loss_curve": [r["loss_curve"] for r in rows if r.get("loss_curve")]},
+        artefacts=artefacts)
+
+
+# --------------------------------------------------------------------------- preference stages
+
+def _sft_export(ctx) -> str:
+    return ctx.artefacts["sft"]["model"]
+
+
+def _pref_config(cls, ctx, stage: str, **fields):
+    s = ctx.sizes
+    return _train_config(cls, ctx, stage, model=_sft_export(ctx), data="preferences", batch_size=s["pref_batch"],
+                         max_length=s["max_length"], too_long="skip", weight_decay=0.0,
+                         eval_batches=1000, **fields)  # every held-out pair (5%)
+
+
+def stage_reward(ctx) -> StageResult:
+    """A reward model: the SFT decoder with a scalar head, Bradley-Terry loss on the shipped
+    preference pairs (all weights)."""
+    from fastllm.rl import bradley_terry_loss
+    from fastllm.train import RewardConfig, build, reward
+    from fastllm.train.common import autocast, resolve_device, resolve_dtype, to_device
+    from fastllm.train.distributed import DistInfo
+
+    reward_mod = importlib.import_module("fastllm.train.reward")  # the package's `reward` is the function
+    s = ctx.sizes
+    cfg = _pref_config(RewardConfig, ctx, "reward", max_steps=s["reward_steps"], lr=s["reward_lr"])
+    tok = load_tokenizer(cfg.model)
+    records = build.read_records(cfg.data, kind="preference")
+    torch.manual_seed(ctx.seed)
+    model = build.get_reward_model(cfg, tok)
+    # before: the fresh head on the exact held-out pairs the trainer evaluates on
+    _, held = reward_mod.reward_datasets(cfg, tok, records)
+    batches = build.eval_batches(held, cfg.batch_size, cfg.eval_batches, DistInfo(), reward_mod.collate_pairs)
+    device = resolve_device(cfg.device)
+    model.to(device).eval()
+    n = correct = margin = loss = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            batch = to_device(batch, device)
+            with autocast(device, resolve_dtype(cfg.dtype, device)):
+                r = reward_mod.PackedRewards(model)(**reward_mod.model_inputs(batch)).float()
+            P = reward_mod.count_pairs(batch)
+            d = r[:P] - r[P:]
+            n, correct, margin = n + P, correct + float((d > 0).sum()), margin + float(d.sum())
+            loss += float(bradley_terry_loss(r[:P], r[P:]).sum())
+    model.train()
+    before = {"accuracy": correct / n, "margin": margin / n, "loss": loss / n}
+    result = reward(cfg, model=model, tokenizer=tok, records=records)
+    after = {"accuracy": result["eval_accuracy"], "margin": result["eval_margin"], "loss": result["eval_loss"]}
+    return StageResult(
+        row={"optimised": "Bradley-Terry loss on preference pairs, all weights",
+             "metric": "held-out pair accuracy (loss)", "before": before["accuracy"], "after": after["accuracy"],
+             "before_text": f"{before['accuracy']:.2f} ({before['loss']:.3f})",
+             "after_text": f"{after['accuracy']:.2f} ({after['loss']:.3f})",
+             "chance": 0.5, "chance_text": f"0.50 ({math.log(2):.3f})",
+             "improved": after["accuracy"] > before["accuracy"] and after["accuracy"] > 0.5,
+             "before_scores": before, "after_scores": after, "eval_pairs": int(n), "steps": result["step"],
+             "tokens_per_s": _tokens_per_s(result["output_dir"]), "params": _n_params(model),
+             "trainable_params": result["trainable_params"], "loss_curve": result.get("loss_curve"),
+             "reward_mean": result.get("reward_mean"), "reward_std": result.get("reward_std")},
+        artefacts={"model": str(Path(result["output_dir"]) / "final")})
+
+
+def stage_dpo(ctx) -> StageResult:
+    """DPO of the SFT decoder on the preference pairs, the reference (the SFT model itself)
+    precomputed once."""
+    from fastllm.rl import dpo_loss
+    from fastllm.train import DPOConfig, build, dpo
+    from fastllm.train.common import autocast, resolve_device, resolve_dtype, to_device
+    from fastllm.train.distributed import DistInfo
+    from fastllm.train.dpo import SequenceLogProbs, count_pairs, model_inputs
+
+    s = ctx.sizes
+    cfg = _pref_config(DPOConfig, ctx, "dpo", max_steps=s["dpo_steps"], lr=s["dpo_lr"], beta=s["dpo_beta"],
+                       reference="precomputed")
+    tok = load_tokenizer(cfg.model)
+    records = build.read_records(cfg.data, kind="preference")
+    model = models.from_pretrained(cfg.model)
+    # before: the held-out DPO evaluation at step 0, where the policy is the reference (in eval
+    # mode, as the trainer precomputes it): every implicit reward is 0
+    _, held = build.preference_datasets(cfg, tok, records)
+    batches = build.eval_batches(held, cfg.batch_size, cfg.eval_batches, DistInfo(), build.pack_pairs)
+    device = resolve_device(cfg.device)
+    model.to(device).eval()
+    n = correct = margin = loss = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            batch = to_device(batch, device)
+            with autocast(device, resolve_dtype(cfg.dtype, device)):
+                logps = SequenceLogProbs(model)(**model_inputs(batch)).float()
+            P = count_pairs(batch)
+            res = dpo_loss(logps[:P], logps[P:], logps[:P], logps[P:], beta=cfg.beta)
+            n, correct = n + P, correct + float(res.accuracy.sum())
+            margin, loss = margin + float(res.margin.sum()), loss + float(res.losses.sum())
+    model.train()
+    before = {"accuracy": correct / n, "margin": margin / n, "loss": loss / n}
+    result = dpo(cfg, model=model, tokenizer=tok, records=records)
+    after = {"accuracy": result["eval_accuracy"], "margin": result["eval_margin"], "loss": result["eval_loss"]}
+    final = Path(result["output_dir"]) / "final"
+    return StageResult(
+        row={"optimised": f"DPO loss (beta {cfg.beta}), all weights",
+             "metric": "held-out pref. accuracy / margin", "before": before["accuracy"], "after": after["accuracy"],
+             "before_text": f"{before['accuracy']:.2f} / {before['margin']:.3f}",
+             "after_text": f"{after['accuracy']:.2f} / {after['margin']:.3f}",
+             "chance": 0.5, "chance_text": "0.50 / 0 (coin flip)",
+             "improved": after["accuracy"] > before["accuracy"] and after["margin"] > before["margin"],
+             "before_scores": before, "after_scores": after, "eval_pairs": int(n), "steps": result["step"],
+             "tokens_per_s": _tokens_per_s(result["output_dir"]), "params": _n_params(model),
+             "trainable_params": result["trainable_params"], "loss_curve": result.get("loss_curve")},
+        artefacts={"model": str(final)},
+        extra={"samples": _samples(ctx, models.from_pretrained(final).to(ctx.torch_device), tok)})
+
+
+# The RLHF stages still to come slot in here: `ppo` after `reward` (needs sft and reward; its
+# row's metric is the mean reward of its rollouts before -> after, with the KL to the reference
+# in the row's "kl_text", which the report shows as a column), `grpo` beside `dpo`. Each also
+# returns extra["samples"] for the report's sample generations.
 STAGES = [
     Stage("tokenizer", stage_tokenizer, (), "SentencePiece BPE on Shakespeare + Botchan + instructions"),
     Stage("pretrain", stage_pretrain, ("tokenizer",), "causal-LM pre-training of a small decoder"),
@@ -322,5 +605,8 @@ STAGES = [
     Stage("sft", stage_sft, ("pretrain",), "SFT on the instructions, all weights"),
     Stage("sft_layers", stage_sft_layers, ("pretrain",), "SFT on the instructions, last layer only"),
     Stage("peft", stage_peft, ("pretrain",), "LoRA / adapters / prefix / prompt tuning side by side"),
+    Stage("heads", stage_heads, ("pretrain", "mlm"), "task heads: topics, sentiment, entities"),
+    Stage("reward", stage_reward, ("sft",), "reward model on the preference pairs"),
+    Stage("dpo", stage_dpo, ("sft",), "DPO on the preference pairs, reference precomputed"),
 ]
 
