@@ -20,7 +20,7 @@ import torch
 
 from fastllm import models
 from fastllm.data import load_corpus, load_instructions
-from fastllm.peft import PrefixTuningModel, PromptTuningModel, save_adapter
+from fastllm.peft import PrefixTuningModel, PromptTuningModel
 from fastllm.tokenizer import Tokenizer, format_chat, load_tokenizer
 
 
@@ -267,32 +267,7 @@ PEFT_METHODS = {  # module swaps through SFTConfig.peft; the wrappers (prefix, p
 }
 
 
-class _WrapperExport:
-    """Prefix and prompt tuning wrap the model instead of swapping its modules, so SFT exports
-    them as a whole model (fastllm.models.save_pretrained): no tensor of the wrapper has a
-    Hugging Face name, and `_save_wrapper_adapter` then replaces that export's config.json and
-    empty weights file with the adapter in fastllm.peft's format."""
-
-    @classmethod
-    def _to_hf(cls, name, tensor):
-        return None
-
-
-class _ExportablePrefix(_WrapperExport, PrefixTuningModel):
-    pass
-
-
-class _ExportablePrompt(_WrapperExport, PromptTuningModel):
-    pass
-
-
-def _save_wrapper_adapter(model, final: Path) -> None:
-    for name in ("config.json", "model.safetensors"):
-        (final / name).unlink(missing_ok=True)
-    save_adapter(model, final)
-
-
-_WRAPPERS = {"prefix": _ExportablePrefix, "prompt": _ExportablePrompt}
+_WRAPPERS = {"prefix": PrefixTuningModel, "prompt": PromptTuningModel}  # SFT exports their adapters alone
 
 
 def stage_peft(ctx) -> StageResult:
@@ -318,8 +293,6 @@ def stage_peft(ctx) -> StageResult:
         before = _before_eval(cfg, model, tok, "sft", records)
         with measure(ctx.torch_device) as m:
             result = sft(cfg, model=model, tokenizer=tok, records=records)
-            if wrapper is not None:
-                _save_wrapper_adapter(model, Path(result["output_dir"]) / "final")
         row = _loss_row(ctx, label, result, before, n, result["trainable_params"], tok.vocab_size)
         row.update(method=label, wall_s=m.wall_s, peak_mem_mb=m.peak_mb)
         table.append(row)
