@@ -495,7 +495,7 @@ def stage_reward(ctx) -> StageResult:
             batch = to_device(batch, device)
             with autocast(device, resolve_dtype(cfg.dtype, device)):
                 r = reward_mod.PackedRewards(model)(**reward_mod.model_inputs(batch)).float()
-            P = reward_mod.count_pairs(batch)
+            P = build.count_pairs(batch)
             d = r[:P] - r[P:]
             n, correct, margin = n + P, correct + float((d > 0).sum()), margin + float(d.sum())
             loss += float(bradley_terry_loss(r[:P], r[P:]).sum())
@@ -524,7 +524,7 @@ def stage_dpo(ctx) -> StageResult:
     from fastllm.train import DPOConfig, build, dpo
     from fastllm.train.common import autocast, resolve_device, resolve_dtype, to_device
     from fastllm.train.distributed import DistInfo
-    from fastllm.train.dpo import SequenceLogProbs, count_pairs, model_inputs
+    from fastllm.train.dpo import SequenceLogProbs, model_inputs
 
     s = ctx.sizes
     cfg = _pref_config(DPOConfig, ctx, "dpo", max_steps=s["dpo_steps"], lr=s["dpo_lr"], beta=s["dpo_beta"],
@@ -544,7 +544,7 @@ def stage_dpo(ctx) -> StageResult:
             batch = to_device(batch, device)
             with autocast(device, resolve_dtype(cfg.dtype, device)):
                 logps = SequenceLogProbs(model)(**model_inputs(batch)).float()
-            P = count_pairs(batch)
+            P = build.count_pairs(batch)
             res = dpo_loss(logps[:P], logps[P:], logps[:P], logps[P:], beta=cfg.beta)
             n, correct = n + P, correct + float(res.accuracy.sum())
             margin, loss = margin + float(res.margin.sum()), loss + float(res.losses.sum())

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import fastllm
-from fastllm.ops.sampling import (_keep_mask, sample, sample_reference, sampling_distribution_reference,
-                                  sampling_params)
+from fastllm.ops.sampling import _keep_mask, sample, sample_reference, sampling_distribution_reference, sampling_params
 from tests.conftest import DEVICES
 
 BACKENDS = ["reference"] + (["native"] if fastllm.extension_available() else [])
