@@ -51,11 +51,8 @@ eos_share, time/{rollout,scoring,training} and tokens_per_s/{rollout,training}.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -66,22 +63,22 @@ from fastllm.rl import aggregation_normaliser, group_advantages, kl_k3, kl_loss,
 
 from . import build
 from .checkpoint import resume_training_state, save_training_state
-from .common import build_optimizer, build_scheduler, optimizer_step, resolve_device, resolve_dtype, seed_everything
-from .config import GRPOConfig, as_config, save_config
-from .distributed import DistInfo, init_distributed, no_sync_fn, wrap_model
+from .common import optimizer_step
+from .config import GRPOConfig, as_config
+from .distributed import DistInfo, no_sync_fn, wrap_model
 from .export import export_final
 from .logging import read_metrics
-from .loop import train_loop
+from .loop import start_run, train_loop
 from .peft_glue import apply_peft
 from .ppo import _prompt_texts, load_reward_fn
 from .rollout import (
     PolicyLogProbs,
-    ResponseBatch,
-    policy_logprobs,
+    reference_logprobs_fn,
     response_batch,
     sample_responses,
     score_responses,
     to_response,
+    update_optimizer,
     update_passes,
 )
 
@@ -263,15 +260,9 @@ def grpo(config: GRPOConfig | str | dict | None = None, *, model=None, tokenizer
     cfg = as_config(GRPOConfig, config)
     _check(cfg)
     # ---- setup: devices, tokenizer, models, prompts, rewards
-    info, device = init_distributed(cfg.distributed, resolve_device(cfg.device))
-    if info.mode == "fsdp":
+    if cfg.distributed == "fsdp":
         raise ValueError("distributed: GRPO supports ddp (or none), got fsdp")
-    dtype = resolve_dtype(cfg.dtype, device)
-    seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    info, device, dtype, out = start_run(cfg)
     items, tokenizer, model = _load_prompts(cfg, info, prompts, tokenizer, model)
     eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
     pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
@@ -293,31 +284,14 @@ def grpo(config: GRPOConfig | str | dict | None = None, *, model=None, tokenizer
     # ---- the reference (beta > 0): the initial weights, set up before a checkpoint is loaded
     reference_logprobs = None
     if cfg.beta > 0:
-        if reference_model is not None:
-            ref, ref_context = reference_model.to(device).requires_grad_(False).eval(), contextlib.nullcontext
-        elif cfg.peft:
-            from fastllm.peft import disable_adapters
-
-            ref, ref_context = model, lambda: disable_adapters(model)
-        else:
-            ref, ref_context = copy.deepcopy(model).requires_grad_(False), contextlib.nullcontext
-        ref.to(device).eval()
-
-        @torch.no_grad()
-        def reference_logprobs(batch: ResponseBatch) -> Tensor:
-            with ref_context():
-                return policy_logprobs(ref, batch, cfg.temperature)[0]
-
+        reference_logprobs = reference_logprobs_fn(model, reference_model=reference_model, peft=bool(cfg.peft),
+                                                   device=device, temperature=cfg.temperature)
     policy_lp = PolicyLogProbs(model, cfg.temperature).to(device)
     if reward_model is not None:
         reward_model.to(device).requires_grad_(False).eval()
     n_trainable = sum(p.numel() for p in policy_lp.parameters() if p.requires_grad)
     wrapped = wrap_model(policy_lp, info, None, device)
-    updates = cfg.num_iterations * cfg.num_minibatches  # optimizer steps per iteration
-    optimizer = build_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
-    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps * updates,
-                                max_steps=cfg.max_steps * updates, schedule=cfg.schedule,
-                                min_lr_ratio=cfg.min_lr_ratio)
+    optimizer, scheduler = update_optimizer(wrapped, cfg, cfg.num_iterations * cfg.num_minibatches)
     loader = BatchLoader(list(range(len(items))), cfg.batch_size, seed=cfg.seed, rank=info.rank,
                          world_size=info.world_size, collate_fn=list)
     torch.manual_seed(cfg.seed + 7919 * info.rank)  # each rank samples its own responses

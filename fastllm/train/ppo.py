@@ -46,7 +46,6 @@ tokens_per_s/{rollout,scoring,training}; `ppo_curves.png` plots reward and KL.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import time
@@ -74,8 +73,6 @@ from fastllm.rl import (
 from . import build
 from .checkpoint import resume_training_state, save_training_state
 from .common import (
-    build_optimizer,
-    build_scheduler,
     optimizer_step,
 )
 from .config import PPOConfig, as_config
@@ -85,14 +82,14 @@ from .logging import read_metrics
 from .loop import start_run, train_loop
 from .peft_glue import apply_peft
 from .rollout import (
-    ResponseBatch,
     RewardFn,
     kl_penalised_rewards,
-    policy_logprobs,
+    reference_logprobs_fn,
     response_batch,
     sample_responses,
     score_responses,
     to_response,
+    update_optimizer,
     update_passes,
 )
 
@@ -365,31 +362,15 @@ def ppo(config: PPOConfig | str | dict | None = None, *, model=None, tokenizer=N
     if cfg.peft:
         model = apply_peft(model, cfg.peft)
     # ---- the reference: the initial weights, set up before a checkpoint is loaded
-    if reference_model is not None:
-        ref, ref_context = reference_model.to(device).requires_grad_(False).eval(), contextlib.nullcontext
-    elif cfg.peft:
-        from fastllm.peft import disable_adapters
-
-        ref, ref_context = model, lambda: disable_adapters(model)
-    else:
-        ref, ref_context = copy.deepcopy(model).requires_grad_(False), contextlib.nullcontext
-    ref.to(device)
-
-    @torch.no_grad()
-    def reference_logprobs(batch: ResponseBatch) -> Tensor:
-        with ref_context():
-            return policy_logprobs(ref, batch, cfg.temperature)[0]
+    reference_logprobs = reference_logprobs_fn(model, reference_model=reference_model, peft=bool(cfg.peft),
+                                               device=device, temperature=cfg.temperature)
 
     ac = ActorCritic(model, temperature=cfg.temperature, **value_part).to(device)
     if reward_model is not None:
         reward_model.to(device).requires_grad_(False).eval()
     n_trainable = sum(p.numel() for p in ac.parameters() if p.requires_grad)
     wrapped = wrap_model(ac, info, None, device)
-    updates = cfg.ppo_epochs * cfg.num_minibatches  # optimizer steps per iteration
-    optimizer = build_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
-    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps * updates,
-                                max_steps=cfg.max_steps * updates, schedule=cfg.schedule,
-                                min_lr_ratio=cfg.min_lr_ratio)
+    optimizer, scheduler = update_optimizer(wrapped, cfg, cfg.ppo_epochs * cfg.num_minibatches)
     loader = BatchLoader(list(range(len(items))), cfg.batch_size, seed=cfg.seed, rank=info.rank,
                          world_size=info.world_size, collate_fn=list)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
@@ -401,7 +382,6 @@ def ppo(config: PPOConfig | str | dict | None = None, *, model=None, tokenizer=N
     ac.eval()  # dropout off everywhere, rollout and training alike
     if reward_model is not None:
         reward_model.eval()
-    ref.eval()
     no_sync = no_sync_fn(wrapped, info)
     stats = torch.zeros(len(_TRAIN_STATS), dtype=torch.float64, device=device)
 

@@ -201,3 +201,41 @@ def update_passes(rows: dict, keys: Sequence[str], *, epochs: int, num_minibatch
             for key in out:
                 out[key].append(res[key])
     return out
+
+
+def reference_logprobs_fn(model: nn.Module, *, reference_model: nn.Module | None, peft: bool,
+                          device: torch.device, temperature: float) -> Callable:
+    """The KL reference of PPO and GRPO, set up from the initial weights (before a checkpoint is
+    loaded): `reference_model` when given; with PEFT the same model with its adapters disabled (one
+    copy of the base weights); else a frozen copy of the initial policy. Returns
+    fn(batch: ResponseBatch) -> per-position reference log-probs at the sampling temperature."""
+    import contextlib
+    import copy
+
+    if reference_model is not None:
+        ref, ref_context = reference_model.to(device).requires_grad_(False), contextlib.nullcontext
+    elif peft:
+        from fastllm.peft import disable_adapters
+
+        ref, ref_context = model, lambda: disable_adapters(model)
+    else:
+        ref, ref_context = copy.deepcopy(model).requires_grad_(False), contextlib.nullcontext
+    ref.to(device).eval()
+
+    @torch.no_grad()
+    def reference_logprobs(batch: ResponseBatch) -> Tensor:
+        with ref_context():
+            return policy_logprobs(ref, batch, temperature)[0]
+
+    return reference_logprobs
+
+
+def update_optimizer(wrapped: nn.Module, cfg, updates: int):
+    """AdamW and the schedule of an RL loop whose iteration makes `updates` optimizer steps
+    (epochs x minibatches): warm-up and decay are counted in optimizer steps."""
+    from .common import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps * updates, max_steps=cfg.max_steps * updates,
+                                schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+    return optimizer, scheduler
