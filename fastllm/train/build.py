@@ -320,6 +320,27 @@ def pair_metrics(stats: Tensor, n_pairs: float, info: DistInfo, prefix: str = ""
     return out
 
 
+def pair_eval(wrapped, loss_sum, batches, stats: Tensor, info: DistInfo, *, device, dtype):
+    """The evaluate() of a pairwise method (DPO, reward model) for `train_loop`: the held-out loss
+    over pairs plus the means of the PAIR_STATS its loss closure sums into `stats`; None without
+    held-out batches."""
+    from .loop import held_out_eval
+
+    base = held_out_eval(wrapped, loss_sum, batches, device=device, dtype=dtype, world_size=info.world_size,
+                         count_fn=count_pairs)
+    if base is None:
+        return None
+
+    def run_eval() -> dict:
+        stats.zero_()
+        res = base()
+        metrics = {"eval_loss": res["eval_loss"], "eval_pairs": res["eval_tokens"]}
+        metrics.update(pair_metrics(stats, res["eval_tokens"], info, prefix="eval_"))
+        return metrics
+
+    return run_eval
+
+
 def pack_pairs(items: list[dict]) -> dict:
     """P preference pairs as one packed row (1, N): the P chosen sequences, then the P rejected
     ones, each its own cu_seqlens segment with positions from 0 (so one forward serves both

@@ -46,7 +46,6 @@ from .common import (
     build_optimizer,
     build_scheduler,
     enable_activation_checkpointing,
-    evaluate,
     freeze_parameters,
     optimizer_step,
     to_device,
@@ -229,14 +228,7 @@ def dpo(config: DPOConfig | str | dict | None = None, *, model=None, tokenizer=N
         metrics.update(build.pair_metrics(stats, metrics["pairs"], info))  # tokens: what the forwards read
         return metrics
 
-    def run_eval() -> dict:
-        stats.zero_()
-        with _eval_mode(wrapped):
-            res = evaluate(loss_sum, eval_data, device=device, dtype=dtype, world_size=info.world_size,
-                           count_fn=build.count_pairs)
-        metrics = {"eval_loss": res["eval_loss"], "eval_pairs": res["eval_tokens"]}
-        metrics.update(build.pair_metrics(stats, res["eval_tokens"], info, prefix="eval_"))
-        return metrics
+    run_eval = build.pair_eval(wrapped, loss_sum, eval_data, stats, info, device=device, dtype=dtype)
 
     def save(step: int):
         return save_training_state(cfg, step, wrapped, optimizer, scheduler, loader, info,
@@ -244,7 +236,7 @@ def dpo(config: DPOConfig | str | dict | None = None, *, model=None, tokenizer=N
 
     # ---- train (fastllm.train.loop: steps, eval, logging, checkpoints, final eval + checkpoint + plot)
     wrapped.train()
-    result = train_loop(cfg, info, step, step_fn, save=save, evaluate=run_eval if eval_data else None)
+    result = train_loop(cfg, info, step, step_fn, save=save, evaluate=run_eval)
 
     # ---- finish: the exported model or adapters
     export_final(model, wrapped, tokenizer, out / "final", info, adapters_only=adapters_only)

@@ -63,7 +63,7 @@ from .common import (
 from .config import RewardConfig, as_config
 from .distributed import wrap_model
 from .export import export_final
-from .loop import held_out_eval, start_run, supervised_step, train_loop
+from .loop import start_run, supervised_step, train_loop
 from .peft_glue import apply_peft
 
 MODEL_KEYS = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen")
@@ -266,15 +266,7 @@ def reward(config: RewardConfig | str | dict | None = None, *, model=None, token
         metrics.update(build.pair_metrics(stats, metrics["pairs"], info))  # tokens: what the forwards read
         return metrics
 
-    base_eval = held_out_eval(wrapped, loss_sum, eval_data, device=device, dtype=dtype,
-                              world_size=info.world_size, count_fn=build.count_pairs)
-
-    def run_eval() -> dict:
-        stats.zero_()
-        res = base_eval()
-        metrics = {"eval_loss": res["eval_loss"], "eval_pairs": res["eval_tokens"]}
-        metrics.update(build.pair_metrics(stats, res["eval_tokens"], info, prefix="eval_"))
-        return metrics
+    run_eval = build.pair_eval(wrapped, loss_sum, eval_data, stats, info, device=device, dtype=dtype)
 
     def save(step: int):
         return save_training_state(cfg, step, wrapped, optimizer, scheduler, loader, info,
@@ -282,7 +274,7 @@ def reward(config: RewardConfig | str | dict | None = None, *, model=None, token
 
     # ---- train (fastllm.train.loop: steps, eval, logging, checkpoints, final eval + checkpoint + plot)
     wrapped.train()
-    result = train_loop(cfg, info, step, step_fn, save=save, evaluate=run_eval if base_eval else None)
+    result = train_loop(cfg, info, step, step_fn, save=save, evaluate=run_eval)
 
     # ---- finish: normalisation on reference pairs, then the exported model (LoRA merged)
     final = merged_copy(model) if cfg.peft else model
