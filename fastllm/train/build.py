@@ -128,7 +128,8 @@ def get_model(cfg, vocab_size: int | None, context: int) -> torch.nn.Module:
         if vocab_size is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = vocab_size
         model = models.build_model(models.preset(cfg.model, **overrides))
-    check_fit(model, vocab_size, context)
+    if context is not None:
+        check_fit(model, vocab_size, context)
     return model
 
 
@@ -152,38 +153,19 @@ def check_fit(model, vocab_size: int | None, context: int, objective: str | None
 
 def get_reward_model(cfg, tokenizer) -> torch.nn.Module:
     """A decoder with a scalar reward head (its trunk's SequenceClassification class, TaskHead
-    num_labels=1, regression, pad_token_id = the tokenizer's pad): a preset (random, under the
-    seed; vocab sized to the tokenizer unless model_overrides says otherwise), a causal-LM
-    checkpoint (trunk loaded, head fresh) or a reward-model checkpoint (head loaded too)."""
-    from fastllm.models import registry
+    num_labels=1, regression, pad_token_id = the tokenizer's pad), through get_head_model: a
+    preset (random, under the seed; vocab sized to the tokenizer unless model_overrides says
+    otherwise), a causal-LM checkpoint (trunk loaded, head fresh) or a reward-model checkpoint
+    (head loaded too)."""
     from fastllm.models.checkpoint import read_config
 
+    model_type = (read_config(cfg.model).get("model_type") if os.path.isdir(cfg.model)
+                  else models.preset(cfg.model).model_type if cfg.model in models.PRESETS else None)
+    _check_decoder(model_type, f"model: {cfg.model!r} holds a {model_type!r} model")
     head = models.TaskHead(num_labels=1, problem_type="regression", pad_token_id=tokenizer.pad_id)
-    if os.path.isdir(cfg.model):
-        hf = read_config(cfg.model)
-        model_type = hf.get("model_type")
-        _check_decoder(model_type, f"model: {cfg.model!r} holds a {model_type!r} model")
-        entry = registry.lookup(model_type)
-        cls = entry.head_class("sequence_classification")
-        if entry.class_for(hf.get("architectures")) is cls:  # already a reward model: keep its head
-            model = models.from_pretrained(cfg.model, cls=cls)
-            if model.head.num_labels != 1:
-                raise ValueError(f"model: {cfg.model!r} has a head of num_labels={model.head.num_labels}; a reward "
-                                 "model needs num_labels=1")
-            if model.head.pad_token_id is None:
-                model.head.pad_token_id = tokenizer.pad_id
-        else:
-            model = models.from_pretrained(cfg.model, cls=cls, head=head)
-    elif cfg.model not in models.PRESETS:
-        raise ValueError(f"model: {cfg.model!r} is neither a preset ({', '.join(models.PRESETS)}) nor an existing "
-                         "checkpoint directory")
-    else:
-        overrides = dict(cfg.model_overrides)
-        overrides.setdefault("vocab_size", tokenizer.vocab_size)
-        mcfg = models.preset(cfg.model, **overrides)
-        _check_decoder(mcfg.model_type, f"model: the preset {cfg.model!r} is a {mcfg.model_type!r} model")
-        model = models.build_head_model(mcfg, "sequence_classification", head)
-    check_fit(model, tokenizer.vocab_size, cfg.max_length)
+    model = get_head_model(cfg, "sequence_classification", head, tokenizer.vocab_size, None)
+    if model.head.pad_token_id is None:
+        model.head.pad_token_id = tokenizer.pad_id
     return model
 
 
@@ -400,7 +382,7 @@ def task_texts(records: list[dict]) -> list[str]:
     return [r["text"] if "text" in r else " ".join(r["tokens"]) for r in records]
 
 
-def get_head_model(cfg, kind: str, head, vocab_size: int | None, context: int) -> torch.nn.Module:
+def get_head_model(cfg, kind: str, head, vocab_size: int | None, context: int | None) -> torch.nn.Module:
     """A task-head model of `kind` ("sequence_classification" | "token_classification"):
     a preset with a fresh head (vocab sized to the tokenizer); a checkpoint that already is
     this head (continued, its stored head kept); or a new head on a checkpoint's trunk
@@ -438,7 +420,8 @@ def get_head_model(cfg, kind: str, head, vocab_size: int | None, context: int) -
         except ValueError:
             raise ValueError(f"task: a {kind} head needs a trunk that has one; {cfg.model!r} is a "
                              f"{mcfg.model_type} model (token classification: BERT, e.g. tiny-bert)") from None
-    check_fit(model, vocab_size, context)
+    if context is not None:
+        check_fit(model, vocab_size, context)
     return model
 
 
