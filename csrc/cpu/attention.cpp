@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_simd.h"
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
 
@@ -103,26 +104,6 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
 }
 
-// exp(x) for x <= 0 in float: 2^n * poly(r), r = x - n ln2 in [-ln2/2, ln2/2] (Cephes
-// coefficients, ~1 ulp). Written with plain arithmetic so the loop vectorises.
-inline float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-inline double exp_nonpos(double x) { return std::exp(x); }
-
 struct Seq {
   int64_t q_start, q_len, k_start, k_len;
 };
@@ -160,7 +141,7 @@ template <typename acc_t>
 constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
 
 // Row loops of the online softmax. The float versions run on 8-wide GCC/Clang vector types
-// (SSE pairs by default; an AVX2 clone is picked at load time where the CPU has it), since
+// (fastllm/cpu_simd.h; SSE pairs by default; an AVX2 clone is picked at load time where the CPU has it), since
 // without fast-math the compiler will not vectorise the exp, max and sum loops by itself.
 // The double versions (float64: gradchecks, not speed) stay scalar.
 
@@ -179,52 +160,13 @@ inline double row_sum(const double* x, int64_t n) {
 }
 
 #if defined(__GNUC__) || defined(__clang__)
-// These helpers are internal (anonymous namespace): the AVX-vs-SSE argument passing ABI
-// note GCC emits for 32-byte vectors does not concern any caller outside this file.
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
-
-inline f8 load8(const float* p) {
-  f8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline f8 splat8(float a) { return f8{a, a, a, a, a, a, a, a}; }
-
-// exp_nonpos on 8 lanes, -inf -> 0.
-inline f8 exp8(f8 x) {
-  const f8 is_neg_inf = (f8)(x == splat8(NEG_INF<float>));
-  x = x < splat8(-87.0f) ? splat8(-87.0f) : x;
-  x = x > splat8(0.0f) ? splat8(0.0f) : x;
-  const f8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const f8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  f8 p = splat8(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
-  const f8 e = p * (f8)bits;
-  return (i8)is_neg_inf != 0 ? splat8(0.0f) : e;
-}
-
-#if defined(__x86_64__) && !defined(__clang__)
-#define FASTLLM_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FASTLLM_CLONES
-#endif
-
-FASTLLM_CLONES void exp_shifted(float* x, int64_t n, float shift) {
+FASTLLM_CLONES_AVX2 void exp_shifted(float* x, int64_t n, float shift) {
   int64_t c = 0;
-  for (; c + 8 <= n; c += 8) store8(x + c, exp8(load8(x + c) - shift));
+  for (; c + 8 <= n; c += 8) store8(x + c, exp8_nonpos_masked(load8(x + c) - shift));
   for (; c < n; ++c) x[c] = x[c] == NEG_INF<float> ? 0.0f : exp_nonpos(std::min(x[c] - shift, 0.0f));
 }
 
-FASTLLM_CLONES float row_max(const float* x, int64_t n, float init) {
+FASTLLM_CLONES_AVX2 float row_max(const float* x, int64_t n, float init) {
   f8 m = splat8(init);
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
@@ -236,7 +178,7 @@ FASTLLM_CLONES float row_max(const float* x, int64_t n, float init) {
   return init;
 }
 
-FASTLLM_CLONES float row_sum(const float* x, int64_t n) {
+FASTLLM_CLONES_AVX2 float row_sum(const float* x, int64_t n) {
   f8 s = splat8(0.0f);
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) s += load8(x + c);

@@ -32,25 +32,14 @@
 #include <vector>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_simd.h"
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
 
-// Without this GCC keeps the clamps and floor of exp_f scalar (they could raise FP
+// Without this GCC keeps the clamps and floor of exp_bounded scalar (they could raise FP
 // exceptions, which no code here inspects), and none of the loops below vectorise.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define FASTLLM_FLOORF __builtin_floorf
-#else
-#define FASTLLM_FLOORF std::floor
-#endif
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(_WIN32)
-#define FASTLLM_VEC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FASTLLM_VEC_CLONES
 #endif
 
 namespace fastllm::cpu {
@@ -58,35 +47,10 @@ namespace {
 
 // ---------------------------------------------------------------------------- math
 
-// exp(x) for float without branches, so loops over it vectorise: range reduction
-// x = k ln2 + r, |r| <= ln2/2, then a degree-6 polynomial (relative error ~2e-7).
-// Inputs are clamped to [-87.3, 88.7]: below, exp is under the smallest normal float and
-// is returned as ~1e-38 (softmax probabilities that small do not change any sum).
-inline float exp_f(float x) {
-  // ternaries and the builtin floor, not std::min/max/floor: functions from the headers
-  // were compiled without the pragma above, so GCC would not inline them here.
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.7f ? 88.7f : x;
-  const float k = FASTLLM_FLOORF(x * 1.44269504f + 0.5f);
-  const float r = x - k * 0.693145752f - k * 1.42860677e-6f;
-  float p = 1.3981999e-3f;
-  p = p * r + 8.3334519e-3f;
-  p = p * r + 4.1665795e-2f;
-  p = p * r + 1.6666665e-1f;
-  p = p * r + 5.0000001e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-inline double exp_f(double x) { return std::exp(x); }
-
 // tanh(u) = 1 - 2 / (exp(2u) + 1): saturates to +-1 without overflow.
 template <typename T>
 inline T tanh_f(T u) {
-  return T(1) - T(2) / (exp_f(T(2) * u) + T(1));
+  return T(1) - T(2) / (exp_bounded(T(2) * u) + T(1));
 }
 
 template <typename T>
@@ -101,7 +65,7 @@ template <typename T>
 inline T sum_exp_t(const T* z, int64_t n, T shift) {
   T s = T(0);
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += exp_f(z[j] - shift);
+  for (int64_t j = 0; j < n; ++j) s += exp_bounded(z[j] - shift);
   return s;
 }
 
@@ -110,7 +74,7 @@ template <typename T>
 inline T sum_exp_z_t(const T* z, int64_t n, T shift) {
   T s = T(0);
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += exp_f(z[j] - shift) * z[j];
+  for (int64_t j = 0; j < n; ++j) s += exp_bounded(z[j] - shift) * z[j];
   return s;
 }
 
@@ -138,11 +102,11 @@ inline void xent_grad_t(const T* z, int64_t n, T lse, T a, T b, T c, T* g) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const T t = z[j] * inv;
-      g[j] = (a * exp_f(z[j] - lse) - b) * (T(1) - t * t);
+      g[j] = (a * exp_bounded(z[j] - lse) - b) * (T(1) - t * t);
     }
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) g[j] = a * exp_f(z[j] - lse) - b;
+    for (int64_t j = 0; j < n; ++j) g[j] = a * exp_bounded(z[j] - lse) - b;
   }
 }
 
@@ -150,21 +114,21 @@ inline void xent_grad_t(const T* z, int64_t n, T lse, T a, T b, T c, T* g) {
 template <typename T>
 inline void logprob_grad_t(const T* z, int64_t n, T lse, T a, T b, T mean, T* g) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) g[j] = -exp_f(z[j] - lse) * (a + b * (z[j] - mean));
+  for (int64_t j = 0; j < n; ++j) g[j] = -exp_bounded(z[j] - lse) * (a + b * (z[j] - mean));
 }
 
 // The float versions, compiled for AVX2+FMA and for the baseline ISA.
-FASTLLM_VEC_CLONES float row_max(const float* z, int64_t n) { return row_max_t(z, n); }
-FASTLLM_VEC_CLONES float sum_exp(const float* z, int64_t n, float s) { return sum_exp_t(z, n, s); }
-FASTLLM_VEC_CLONES float sum_exp_z(const float* z, int64_t n, float s) { return sum_exp_z_t(z, n, s); }
-FASTLLM_VEC_CLONES float row_sum(const float* z, int64_t n) { return sum_t(z, n); }
-FASTLLM_VEC_CLONES void softcap(float* z, int64_t n, float c) { softcap_t(z, n, c); }
-FASTLLM_VEC_CLONES void xent_grad(const float* z, int64_t n, float lse, float a, float b, float c,
-                                  float* g) {
+FASTLLM_CLONES_X86_64_V3 float row_max(const float* z, int64_t n) { return row_max_t(z, n); }
+FASTLLM_CLONES_X86_64_V3 float sum_exp(const float* z, int64_t n, float s) { return sum_exp_t(z, n, s); }
+FASTLLM_CLONES_X86_64_V3 float sum_exp_z(const float* z, int64_t n, float s) { return sum_exp_z_t(z, n, s); }
+FASTLLM_CLONES_X86_64_V3 float row_sum(const float* z, int64_t n) { return sum_t(z, n); }
+FASTLLM_CLONES_X86_64_V3 void softcap(float* z, int64_t n, float c) { softcap_t(z, n, c); }
+FASTLLM_CLONES_X86_64_V3 void xent_grad(const float* z, int64_t n, float lse, float a, float b, float c,
+                                        float* g) {
   xent_grad_t(z, n, lse, a, b, c, g);
 }
-FASTLLM_VEC_CLONES void logprob_grad(const float* z, int64_t n, float lse, float a, float b,
-                                     float mean, float* g) {
+FASTLLM_CLONES_X86_64_V3 void logprob_grad(const float* z, int64_t n, float lse, float a, float b,
+                                           float mean, float* g) {
   logprob_grad_t(z, n, lse, a, b, mean, g);
 }
 // float64 (gradchecks): plain loops.

@@ -21,6 +21,7 @@
 
 #include "fastllm/decode_attention_checks.h"
 #include "fastllm/checks.h"
+#include "fastllm/cpu_simd.h"
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
 
@@ -30,49 +31,16 @@ namespace {
 constexpr int64_t kKeyBlock = 64;  // keys per online-softmax step
 
 #if defined(__GNUC__) || defined(__clang__)
-// float32 with D % 8 == 0 (every real head size): the task body on 8-lane vector types,
-// compiled for AVX2 and the baseline (target_clones). ATen's Vectorized<float> is scalar in
-// this extension's build, which left the generic body ~3x slower than torch's own matmuls.
-#pragma GCC diagnostic ignored "-Wpsabi"  // internal helpers: the AVX argument-passing note does not apply
-typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
-
-inline f8 load8(const float* p) {
-  f8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline f8 splat8(float a) { return f8{a, a, a, a, a, a, a, a}; }
-
-// exp(x) for x <= 0 on 8 lanes: 2^n * poly(r), r = x - n ln2 (Cephes coefficients, ~1 ulp;
-// the same polynomial as the attention kernel's exp_nonpos).
-inline f8 exp8_nonpos(f8 x) {
-  x = x < splat8(-87.0f) ? splat8(-87.0f) : x;
-  const f8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const f8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  f8 p = splat8(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
-  return p * (f8)bits;
-}
-
-#if defined(__x86_64__) && !defined(__clang__)
-#define FASTLLM_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FASTLLM_CLONES
-#endif
+// float32 with D % 8 == 0 (every real head size): the task body on 8-lane vector types
+// (fastllm/cpu_simd.h), compiled for AVX2 and the baseline (target_clones). ATen's
+// Vectorized<float> is scalar in this extension's build, which left the generic body ~3x
+// slower than torch's own matmuls.
 
 // One (sequence, kv head) task: q (G, D) rows, keys/values of the head every `stride`
 // floats, len keys; out (G, D). scratch: 2 * G * D + G * kKeyBlock floats.
-FASTLLM_CLONES void decode_task_f32(const float* q, const float* kc, const float* vc, int64_t stride,
-                                    int64_t len, int64_t G, int64_t D, float scale, float* out,
-                                    float* scratch) {
+FASTLLM_CLONES_AVX2 void decode_task_f32(const float* q, const float* kc, const float* vc, int64_t stride,
+                                         int64_t len, int64_t G, int64_t D, float scale, float* out,
+                                         float* scratch) {
   float* qs = scratch;
   float* acc = qs + G * D;
   float* scores = acc + G * D;

@@ -39,25 +39,14 @@
 #include <vector>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_simd.h"
 #include "fastllm/grain.h"
 #include "fastllm/sampling_checks.h"
 
-// Without this GCC keeps the clamps of exp_neg and the selects scalar (they could raise FP
-// exceptions, which no code here inspects), and the loops below do not vectorise.
+// Without this GCC keeps the clamps of exp_neg_flush and the selects scalar (they could raise
+// FP exceptions, which no code here inspects), and the loops below do not vectorise.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
-#endif
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(_WIN32)
-#define FASTLLM_VEC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FASTLLM_VEC_CLONES
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define FASTLLM_FLOORF __builtin_floorf
-#else
-#define FASTLLM_FLOORF std::floor
 #endif
 
 namespace fastllm::cpu {
@@ -65,33 +54,11 @@ namespace {
 
 // ---------------------------------------------------------------------------- vector passes
 
-// exp(x) for x <= 0 in float without branches: x = k ln2 + r, |r| <= ln2/2, a degree-6
-// polynomial, 2^k in the exponent bits. Relative error <= 2.6e-7 (checked over every float
-// in [-87.3, 0], with and without FMA). Below -87.3 (under the smallest normal float) it
-// returns 0, so -inf logits carry no mass.
-inline float exp_neg(float x) {
-  const bool under = x < -87.3f;
-  x = under ? -87.3f : x;
-  const float k = FASTLLM_FLOORF(x * 1.44269504f + 0.5f);
-  const float r = x - k * 0.693145752f - k * 1.42860677e-6f;
-  float p = 1.3981999e-3f;
-  p = p * r + 8.3334519e-3f;
-  p = p * r + 4.1665795e-2f;
-  p = p * r + 1.6666665e-1f;
-  p = p * r + 5.0000001e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return under ? 0.0f : p * scale;
-}
-
 // z[i] = x[i] / T (IEEE division, as the reference computes it) and its order-preserving
 // key (larger float, larger key; -0 taken as +0, since the two compare equal as
 // thresholds); returns max z.
-FASTLLM_VEC_CLONES float scale_and_key(const float* __restrict x, int64_t n, float T, float* __restrict z,
-                                       uint32_t* __restrict key) {
+FASTLLM_CLONES_X86_64_V3 float scale_and_key(const float* __restrict x, int64_t n, float T, float* __restrict z,
+                                             uint32_t* __restrict key) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
@@ -106,11 +73,11 @@ FASTLLM_VEC_CLONES float scale_and_key(const float* __restrict x, int64_t n, flo
 }
 
 // e[i] = exp(z[i] - m) (float); returns sum e in double.
-FASTLLM_VEC_CLONES double exp_shifted(const float* __restrict z, int64_t n, float m, float* __restrict e) {
+FASTLLM_CLONES_X86_64_V3 double exp_shifted(const float* __restrict z, int64_t n, float m, float* __restrict e) {
   double s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) {
-    const float v = exp_neg(z[i] - m);
+    const float v = exp_neg_flush(z[i] - m);
     e[i] = v;
     s += v;
   }
@@ -118,15 +85,15 @@ FASTLLM_VEC_CLONES double exp_shifted(const float* __restrict z, int64_t n, floa
 }
 
 // sum of e[i] over key[i] >= t, in double.
-FASTLLM_VEC_CLONES double masked_sum(const float* __restrict e, const uint32_t* __restrict key, int64_t n,
-                                     uint32_t t) {
+FASTLLM_CLONES_X86_64_V3 double masked_sum(const float* __restrict e, const uint32_t* __restrict key, int64_t n,
+                                           uint32_t t) {
   double s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += key[i] >= t ? double(e[i]) : 0.0;
   return s;
 }
 
-FASTLLM_VEC_CLONES float row_max(const float* __restrict x, int64_t n) {
+FASTLLM_CLONES_X86_64_V3 float row_max(const float* __restrict x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
@@ -134,10 +101,10 @@ FASTLLM_VEC_CLONES float row_max(const float* __restrict x, int64_t n) {
 }
 
 // sum exp(x[i] - m) with the float exp, in double.
-FASTLLM_VEC_CLONES double sum_exp_shifted(const float* __restrict x, int64_t n, float m) {
+FASTLLM_CLONES_X86_64_V3 double sum_exp_shifted(const float* __restrict x, int64_t n, float m) {
   double s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += exp_neg(x[i] - m);
+  for (int64_t i = 0; i < n; ++i) s += exp_neg_flush(x[i] - m);
   return s;
 }
 

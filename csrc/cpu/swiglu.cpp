@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_simd.h"  // exp_taylor
 #include "fastllm/cpu_vec.h"  // acc_type_t, bf16_to_float, float_to_bf16
 #include "fastllm/grain.h"
 
@@ -27,12 +28,6 @@ namespace {
 
 constexpr int64_t kChunk = 256;  // elements widened to acc_t at a time (fits in L1)
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTLLM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FASTLLM_CLONES
-#endif
-
 // The float loops below are written to be vectorised by the compiler: no branches, no
 // library calls. GCC only if-converts the clamps when comparisons may not trap.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -40,38 +35,16 @@ constexpr int64_t kChunk = 256;  // elements widened to acc_t at a time (fits in
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-// exp(x) for float: x = k*ln2 + r with |r| <= ln2/2 (k rounded by the 1.5*2^23 trick, ln2
-// split in two for an exact k*ln2), exp(r) by a degree-6 Taylor/Horner polynomial (relative
-// error < 3e-7 on that range), 2^k built in the exponent bits. x is clamped to [-87, 88],
-// where exp is a normal float; the sigmoid has saturated well before.
-inline float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+FASTLLM_CLONES_X86_64_V3 void silu_mul_f32(const float* __restrict g, const float* __restrict u,
+                                           float* __restrict y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.0f + exp_taylor(-g[i])) * u[i];
 }
 
-FASTLLM_CLONES void silu_mul_f32(const float* __restrict g, const float* __restrict u,
-                                 float* __restrict y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
-}
-
-FASTLLM_CLONES void silu_mul_bwd_f32(const float* __restrict dy, const float* __restrict g,
-                                     const float* __restrict u, float* __restrict dg,
-                                     float* __restrict du, int64_t n) {
+FASTLLM_CLONES_X86_64_V3 void silu_mul_bwd_f32(const float* __restrict dy, const float* __restrict g,
+                                               const float* __restrict u, float* __restrict dg,
+                                               float* __restrict du, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const float s = 1.0f / (1.0f + exp_poly(-g[i]));
+    const float s = 1.0f / (1.0f + exp_taylor(-g[i]));
     dg[i] = dy[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
     du[i] = dy[i] * g[i] * s;
   }
