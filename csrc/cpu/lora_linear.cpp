@@ -6,6 +6,10 @@
 //             dx = dy W, then dx += g A (* keep / (1 - p))    one GEMM + one in-place addmm
 //             dA = g^T xd (r, in),  dB = dy^T (s u) (out, r)
 // xd = x * keep / (1 - p) when a dropout mask is given, else x. W and b are frozen: no dW.
+// The rank-r GEMMs are issued with r as the row count of their output (u^T = A xd^T,
+// g^T = B^T dy^T, dB^T = u^T dy) and transposed back as views: BLAS runs a (rows, r) output
+// with a tiny N 2-6x slower than the same product as (r, rows) (measured on one x86 core,
+// rows 512, r 8; bench/README.md "CPU profile"), and these are 7% of a LoRA step.
 // Only ATen calls, so the same code also serves CUDA tensors (cuBLAS does the GEMMs) in
 // builds with CUDA; the Triton kernel is the alternative there (bench/bench_lora.py decides).
 #include <ATen/core/Tensor.h>
@@ -71,7 +75,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias: expected dtype ", x.scalar_type(),
                 " (same as x), got ", bias->scalar_type());
   }
-  at::Tensor u = at::mm(dropped(x, keep, dropout_p), lora_a.t());  // (rows, r)
+  // (rows, r), formed as (r, rows) and copied back to rows-major (r * rows values: cheap)
+  at::Tensor u = at::mm(lora_a, dropped(x, keep, dropout_p).t()).t().contiguous();
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   y.addmm_(u, lora_b.t(), /*beta=*/1.0, /*alpha=*/scale);  // the low-rank term lands in y
   return {y, u};
@@ -90,15 +95,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
               x.scalar_type(), " (same as x), got ", grad_out.scalar_type());
   TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == lora_a.size(0),
               "u: expected shape [", x.size(0), ", ", lora_a.size(0), "], got ", u.sizes());
-  at::Tensor g = at::mm(grad_out, lora_b).mul_(scale);  // (rows, r), already scaled
-  at::Tensor dx = at::mm(grad_out, weight);              // (rows, in)
+  at::Tensor gt = at::mm(lora_b.t(), grad_out.t()).mul_(scale);  // g^T (r, rows), already scaled
+  at::Tensor dx = at::mm(grad_out, weight);                        // (rows, in)
   if (keep.has_value()) {
-    dx.add_(at::mm(g, lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
+    dx.add_(at::mm(gt.t(), lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
   } else {
-    dx.addmm_(g, lora_a);
+    dx.addmm_(gt.t(), lora_a);
   }
-  at::Tensor da = at::mm(g.t(), dropped(x, keep, dropout_p));  // (r, in)
-  at::Tensor db = at::mm(grad_out.t(), at::mul(u, scale));     // (out, r)
+  at::Tensor da = at::mm(gt, dropped(x, keep, dropout_p));                  // (r, in)
+  at::Tensor db = at::mm(u.t(), grad_out).mul_(scale).t().contiguous();  // (out, r)
   return {dx, da, db};
 }
 
