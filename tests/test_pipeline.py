@@ -1,6 +1,7 @@
 """End to end: `fastllm pipeline --quick` on the shipped data. Every stage runs and improves
 what it optimises on held-out data (losses fall; each task head, the reward model and DPO's
-preference accuracy beat their chance level), the report files exist, exported models load in
+preference accuracy beat their chance level; PPO and GRPO raise the reward model's mean score
+of their samples with a bounded KL to the SFT model), the report files exist, exported models load in
 transformers with their tokenizer, and a run stopped half-way resumes without redoing a
 finished stage."""
 
@@ -117,6 +118,33 @@ def test_reward_model_and_dpo_beat_chance(pipeline_run):
         [r["prompt"] for r in summary["extra"]["sft"]["samples"]]
 
 
+def test_ppo_and_grpo_raise_the_mean_reward_with_a_bounded_kl(pipeline_run):
+    out, _, _, summary = pipeline_run
+    rows = {r["stage"]: r for r in summary["stages"]}
+    for name in ("ppo", "grpo"):
+        r = rows[name]
+        before, after = r["before_scores"], r["after_scores"]
+        # the same prompts and random numbers before and after; before the policy is its reference
+        assert before["rollouts"] == after["rollouts"] == 64 * 4, r
+        assert before["kl"] == 0.0, r
+        # the rise beats twice the standard error of the difference of two independent means (an
+        # overestimate: the shared random numbers correlate the two samples positively)
+        se = math.hypot(before["reward_sd"], after["reward_sd"]) / math.sqrt(after["rollouts"])
+        assert after["reward"] - before["reward"] > 2 * se, (name, before, after, se)
+        assert r["improved"] and r["after"] == after["reward"] and r["before"] == before["reward"]
+        # KL(policy || SFT) per response of at most 16 tokens: positive, finite, well below
+        # what an unconstrained policy reaches (several nats per token)
+        assert 0.0 < after["kl"] < 8.0 and r["kl_text"] == f"{after['kl']:.3f}", r
+        assert r["tokens_per_s"] > 0 and r["wall_s"] > 0 and r["steps"] == 40 and r["trainable_params"] > 0
+        assert r["rl_curves"].endswith(f"{name}_curves.png") and (out / name / f"{name}_curves.png").is_file()
+    assert rows["ppo"]["trainable_params"] > rows["grpo"]["trainable_params"]  # PPO also trains its critic
+    samples = summary["extra"]
+    assert [r["prompt"] for r in samples["ppo"]["samples"]] == [r["prompt"] for r in samples["pretrain"]["samples"]]
+    assert [r["prompt"] for r in samples["grpo"]["samples"]] == [r["prompt"] for r in samples["sft"]["samples"]]
+    md = (out / "report.md").read_text()
+    assert "**after ppo**" in md and "| KL |" in md
+
+
 def test_report_files(pipeline_run):
     out, _, _, summary = pipeline_run
     md = (out / "report.md").read_text()
@@ -157,6 +185,8 @@ def test_plan_adds_what_is_needed_and_checks_names():
     assert plan(["heads"], set(), None) == ["tokenizer", "pretrain", "mlm", "heads"]
     assert plan(["heads"], set(), "some/hf_dir") == ["tokenizer", "mlm", "heads"]  # the encoder is ours
     assert plan(["dpo", "reward"], {"tokenizer"}, None) == ["pretrain", "sft", "reward", "dpo"]
+    assert plan(["ppo"], set(), None) == ["tokenizer", "pretrain", "sft", "reward", "ppo"]
+    assert plan(["grpo"], {"tokenizer", "pretrain", "sft", "reward"}, None) == ["grpo"]
     with pytest.raises(ValueError, match="unknown stage"):
         plan(["pretrain", "nope"], set(), None)
 

@@ -7,9 +7,10 @@
 Stages (fastllm.pipeline.stages.STAGES), each feeding the next: tokenizer -> causal-LM
 pre-training of a small decoder -> masked-LM pre-training of a small encoder -> SFT (all
 weights; last layer only) -> PEFT methods side by side -> task heads (topics, sentiment on the
-decoder; entities on the encoder) -> a reward model and DPO from the SFT model. The output folder gets report.md,
-report.html (plots inline), summary.json, every stage's run folder and a state.json that
-lets a killed run resume where it stopped.
+decoder; entities on the encoder) -> a reward model from the SFT model -> PPO against it, with
+DPO and GRPO beside PPO (all from the SFT model). The output folder gets report.md, report.html
+(plots inline), summary.json, every stage's run folder and a state.json that lets a killed run
+resume where it stopped.
 """
 
 from .run import PipelineOptions, plan, run_pipeline

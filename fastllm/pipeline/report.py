@@ -84,6 +84,8 @@ def _plots(summary: dict) -> list[tuple[str, str]]:
         curves = row.get("loss_curve")
         if isinstance(curves, str):
             plots.append((f"{row['stage']}: loss", curves))
+        if row.get("rl_curves"):  # PPO, GRPO: mean reward and KL to the reference per iteration
+            plots.append((f"{row['stage']}: reward and KL", row["rl_curves"]))
     for row in summary["extra"].get("peft", {}).get("peft", []):
         if row.get("loss_curve"):
             plots.append((f"peft {row['method']}: loss", row["loss_curve"]))
@@ -108,7 +110,12 @@ def _markdown(summary: dict, out: Path) -> str:
         "(perplexity in brackets). Chance: what a guess scores (a uniform distribution over the vocabulary; "
         "the majority class; a constant; tagging every word O; a coin flip for a pair). tokens/s counts the tokens "
         "the loss was taken on (pre-training, SFT, PEFT), all tokens of both sides of the pairs (reward model, "
-        "DPO), or the real input tokens of the sequences trained on (task heads).", "",
+        "DPO), the real input tokens of the sequences trained on (task heads), or the response tokens sampled "
+        "per second of an iteration (rollout, scoring and update; PPO, GRPO). PPO and GRPO: the mean reward-model "
+        "score (normalised to mean 0, sd 1 on the preference pairs, so 0 is its chance) of sampled responses to "
+        "instruction prompts left out of their training, before = the SFT model, after = the trained policy, with "
+        "the same sampling settings and random numbers; KL = the trained policy's KL to the SFT model, per "
+        "response (nats), estimated on those samples.", "",
     ]
     heads = next((r["rows"] for r in summary["stages"] if r["stage"] == "heads" and r.get("rows")), None)
     if heads:

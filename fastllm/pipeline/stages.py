@@ -47,6 +47,9 @@ SIZES = {
                   eval_batches=4, max_length=96, sample_tokens=16, lr=3e-3, sft_lr=1e-3, peft_lr=5e-3,
                   head_steps=60, head_batch=16, head_max_length=64, head_lr=1e-3, entity_lr=5e-3,
                   reward_steps=80, reward_lr=1e-3, dpo_steps=40, dpo_lr=1e-4, dpo_beta=0.1, pref_batch=8,
+                  rl_steps=40, rl_batch=16, rl_tokens=16, rl_temperature=1.0, rl_eval_prompts=64, rl_eval_samples=4,
+                  ppo_lr=3e-4, ppo_kl_coef=0.2, ppo_epochs=2, grpo_lr=2e-4, grpo_beta=0.04, grpo_generations=4,
+                  grpo_prompts=8,
                   decoder=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2),
                   encoder=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
@@ -55,6 +58,9 @@ SIZES = {
                     peft_steps=80, eval_batches=8, max_length=160, sample_tokens=40, lr=2e-3, sft_lr=5e-4,
                     peft_lr=3e-3, head_steps=100, head_batch=16, head_max_length=128, head_lr=1e-3, entity_lr=3e-3,
                     reward_steps=100, reward_lr=3e-4, dpo_steps=60, dpo_lr=5e-5, dpo_beta=0.1, pref_batch=8,
+                    rl_steps=30, rl_batch=16, rl_tokens=32, rl_temperature=1.0, rl_eval_prompts=64,
+                    rl_eval_samples=4, ppo_lr=1e-4, ppo_kl_coef=0.1, ppo_epochs=2, grpo_lr=1e-4, grpo_beta=0.04,
+                    grpo_generations=4, grpo_prompts=8,
                     decoder=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=2),
                     encoder=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -567,10 +573,127 @@ def stage_dpo(ctx) -> StageResult:
         extra={"samples": _samples(ctx, models.from_pretrained(final).to(ctx.torch_device), tok)})
 
 
-# The RLHF stages still to come slot in here: `ppo` after `reward` (needs sft and reward; its
-# row's metric is the mean reward of its rollouts before -> after, with the KL to the reference
-# in the row's "kl_text", which the report shows as a column), `grpo` beside `dpo`. Each also
-# returns extra["samples"] for the report's sample generations.
+# --------------------------------------------------------------------------- on-policy RL stages
+
+def _rl_prompts(ctx) -> tuple[list[str], list[str]]:
+    """(training questions, evaluation questions): the shipped instructions' distinct prompts,
+    split once (seed), the evaluation ones never rolled out in training."""
+    from fastllm.data import train_test_split
+
+    questions = sorted({r["prompt"] for r in load_instructions()})
+    train, held = train_test_split(questions, 0.1, seed=ctx.seed)
+    return train, held[:ctx.sizes["rl_eval_prompts"]]
+
+
+@torch.no_grad()
+def _rl_eval(ctx, policy, reference, reward_model, tok, questions: list[str], cfg) -> dict:
+    """Mean reward and KL to `reference` of `policy`'s rollouts on `questions`: rl_eval_samples
+    samples each with the trainer's sampling settings (temperature, length, no_eos_score) from a
+    fixed generator, so "before" and "after" draw with the same random numbers; scored by the
+    same reward model. KL: per sequence, the sum over response tokens of the k3 estimate (an
+    unbiased, non-negative estimate of KL(policy || reference) from samples of the policy)."""
+    from fastllm.data import PromptDataset
+    from fastllm.rl import kl_estimate
+    from fastllm.train.rollout import policy_logprobs, response_batch, sample_responses, score_responses, to_response
+
+    device = ctx.torch_device
+    N = cfg.max_new_tokens
+    items = PromptDataset(questions, tok, cfg.max_prompt_length, skip_too_long=True).examples
+    policy.to(device).eval()
+    reference.to(device).eval()
+    reward_model.to(device).eval()
+    out = sample_responses(policy, items, max_new_tokens=N, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                           generator=torch.Generator(device=device).manual_seed(ctx.seed + 1),
+                           num_samples=ctx.sizes["rl_eval_samples"])
+    batch = response_batch(out, N)
+    scores, eos = score_responses(batch, reward_model=reward_model, eos_id=tok.eos_id, no_eos_score=cfg.no_eos_score)
+    logp = to_response(policy_logprobs(policy, batch, cfg.temperature)[0], batch.starts, N)
+    ref_logp = to_response(policy_logprobs(reference, batch, cfg.temperature)[0], batch.starts, N)
+    kl = (kl_estimate(logp, ref_logp, "k3") * batch.mask).sum(1)
+    return {"reward": float(scores.mean()), "reward_sd": float(scores.std()), "kl": float(kl.mean()),
+            "eos_share": float(eos.float().mean()), "response_length": float(batch.response_lengths.float().mean()),
+            "rollouts": int(scores.numel())}
+
+
+def _rl_row(ctx, optimised: str, before: dict, after: dict, result: dict, n_params: int, curves) -> dict:
+    return {"optimised": optimised, "metric": "mean reward (RM score, normalised)",
+            "before": before["reward"], "after": after["reward"],
+            "before_text": f"{before['reward']:.3f}", "after_text": f"{after['reward']:.3f}",
+            "chance": 0.0, "chance_text": "0.000 (a pair's average)",
+            "kl": after["kl"], "kl_text": f"{after['kl']:.3f}",
+            "improved": after["reward"] > before["reward"], "before_scores": before, "after_scores": after,
+            "steps": result.get("step"), "tokens_per_s": _tokens_per_s(result["output_dir"]), "params": n_params,
+            "trainable_params": result["trainable_params"], "loss_curve": result.get("loss_curve"), "rl_curves": curves}
+
+
+def _rl_config(cls, ctx, stage: str, **fields):
+    s = ctx.sizes
+    base = dict(model=_sft_export(ctx), reward_model=ctx.artefacts["reward"]["model"], data="instructions",
+                batch_size=s["rl_batch"], max_prompt_length=s["max_length"], max_new_tokens=s["rl_tokens"],
+                temperature=s["rl_temperature"], no_eos_score=None, max_steps=s["rl_steps"], save_every=10,
+                eval_batches=0)
+    return _train_config(cls, ctx, stage, **{**base, **fields})
+
+
+def stage_ppo(ctx) -> StageResult:
+    """PPO of the SFT decoder against the reward stage's reward model on the instruction prompts
+    (chat template), a separate critic initialised from the reward model, KL to the SFT model
+    in the per-token reward."""
+    from fastllm.train import PPOConfig, ppo
+
+    s = ctx.sizes
+    cfg = _rl_config(PPOConfig, ctx, "ppo", lr=s["ppo_lr"], kl_coef=s["ppo_kl_coef"], ppo_epochs=s["ppo_epochs"],
+                     num_minibatches=2)
+    tok = load_tokenizer(cfg.model)
+    train_q, eval_q = _rl_prompts(ctx)
+    reference, rm = models.from_pretrained(cfg.model), models.from_pretrained(cfg.reward_model)
+    before = _rl_eval(ctx, reference, reference, rm, tok, eval_q, cfg)
+    model = models.from_pretrained(cfg.model)
+    result = ppo(cfg, model=model, tokenizer=tok, prompts=train_q, reward_model=rm)
+    final = Path(result["output_dir"]) / "final"
+    policy = models.from_pretrained(final)
+    after = _rl_eval(ctx, policy, reference, rm, tok, eval_q, cfg)
+    curves = result.get("ppo_curves")
+    return StageResult(
+        row=_rl_row(ctx, f"PPO (clip {cfg.clip_eps}, KL coef {cfg.kl_coef}), all weights + critic", before, after,
+                    result, _n_params(policy), curves),
+        artefacts={"model": str(final)}, extra={"samples": _samples(ctx, policy.to(ctx.torch_device), tok)})
+
+
+def stage_grpo(ctx) -> StageResult:
+    """GRPO of the SFT decoder: G samples per prompt, group-relative advantages, no critic,
+    reward = the reward stage's reward model, k3 KL to the SFT model as a loss term."""
+    from fastllm.train import GRPOConfig, grpo
+
+    s = ctx.sizes
+    cfg = _rl_config(GRPOConfig, ctx, "grpo", lr=s["grpo_lr"], beta=s["grpo_beta"],
+                     num_generations=s["grpo_generations"], batch_size=s["grpo_prompts"])
+    tok = load_tokenizer(cfg.model)
+    train_q, eval_q = _rl_prompts(ctx)
+    reference, rm = models.from_pretrained(cfg.model), models.from_pretrained(cfg.reward_model)
+    before = _rl_eval(ctx, reference, reference, rm, tok, eval_q, cfg)
+    model = models.from_pretrained(cfg.model)
+    result = grpo(cfg, model=model, tokenizer=tok, prompts=train_q, reward_model=rm)
+    final = Path(result["output_dir"]) / "final"
+    policy = models.from_pretrained(final)
+    after = _rl_eval(ctx, policy, reference, rm, tok, eval_q, cfg)
+    return StageResult(
+        row=_rl_row(ctx, f"GRPO (G {cfg.num_generations}, beta {cfg.beta}), all weights", before, after, result,
+                    _n_params(policy), _rl_curves(result["output_dir"], "grpo")),
+        artefacts={"model": str(final)}, extra={"samples": _samples(ctx, policy.to(ctx.torch_device), tok)})
+
+
+def _rl_curves(output_dir: str, name: str) -> str | None:
+    """reward/mean and kl of a GRPO run as PNG (PPO writes its own ppo_curves.png)."""
+    from fastllm.train.ppo import plot_ppo_curves
+
+    try:
+        return str(plot_ppo_curves(Path(output_dir) / "metrics.jsonl", Path(output_dir) / f"{name}_curves.png"))
+    except ImportError:
+        return None
+
+
 STAGES = [
     Stage("tokenizer", stage_tokenizer, (), "SentencePiece BPE on Shakespeare + Botchan + instructions"),
     Stage("pretrain", stage_pretrain, ("tokenizer",), "causal-LM pre-training of a small decoder"),
@@ -580,6 +703,8 @@ STAGES = [
     Stage("peft", stage_peft, ("pretrain",), "LoRA / adapters / prefix / prompt tuning side by side"),
     Stage("heads", stage_heads, ("pretrain", "mlm"), "task heads: topics, sentiment, entities"),
     Stage("reward", stage_reward, ("sft",), "reward model on the preference pairs"),
+    Stage("ppo", stage_ppo, ("sft", "reward"), "PPO against the reward model, KL to the SFT model"),
     Stage("dpo", stage_dpo, ("sft",), "DPO on the preference pairs, reference precomputed"),
+    Stage("grpo", stage_grpo, ("sft", "reward"), "GRPO against the reward model, G samples per prompt"),
 ]
 
