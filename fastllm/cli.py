@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                            epilog=f"config fields (key, type, default: meaning):\n{describe_fields(CONFIGS[name])}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value")
-    pipe = sub.add_parser("pipeline", help="the main job: every stage from the tokenizer to DPO, with a report",
+    pipe = sub.add_parser("pipeline", help="the main job: every stage from the tokenizer to GRPO, with a report",
                           description="Train every stage on the shipped data, each feeding the next, and write "
                           "report.md, report.html and summary.json into the output folder. Run again on the same "
                           "folder to resume where it stopped.")
