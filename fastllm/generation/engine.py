@@ -61,6 +61,25 @@ def _check_generate_args(vocab: int, stop_token_ids, temperature, pad_token_id, 
         raise ValueError(f"pad_token_id: expected a token id in [0, {vocab}) (vocab_size), got {pad_token_id!r}")
 
 
+# A CPU decode step whose largest product, (B x hidden) @ (hidden x max(intermediate, vocab)),
+# is below this many multiply-adds runs on one thread: a thread fork/join per matmul costs more
+# than it saves there (tiny-llama generate measured 5-14% slower on 2 threads than on 1 on an idle
+# machine, bench/bench_threads.py), while larger steps (SmolLM2 at batch 1: 28M) gain from them.
+INLINE_DECODE_MACS = 1 << 22
+
+
+def _decode_runs_inline(model, rows: int, device: torch.device) -> bool:
+    """Whether a forward over `rows` tokens is too small to pay for threads (see above)."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        return False
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if hidden is None:
+        return False
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    return rows * hidden * max(inner, cfg.vocab_size) < INLINE_DECODE_MACS
+
+
 @dataclass
 class GenerationOutput:
     tokens: Tensor  # (B, L) int64: prompt, response, padding per row
@@ -218,7 +237,13 @@ def generate(
         # Prefill: every prompt in one right-padded forward; the logits at each prompt's last
         # token draw its first response token.
         mask = torch.arange(P, device=device)[None] < plens[:, None]  # (B, P)
-        hidden = model(ids, attention_mask=mask.long(), kv_cache=cache)  # (B, P, H)
+        threads = torch.get_num_threads()
+        if _decode_runs_inline(model, B * P, device):  # a prefill as small as a decode step
+            torch.set_num_threads(1)
+        try:
+            hidden = model(ids, attention_mask=mask.long(), kv_cache=cache)  # (B, P, H)
+        finally:
+            torch.set_num_threads(threads)
         last_hidden = hidden[torch.arange(B, device=device), plens - 1]  # (B, H)
         logits = model.logits(last_hidden).float().contiguous()
         uniforms = torch.rand(B, generator=generator, device=device)
@@ -232,11 +257,16 @@ def generate(
 
             runner = CapturedStep(step, state)
         every = sync_every or (8 if device.type == "cuda" else 1)
-        for i in range(max_new_tokens - 1):
-            if i % every == 0 and bool(state.finished.all()):
-                break
-            torch.rand(B, generator=generator, device=device, out=uniforms)
-            runner()
+        if _decode_runs_inline(model, B, device):
+            torch.set_num_threads(1)
+        try:
+            for i in range(max_new_tokens - 1):
+                if i % every == 0 and bool(state.finished.all()):
+                    break
+                torch.rand(B, generator=generator, device=device, out=uniforms)
+                runner()
+        finally:
+            torch.set_num_threads(threads)
     finally:
         model.train(was_training)
     resp = state.mask.sum(1)

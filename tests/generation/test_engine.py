@@ -231,3 +231,21 @@ def test_lora_model_generates_as_reference():
     ref = generate_reference(model, PROMPTS, 10, temperature=0.0)
     assert torch.equal(out.tokens, ref.tokens)
     torch.testing.assert_close(out.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_cpu_decode_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    from fastllm.generation import engine
+    from fastllm.models import build_model, preset
+
+    tiny = build_model(preset("tiny-llama")).eval()
+    big = preset("smollm2-135m")
+    assert engine._decode_runs_inline(tiny, 16, torch.device("cpu")) or torch.get_num_threads() == 1
+    assert not engine._decode_runs_inline(type("M", (), {"config": big})(), 1, torch.device("cpu"))
+    seen = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real_set(n)))
+    before = torch.get_num_threads()
+    engine.generate(tiny, [[1, 2, 3]], 4, temperature=0)
+    assert torch.get_num_threads() == before
+    if before > 1:  # the 3-token prefill and the decode steps each ran on one thread
+        assert seen == [1, before, 1, before]
