@@ -302,6 +302,21 @@ def pair_metrics(stats: Tensor, n_pairs: float, info: DistInfo, prefix: str = ""
     return out
 
 
+def pair_step(base_step, stats: Tensor, info: DistInfo):
+    """The step_fn of a pairwise method for `train_loop`: `base_step` (loop.supervised_step with
+    count_fn=count_pairs) plus the means of the PAIR_STATS its loss closure sums into `stats`;
+    `pairs` is the step's pair count, `tokens` what the forwards read."""
+
+    def step_fn(step: int) -> dict:
+        stats.zero_()
+        metrics = base_step(step)
+        metrics["pairs"] = metrics["tokens"]
+        metrics.update(pair_metrics(stats, metrics["pairs"], info))
+        return metrics
+
+    return step_fn
+
+
 def pair_eval(wrapped, loss_sum, batches, stats: Tensor, info: DistInfo, *, device, dtype):
     """The evaluate() of a pairwise method (DPO, reward model) for `train_loop`: the held-out loss
     over pairs plus the means of the PAIR_STATS its loss closure sums into `stats`; None without

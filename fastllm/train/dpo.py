@@ -47,14 +47,13 @@ from .common import (
     build_scheduler,
     enable_activation_checkpointing,
     freeze_parameters,
-    optimizer_step,
     to_device,
     transformer_layers,
 )
 from .config import DPOConfig, as_config
-from .distributed import no_sync_fn, wrap_model
+from .distributed import wrap_model
 from .export import export_final
-from .loop import start_run, train_loop
+from .loop import start_run, supervised_step, train_loop
 from .peft_glue import apply_peft
 
 REFERENCES = ("precomputed", "live")
@@ -216,17 +215,8 @@ def dpo(config: DPOConfig | str | dict | None = None, *, model=None, tokenizer=N
         stats[4] += batch["input_ids"].numel()
         return res.losses.sum()
 
-    no_sync = no_sync_fn(wrapped, info)
-
-    def step_fn(step: int) -> dict:
-        stats.zero_()
-        micro = [loader.next_batch() for _ in range(cfg.grad_accum)]
-        metrics = optimizer_step(micro, loss_sum, wrapped, optimizer, scheduler, device=device, dtype=dtype,
-                                 max_grad_norm=cfg.max_grad_norm, world_size=info.world_size, no_sync=no_sync,
-                                 count_fn=build.count_pairs)
-        metrics["pairs"] = metrics["tokens"]
-        metrics.update(build.pair_metrics(stats, metrics["pairs"], info))  # tokens: what the forwards read
-        return metrics
+    step_fn = build.pair_step(supervised_step(loader, loss_sum, wrapped, optimizer, scheduler, cfg, info,
+                                              device=device, dtype=dtype, count_fn=build.count_pairs), stats, info)
 
     run_eval = build.pair_eval(wrapped, loss_sum, eval_data, stats, info, device=device, dtype=dtype)
 

@@ -259,12 +259,7 @@ def reward(config: RewardConfig | str | dict | None = None, *, model=None, token
     base_step = supervised_step(loader, loss_sum, wrapped, optimizer, scheduler, cfg, info, device=device,
                                 dtype=dtype, count_fn=build.count_pairs)
 
-    def step_fn(step: int) -> dict:
-        stats.zero_()
-        metrics = base_step(step)
-        metrics["pairs"] = metrics["tokens"]
-        metrics.update(build.pair_metrics(stats, metrics["pairs"], info))  # tokens: what the forwards read
-        return metrics
+    step_fn = build.pair_step(base_step, stats, info)
 
     run_eval = build.pair_eval(wrapped, loss_sum, eval_data, stats, info, device=device, dtype=dtype)
 
