@@ -62,3 +62,29 @@ def as_args(fields: dict) -> list[str]:
             v = str(v).lower()
         out.append(f"{k}={v}")
     return out
+
+
+def one_vs_two_processes(command: str, fields: dict, override: str, tmp_path, keys) -> subprocess.CompletedProcess:
+    """Run `fastllm <command>` from a YAML config (written from fields) plus `override` on one
+    process, then on two gloo processes with half the batch each into tmp_path/two; assert both
+    succeed and log the same value of every key at every step. Returns the one-process run."""
+    import json
+
+    import pytest
+
+    from fastllm.train.logging import read_metrics
+
+    config = tmp_path / f"{command}.yaml"
+    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()))
+    one = run_cli([command, str(config), override])
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = run_cli([command, str(config), override, f"batch_size={fields['batch_size'] // 2}",
+                   f"output_dir={tmp_path / 'two'}"], nproc=2)
+    assert two.returncode == 0, two.stdout + two.stderr
+    for key in keys:
+        a = read_metrics(tmp_path / "one" / "metrics.jsonl", key)
+        b = read_metrics(tmp_path / "two" / "metrics.jsonl", key)
+        assert list(a) == list(b) and a, (key, a, b)
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (key, a, b)
+    return one

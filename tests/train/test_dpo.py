@@ -19,7 +19,7 @@ from fastllm.train.build import pack_pairs
 from fastllm.train.dpo import SequenceLogProbs
 from fastllm.train.logging import read_metrics
 
-from .conftest import run_cli, tiny
+from .conftest import one_vs_two_processes, tiny
 
 RECORDS = [r for r in load_preferences() if len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) < 100][:64]
 
@@ -186,17 +186,7 @@ def test_cli_yaml_and_two_processes_match_one(tmp_path, tok_dir):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:32]))
     fields = _fields(tok_dir, tmp_path / "one", max_steps=3, grad_accum=2, eval_batches=1, data=str(data))
-    config = tmp_path / "dpo.yaml"
-    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items()))
-    one = run_cli(["dpo", str(config), "beta=0.2"])
-    assert one.returncode == 0, one.stdout + one.stderr
-    two = run_cli(["dpo", str(config), "beta=0.2", "batch_size=2", f"output_dir={tmp_path / 'two'}"], nproc=2)
-    assert two.returncode == 0, two.stdout + two.stderr
-    for key in ("loss", "grad_norm", "accuracy", "eval_loss", "eval_accuracy"):
-        a = read_metrics(tmp_path / "one" / "metrics.jsonl", key)
-        b = read_metrics(tmp_path / "two" / "metrics.jsonl", key)
-        assert list(a) == list(b) and a, (key, a, b)
-        for step in a:
-            assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (key, a, b)
+    one = one_vs_two_processes("dpo", fields, "beta=0.2", tmp_path,
+                               ("loss", "grad_norm", "accuracy", "eval_loss", "eval_accuracy"))
     assert json.loads(one.stdout.strip().splitlines()[-1])["step"] == 3
     assert "beta: 0.2" in (tmp_path / "one" / "config.yaml").read_text()
