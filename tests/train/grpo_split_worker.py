@@ -3,8 +3,6 @@ minibatch of 2 micro-batches per rank, KL term) on a fixed rollout of 4 groups o
 taking whole groups, for each loss_type; rank 0 saves the losses and the weights. argv: output
 file. Plain SGD, so the update is linear in the gradient (see ppo_split_worker.py)."""
 
-import os
-import sys
 
 import torch
 
@@ -14,6 +12,7 @@ from fastllm.train.config import GRPOConfig
 from fastllm.train.distributed import init_distributed, no_sync_fn, wrap_model
 from fastllm.train.grpo import _TRAIN_STATS, collect_groups, grpo_loss_fns, grpo_update
 from fastllm.train.rollout import PolicyLogProbs, policy_logprobs
+from tests.train.rl_helpers import split_worker_main
 
 
 def run(loss_type: str) -> dict:
@@ -45,8 +44,4 @@ def run(loss_type: str) -> dict:
 
 
 if __name__ == "__main__":
-    results = {agg: run(agg) for agg in ("token_mean", "seq_mean", "seq_sum_norm")}
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(results, sys.argv[1])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    split_worker_main(run)

@@ -6,8 +6,6 @@ The optimizer is plain SGD: the update is then linear in the gradient, so the co
 measures the PPO step itself (Adam's m / sqrt(v) turns the last-bit differences of the
 summation order in a near-zero gradient into full-size steps)."""
 
-import os
-import sys
 
 import torch
 
@@ -16,6 +14,7 @@ from fastllm.train.common import build_scheduler
 from fastllm.train.config import PPOConfig
 from fastllm.train.distributed import DistInfo, init_distributed, no_sync_fn, wrap_model
 from fastllm.train.ppo import _TRAIN_STATS, ActorCritic, build_critic, collect_rollout, ppo_loss_fns, ppo_update
+from tests.train.rl_helpers import split_worker_main
 
 
 def run(aggregation: str) -> dict:
@@ -53,8 +52,4 @@ def run(aggregation: str) -> dict:
 
 
 if __name__ == "__main__":
-    results = {agg: run(agg) for agg in ("token_mean", "seq_mean", "seq_sum_norm")}
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(results, sys.argv[1])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    split_worker_main(run)

@@ -70,3 +70,50 @@ def arm_reward(prompts, responses):
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
     return 0.5 * float((p - q).abs().sum())
+
+
+AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
+
+
+def split_worker_main(run) -> None:
+    """The __main__ of a split worker (run under torchrun): run(aggregation) for every
+    aggregation mode; rank 0 saves the results to argv[1]."""
+    import os
+    import sys
+
+    results = {agg: run(agg) for agg in AGGREGATIONS}
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(results, sys.argv[1])
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def assert_split_update_matches(worker: str, tmp_path) -> None:
+    """Run tests/train/<worker> on 1 and on 2 gloo processes (each rank its slice of the same
+    rollout) and assert, for every aggregation, the same loss and updated weights, and that the
+    weights moved."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from .conftest import ROOT
+
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}.pt"
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(ROOT, "tests", "train", worker), str(out)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stdout + res.stderr
+        outs[nproc] = torch.load(out, weights_only=True)
+    for agg, one in outs[1].items():
+        two = outs[2][agg]
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), agg
+        moved = 0.0
+        for k, v in one["weights"].items():
+            torch.testing.assert_close(two["weights"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m, agg=agg: f"{agg}: {m}")
+            moved += float((v - one["initial"][k]).abs().sum())
+        assert moved > 0, agg

@@ -6,9 +6,6 @@ is unchanged by micro-batch splits (every loss_type) and 2 gloo processes update
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,10 +18,11 @@ from fastllm.train.grpo import _TRAIN_STATS, collect_groups, grpo_loss_fns, grpo
 from fastllm.train.logging import read_metrics
 from fastllm.train.rollout import PolicyLogProbs, policy_logprobs
 
-from .conftest import ROOT, run_cli
+from .conftest import run_cli
 from .rl_helpers import (
     BETA,
     arm_reward,
+    assert_split_update_matches,
     bandit_policy,
     gold_prompts,
     gold_reward,
@@ -143,24 +141,7 @@ def test_two_processes_update_as_one(tmp_path):
     """On the same rollout (4 groups of 4), 2 gloo processes (2 groups each) and 1 process end
     the update (2 passes of one step over 2 micro-batches, KL term) with the same losses and
     weights, for every loss_type."""
-    worker = os.path.join(ROOT, "tests", "train", "grpo_split_worker.py")
-    outs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}.pt"
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", worker,
-               str(out)]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-        assert res.returncode == 0, res.stdout + res.stderr
-        outs[nproc] = torch.load(out, weights_only=True)
-    for agg, one in outs[1].items():
-        two = outs[2][agg]
-        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), agg
-        moved = 0.0
-        for k, v in one["weights"].items():
-            torch.testing.assert_close(two["weights"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m, agg=agg: f"{agg}: {m}")
-            moved += float((v - one["initial"][k]).abs().sum())
-        assert moved > 0, agg
+    assert_split_update_matches("grpo_split_worker.py", tmp_path)
 
 
 # --------------------------------------------------------------------------- problems with known answers

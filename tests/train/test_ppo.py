@@ -9,8 +9,6 @@ import importlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -22,8 +20,18 @@ from fastllm.train import ppo
 from fastllm.train.checkpoint import list_checkpoints
 from fastllm.train.logging import read_metrics
 
-from .conftest import ROOT, as_args, run_cli
-from .rl_helpers import BETA, EOS, TARGET, arm_reward, bandit_policy, gold_reward, next_token_dist, total_variation
+from .conftest import as_args, run_cli
+from .rl_helpers import (
+    BETA,
+    EOS,
+    TARGET,
+    arm_reward,
+    assert_split_update_matches,
+    bandit_policy,
+    gold_reward,
+    next_token_dist,
+    total_variation,
+)
 from .rl_helpers import gold_of_samples as _gold_of_samples
 from .rl_helpers import gold_prompts as _gold_prompts
 from .rl_helpers import quiet as _quiet
@@ -247,24 +255,7 @@ def test_two_processes_update_as_one(tmp_path):
     """On the same rollout, 2 gloo processes (each its half of the rows) and 1 process (all rows)
     end the update (2 epochs of one minibatch step over 2 micro-batches, KL as a loss term) with
     the same losses and weights, for every loss aggregation."""
-    worker = os.path.join(ROOT, "tests", "train", "ppo_split_worker.py")
-    outs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}.pt"
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", worker,
-               str(out)]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-        assert res.returncode == 0, res.stdout + res.stderr
-        outs[nproc] = torch.load(out, weights_only=True)
-    for agg, one in outs[1].items():
-        two = outs[2][agg]
-        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), agg
-        moved = 0.0
-        for k, v in one["weights"].items():
-            torch.testing.assert_close(two["weights"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m, agg=agg: f"{agg}: {m}")
-            moved += float((v - one["initial"][k]).abs().sum())
-        assert moved > 0, agg
+    assert_split_update_matches("ppo_split_worker.py", tmp_path)
 
 
 def test_bad_options(tmp_path):
