@@ -120,19 +120,11 @@ def run_fastllm(work: str, args) -> dict:
             "first_loss": loss[1], "last_loss": loss[max(loss)]}
 
 
-def run_trl(work: str, args) -> dict:
-    import datasets
-    import torch
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
-    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(work, "model"))
-    data = datasets.Dataset.from_list([{"prompt": r["prompt_text"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                                       for r in _records(args.records)])
-    base = _rss_mib()
-    model = LlamaForCausalLM.from_pretrained(os.path.join(work, "model"), attn_implementation="sdpa",
-                                             dtype=torch.float32)
-    times, losses = [], []
+def _trl_timer(times: list, logged: list):
+    """A transformers TrainerCallback appending each step's wall time (ms) to `times` and each
+    log record that has a loss to `logged`."""
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
@@ -143,7 +135,24 @@ def run_trl(work: str, args) -> dict:
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                losses.append(logs["loss"])
+                logged.append(dict(logs))
+
+    return Timer()
+
+def run_trl(work: str, args) -> dict:
+    import datasets
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(work, "model"))
+    data = datasets.Dataset.from_list([{"prompt": r["prompt_text"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                                       for r in _records(args.records)])
+    base = _rss_mib()
+    model = LlamaForCausalLM.from_pretrained(os.path.join(work, "model"), attn_implementation="sdpa",
+                                             dtype=torch.float32)
+    times, logged = [], []
+    timer = _trl_timer(times, logged)
 
     cfg = DPOConfig(output_dir=os.path.join(work, f"trl_{args.reference}"), per_device_train_batch_size=args.pairs,
                     max_steps=args.warmup + args.steps, learning_rate=1e-5, lr_scheduler_type="constant",
@@ -151,10 +160,10 @@ def run_trl(work: str, args) -> dict:
                     precompute_ref_log_probs=args.reference == "precomputed", report_to="none", use_cpu=True,
                     logging_steps=1, save_strategy="no", eval_strategy="no", bf16=False, fp16=False,
                     dataloader_num_workers=0, disable_tqdm=True, seed=1)
-    trainer = DPOTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[Timer()])
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, callbacks=[timer])
     trainer.train()
     return {"step_ms": times[args.warmup:], "peak_mib": _peak_rss_mib() - base,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+            "first_loss": logged[0]["loss"] if logged else None, "last_loss": logged[-1]["loss"] if logged else None}
 
 
 def bench_reward(prompts, completions, **kw):
@@ -196,7 +205,7 @@ def run_fastllm_grpo(work: str, args) -> dict:
 def run_trl_grpo(work: str, args) -> dict:
     import datasets
     import torch
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
     from trl import GRPOConfig, GRPOTrainer
 
     tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(work, "model"))
@@ -205,17 +214,7 @@ def run_trl_grpo(work: str, args) -> dict:
     model = LlamaForCausalLM.from_pretrained(os.path.join(work, "model"), attn_implementation="sdpa",
                                              dtype=torch.float32)
     times, logged = [], []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            times.append(1e3 * (time.perf_counter() - self.t0))
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                logged.append(dict(logs))
+    timer = _trl_timer(times, logged)
 
     n = args.prompts * args.generations
     cfg = GRPOConfig(output_dir=os.path.join(work, "trl_grpo"), per_device_train_batch_size=n,
@@ -226,7 +225,7 @@ def run_trl_grpo(work: str, args) -> dict:
                      save_strategy="no", eval_strategy="no", bf16=False, fp16=False, dataloader_num_workers=0,
                      disable_tqdm=True, seed=1, shuffle_dataset=False)
     trainer = GRPOTrainer(model=model, reward_funcs=[bench_reward], args=cfg, train_dataset=data,
-                          processing_class=tok, callbacks=[Timer()])
+                          processing_class=tok, callbacks=[timer])
     trainer.train()
     timed = logged[args.warmup:] or logged
     return {"step_ms": times[args.warmup:], "peak_mib": _peak_rss_mib() - base,

@@ -115,19 +115,25 @@ def get_tokenizer(cfg, info: DistInfo, training_texts: Callable[[], list[str]]):
     return load_tokenizer(saved)
 
 
+def preset_config(cfg, vocab_size: int | None):
+    """The config of the preset cfg.model with cfg.model_overrides, its vocab sized to the
+    tokenizer (vocab_size) unless the overrides say otherwise; an unknown name is an error."""
+    if cfg.model not in models.PRESETS:
+        raise ValueError(f"model: {cfg.model!r} is neither a preset ({', '.join(models.PRESETS)}) nor an existing "
+                         "checkpoint directory")
+    overrides = dict(cfg.model_overrides)
+    if vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_size
+    return models.preset(cfg.model, **overrides)
+
+
 def get_model(cfg, vocab_size: int | None, context: int) -> torch.nn.Module:
     """A preset (randomly initialised under the seed; its vocab sized to the tokenizer unless
     model_overrides says otherwise) or a checkpoint directory. Checks vocab and context."""
     if os.path.isdir(cfg.model):
         model = models.from_pretrained(cfg.model)
-    elif cfg.model not in models.PRESETS:
-        raise ValueError(f"model: {cfg.model!r} is neither a preset ({', '.join(models.PRESETS)}) nor an existing "
-                         "checkpoint directory")
     else:
-        overrides = dict(cfg.model_overrides)
-        if vocab_size is not None and "vocab_size" not in overrides:
-            overrides["vocab_size"] = vocab_size
-        model = models.build_model(models.preset(cfg.model, **overrides))
+        model = models.build_model(preset_config(cfg, vocab_size))
     if context is not None:
         check_fit(model, vocab_size, context)
     return model
@@ -422,14 +428,8 @@ def get_head_model(cfg, kind: str, head, vocab_size: int | None, context: int | 
                                  f"{head.num_labels}")
         else:
             model = models.from_pretrained(cfg.model, cls=cls, head=head)
-    elif cfg.model not in models.PRESETS:
-        raise ValueError(f"model: {cfg.model!r} is neither a preset ({', '.join(models.PRESETS)}) nor an existing "
-                         "checkpoint directory")
     else:
-        overrides = dict(cfg.model_overrides)
-        if vocab_size is not None and "vocab_size" not in overrides:
-            overrides["vocab_size"] = vocab_size
-        mcfg = models.preset(cfg.model, **overrides)
+        mcfg = preset_config(cfg, vocab_size)
         try:
             model = build_head_model(mcfg, kind, head)
         except ValueError:

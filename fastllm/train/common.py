@@ -125,6 +125,18 @@ def build_scheduler(optimizer, *, warmup_steps: int, max_steps: int, schedule: s
         s, warmup_steps=warmup_steps, max_steps=max_steps, schedule=schedule, min_lr_ratio=min_lr_ratio))
 
 
+def optimizer_for(model: nn.Module, cfg, updates_per_step: int = 1):
+    """AdamW and the learning-rate schedule a training config asks for (lr, weight_decay, betas,
+    eps, warmup_steps, max_steps, schedule, min_lr_ratio). updates_per_step: optimizer steps per
+    loop step (PPO / GRPO: epochs x minibatches per iteration), so warm-up and decay count
+    optimizer steps. Returns (optimizer, scheduler)."""
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps * updates_per_step,
+                                max_steps=cfg.max_steps * updates_per_step, schedule=cfg.schedule,
+                                min_lr_ratio=cfg.min_lr_ratio)
+    return optimizer, scheduler
+
+
 # --------------------------------------------------------------------------- freezing, checkpointing
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer)\.(\d+)\.")

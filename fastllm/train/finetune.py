@@ -43,12 +43,11 @@ from . import build
 from .checkpoint import resume_training_state, save_training_state
 from .common import (
     autocast,
-    build_optimizer,
-    build_scheduler,
     count_tokens,
     enable_activation_checkpointing,
     evaluate,
     freeze_parameters,
+    optimizer_for,
     to_device,
     transformer_layers,
 )
@@ -229,9 +228,7 @@ def finetune(config: FinetuneConfig | str | dict | None = None, *, model=None, t
         enable_activation_checkpointing(model)
     wrapped = wrap_model(TaskLoss(model, cfg.task, class_weights, cfg.label_smoothing), info,
                          transformer_layers(model), device)
-    optimizer = build_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
-    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+    optimizer, scheduler = optimizer_for(wrapped, cfg)
     step, _ = resume_training_state(cfg, wrapped, optimizer, scheduler, loader, info)
     adapters_only = bool(cfg.peft)
     count_fn = count_tokens if cfg.task == "token_classification" else count_sequences

@@ -63,7 +63,7 @@ from fastllm.rl import aggregation_normaliser, group_advantages, kl_k3, kl_loss,
 
 from . import build
 from .checkpoint import resume_training_state, save_training_state
-from .common import optimizer_step
+from .common import optimizer_for, optimizer_step
 from .config import GRPOConfig, as_config
 from .distributed import DistInfo, no_sync_fn, wrap_model
 from .export import export_final
@@ -78,7 +78,6 @@ from .rollout import (
     sample_responses,
     score_responses,
     to_response,
-    update_optimizer,
     update_passes,
 )
 
@@ -291,7 +290,7 @@ def grpo(config: GRPOConfig | str | dict | None = None, *, model=None, tokenizer
         reward_model.to(device).requires_grad_(False).eval()
     n_trainable = sum(p.numel() for p in policy_lp.parameters() if p.requires_grad)
     wrapped = wrap_model(policy_lp, info, None, device)
-    optimizer, scheduler = update_optimizer(wrapped, cfg, cfg.num_iterations * cfg.num_minibatches)
+    optimizer, scheduler = optimizer_for(wrapped, cfg, cfg.num_iterations * cfg.num_minibatches)
     loader = BatchLoader(list(range(len(items))), cfg.batch_size, seed=cfg.seed, rank=info.rank,
                          world_size=info.world_size, collate_fn=list)
     torch.manual_seed(cfg.seed + 7919 * info.rank)  # each rank samples its own responses

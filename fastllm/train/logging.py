@@ -111,16 +111,22 @@ class ProgressBar:
             self.stream.flush()
 
 
-def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike | None = None) -> Path:
-    """Plot training loss (and eval loss where logged) against step into a PNG (needs matplotlib)."""
+def pyplot(what: str):
+    """matplotlib.pyplot on the Agg backend, or an ImportError saying `what` needs it and how to
+    install it (every plot of the loops goes through here)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ImportError("plot_loss_curve needs matplotlib: pip install fastllm[plot] (or pip install matplotlib)"
-                          ) from exc
+        raise ImportError(f"{what} needs matplotlib: pip install fastllm[plot] (or pip install matplotlib)") from exc
+    return plt
+
+
+def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike | None = None) -> Path:
+    """Plot training loss (and eval loss where logged) against step into a PNG (needs matplotlib)."""
+    plt = pyplot("plot_loss_curve")
     metrics_path = Path(metrics_path)
     png_path = Path(png_path) if png_path else metrics_path.with_name("loss_curve.png")
     train = read_metrics(metrics_path, "loss")

@@ -73,12 +73,13 @@ from fastllm.rl import (
 from . import build
 from .checkpoint import resume_training_state, save_training_state
 from .common import (
+    optimizer_for,
     optimizer_step,
 )
 from .config import PPOConfig, as_config
 from .distributed import DistInfo, no_sync_fn, wrap_model
 from .export import export_final
-from .logging import read_metrics
+from .logging import pyplot, read_metrics
 from .loop import start_run, train_loop
 from .peft_glue import apply_peft
 from .rollout import (
@@ -89,7 +90,6 @@ from .rollout import (
     sample_responses,
     score_responses,
     to_response,
-    update_optimizer,
     update_passes,
 )
 
@@ -370,7 +370,7 @@ def ppo(config: PPOConfig | str | dict | None = None, *, model=None, tokenizer=N
         reward_model.to(device).requires_grad_(False).eval()
     n_trainable = sum(p.numel() for p in ac.parameters() if p.requires_grad)
     wrapped = wrap_model(ac, info, None, device)
-    optimizer, scheduler = update_optimizer(wrapped, cfg, cfg.ppo_epochs * cfg.num_minibatches)
+    optimizer, scheduler = optimizer_for(wrapped, cfg, cfg.ppo_epochs * cfg.num_minibatches)
     loader = BatchLoader(list(range(len(items))), cfg.batch_size, seed=cfg.seed, rank=info.rank,
                          world_size=info.world_size, collate_fn=list)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
@@ -479,14 +479,7 @@ def _iteration_metrics(roll: dict, stats: Tensor, info: DistInfo, kl_ctl, update
 
 def plot_ppo_curves(metrics_path: str | Path, png_path: str | Path | None = None) -> Path:
     """reward/mean and kl against iteration, side by side, into a PNG (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("plot_ppo_curves needs matplotlib: pip install fastllm[plot] (or pip install matplotlib)"
-                          ) from exc
+    plt = pyplot("plot_ppo_curves")
     metrics_path = Path(metrics_path)
     png_path = Path(png_path) if png_path else metrics_path.with_name("ppo_curves.png")
     reward, kl = read_metrics(metrics_path, "reward/mean"), read_metrics(metrics_path, "kl")

@@ -18,9 +18,8 @@ from .checkpoint import resume_training_state
 from .common import (
     CausalLMLoss,
     MaskedLMLoss,
-    build_optimizer,
-    build_scheduler,
     enable_activation_checkpointing,
+    optimizer_for,
     transformer_layers,
 )
 from .config import PretrainConfig, as_config
@@ -52,9 +51,7 @@ def pretrain(config: PretrainConfig | str | dict | None = None, *, model=None, t
         enable_activation_checkpointing(model)
     loss_module = MaskedLMLoss(model) if cfg.objective == "mlm" else CausalLMLoss(model)
     wrapped = wrap_model(loss_module, info, transformer_layers(model), device)
-    optimizer = build_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
-    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+    optimizer, scheduler = optimizer_for(wrapped, cfg)
     step, _ = resume_training_state(cfg, wrapped, optimizer, scheduler, loader, info)
 
     def loss_sum(batch):

@@ -53,10 +53,9 @@ from . import build
 from .checkpoint import resume_training_state, save_training_state
 from .common import (
     autocast,
-    build_optimizer,
-    build_scheduler,
     enable_activation_checkpointing,
     freeze_parameters,
+    optimizer_for,
     to_device,
     transformer_layers,
 )
@@ -237,9 +236,7 @@ def reward(config: RewardConfig | str | dict | None = None, *, model=None, token
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     wrapped = wrap_model(PackedRewards(model), info, transformer_layers(model), device)
-    optimizer = build_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
-    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+    optimizer, scheduler = optimizer_for(wrapped, cfg)
     step, _ = resume_training_state(cfg, wrapped, optimizer, scheduler, loader, info)
     adapters_only = bool(cfg.peft)
     stats = torch.zeros(5, dtype=torch.float64, device=device)  # build.PAIR_STATS sums, tokens

@@ -228,14 +228,3 @@ def reference_logprobs_fn(model: nn.Module, *, reference_model: nn.Module | None
             return policy_logprobs(ref, batch, temperature)[0]
 
     return reference_logprobs
-
-
-def update_optimizer(wrapped: nn.Module, cfg, updates: int):
-    """AdamW and the schedule of an RL loop whose iteration makes `updates` optimizer steps
-    (epochs x minibatches): warm-up and decay are counted in optimizer steps."""
-    from .common import build_optimizer, build_scheduler
-
-    optimizer = build_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
-    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps * updates, max_steps=cfg.max_steps * updates,
-                                schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
-    return optimizer, scheduler

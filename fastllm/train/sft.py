@@ -19,10 +19,9 @@ from . import build
 from .checkpoint import resume_training_state
 from .common import (
     CausalLMLoss,
-    build_optimizer,
-    build_scheduler,
     enable_activation_checkpointing,
     freeze_parameters,
+    optimizer_for,
     transformer_layers,
 )
 from .config import SFTConfig, as_config
@@ -55,9 +54,7 @@ def sft(config: SFTConfig | str | dict | None = None, *, model=None, tokenizer=N
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     wrapped = wrap_model(CausalLMLoss(model), info, transformer_layers(model), device)
-    optimizer = build_optimizer(wrapped, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
-    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+    optimizer, scheduler = optimizer_for(wrapped, cfg)
     step, _ = resume_training_state(cfg, wrapped, optimizer, scheduler, loader, info)
     adapters_only = bool(cfg.peft) or bool(adapter_parameter_names(model))  # a PEFT model passed in too
 
