@@ -17,8 +17,11 @@ term per projection group (`fastllm_lora_low_rank`), Hugging Face with peft's Lo
                       measured device copy bandwidth (2 * bytes / time of a 1 GiB copy);
                       KV bytes at the mean context prompt + new/2. Meaningful at batch 1.
     matmul ms       = the decode step's matrix products alone (q/k/v, o, gate/up, down of every
-                      layer and the head, on the model's own weights, F.linear at the step's
-                      batch): the floor a decode step can approach on this device.
+                      layer and the head, on the model's own weights, at the step's batch) through
+                      fastllm.ops.small_linear, as the step runs them: the floor a decode step can
+                      approach on this device.
+    blas ms         = the same products through F.linear (the wheel's BLAS), what Hugging Face's
+                      step runs.
 
 Rows are appended as JSON lines to bench/results/generate.jsonl (device, versions, commit).
 """
@@ -39,6 +42,7 @@ import torch  # noqa: E402
 from bench.harness import RESULTS_DIR, default_device, environment  # noqa: E402
 from fastllm.generation import generate  # noqa: E402
 from fastllm.models import build_model, preset  # noqa: E402
+from fastllm.ops import small_linear  # noqa: E402
 
 CONFIGS = {"tiny": "tiny-llama", "smollm2-135m": "smollm2-135m"}
 
@@ -128,10 +132,9 @@ def providers(model, hf, device, sampling, lora=None):
     return out
 
 
-def matmul_floor(model, batch, device, reps) -> float:
-    """Median seconds of one decode step's matrix products alone (see the module docstring)."""
-    import torch.nn.functional as F
-
+def matmul_floor(model, batch, device, reps, linear) -> float:
+    """Median seconds of one decode step's matrix products alone through `linear` (see the
+    module docstring)."""
     weights = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
@@ -143,7 +146,7 @@ def matmul_floor(model, batch, device, reps) -> float:
     def gemms():
         with torch.no_grad():
             for w in weights:
-                F.linear(xs[w.shape[1]], w)
+                linear(xs[w.shape[1]], w)
     gemms()
     return statistics.median(_time(gemms, device, max(reps, 3)))
 
@@ -170,7 +173,7 @@ def main(argv=None):
     print(f"\n## generate on {env['device']} (torch {env['torch']}, commit {env['commit']}), "
           f"copy bandwidth {bw / 1e9:.1f} GB/s, {dtype}")
     header = (f"{'config':<14} {'batch':>5} {'sampling':<8} {'provider':<22} {'tokens/s':>10} {'x hf':>6} "
-              f"{'median s':>9} {'decode ms/tok':>13} {'matmul ms':>9} {'bound %':>8}")
+              f"{'median s':>9} {'decode ms/tok':>13} {'matmul ms':>9} {'blas ms':>8} {'bound %':>8}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -186,7 +189,8 @@ def main(argv=None):
         for batch, sampling, policy in [(b, s, p) for b in batches for s in args.sampling
                                         for p in ([None, lora] if lora else [None])]:
             ids = torch.randint(1, cfg.vocab_size, (batch, args.prompt), device=device)
-            floor = matmul_floor(model, batch, device, reps)
+            floor = matmul_floor(model, batch, device, reps, small_linear)
+            blas = matmul_floor(model, batch, device, reps, torch.nn.functional.linear)
             results = {}
             for pname, fn in providers(model, hf, device, sampling, policy).items():
                 fn(ids, 2)  # warm-up: kernel selection, allocator, graph capture path
@@ -205,14 +209,15 @@ def main(argv=None):
             for pname, (med, decode, bound, full) in results.items():
                 tps = batch * args.new / med
                 print(f"{cname:<14} {batch:>5} {sampling:<8} {pname:<22} {tps:>10.1f} {base / med:>6.2f} "
-                      f"{med:>9.3f} {decode * 1e3:>13.2f} {floor * 1e3:>9.2f} {100 * bound:>7.1f}%")
+                      f"{med:>9.3f} {decode * 1e3:>13.2f} {floor * 1e3:>9.2f} {blas * 1e3:>8.2f} {100 * bound:>7.1f}%")
                 rows.append({"bench": "generate", "case": f"{cname} b{batch} {sampling}" + (" lora" if policy else ""),
                              "config": cname, "batch": batch, "sampling": sampling, "lora": policy is not None,
                              "prompt": args.prompt, "new": args.new, "dtype": str(dtype).replace("torch.", ""),
                              "provider": pname, "median_s": med, "times_s": full, "tokens_per_s": tps,
                              "speedup_vs_baseline": base / med, "baseline": base_name,
                              "decode_ms_per_token": decode * 1e3, "matmul_floor_ms": floor * 1e3,
-                             "bandwidth_bound_fraction": bound, "copy_gb_per_s": bw / 1e9, **env})
+                             "blas_matmul_ms": blas * 1e3, "bandwidth_bound_fraction": bound,
+                             "copy_gb_per_s": bw / 1e9, **env})
         del model, hf
     if rows and not args.no_write:
         os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -29,6 +29,11 @@ TORCH_LIBRARY(fastllm, m) {
   // Returns (grad_gate, grad_up); sigmoid(gate) is recomputed.
   m.def("swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 
+  // Linear for a few rows (a decode step's projections and LM head), CPU: x (M, K) float32
+  // with unit stride along K, weight (N, K) float32 with unit stride along K (nn.Linear's
+  // layout), bias (N,) or None. Returns y = x weight^T + bias (M, N). Inference only.
+  m.def("small_linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
   // LoRA linear: x (rows, in), weight (out, in), bias (out,) or None, lora_a (r, in),
   // lora_b (out, r), keep bool (rows, in) or None. y = x W^T + b + scale * (xd A^T) B^T with
   // xd = x * keep / (1 - dropout_p). Returns (y (rows, out), u = xd A^T (rows, r)).

@@ -22,7 +22,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from fastllm.labels import IGNORE_INDEX, check_shifted
-from fastllm.ops import next_token_loss, swiglu
+from fastllm.ops import next_token_loss, small_linear, swiglu
 from fastllm.ops.attention import attention
 
 from .kv_cache import KVCache
@@ -301,7 +301,7 @@ def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | No
     if fused is None:
         return [getattr(owner, name)(x) for name in names]
     weight, bias, low_rank, sizes = fused
-    y = F.linear(x, weight, bias)
+    y = small_linear(x, weight, bias)  # a decode step's few rows: the native kernel on the CPU
     if low_rank is not None:
         y += F.linear(F.linear(x, low_rank[0]), low_rank[1])
     return y.split_with_sizes(sizes, -1) if len(sizes) > 1 else [y]

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastllm.ops import small_linear
+
 from . import _decoder
 from .config import GPT2Config
 from .kv_cache import KVCache
@@ -168,7 +170,7 @@ class GPT2LMHeadModel(_decoder.NextTokenLoss, HFNames, nn.Module):
         return self.transformer.ln_f(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.lm_head_weight)
+        return small_linear(hidden, self.lm_head_weight)  # F.linear; few rows: the native CPU kernel
 
     # -- Hugging Face names: optional `transformer.` prefix, Conv1D (in, out) weights ------
     @classmethod

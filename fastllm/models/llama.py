@@ -18,10 +18,9 @@ fastllm.ops.rms_norm.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastllm.ops import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from fastllm.ops import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, small_linear
 
 from . import _decoder
 from .config import LlamaConfig
@@ -238,4 +237,4 @@ class LlamaForCausalLM(_decoder.NextTokenLoss, HFNames, nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden (..., hidden) -> logits (..., V) in hidden's dtype."""
-        return F.linear(hidden, self.lm_head_weight)
+        return small_linear(hidden, self.lm_head_weight)  # F.linear; few rows: the native CPU kernel

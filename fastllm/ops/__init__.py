@@ -22,6 +22,7 @@ from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linea
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
 from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
 from .sampling import sample, sample_reference, sampling_params
+from .small_linear import SMALL_LINEAR_MAX_ROWS, small_linear, small_linear_reference
 from .swiglu import swiglu, swiglu_backward_reference, swiglu_reference
 from .task_losses import classification_loss, regression_loss, token_classification_loss
 
@@ -69,4 +70,7 @@ __all__ = [
     "sample",
     "sample_reference",
     "sampling_params",
+    "SMALL_LINEAR_MAX_ROWS",
+    "small_linear",
+    "small_linear_reference",
 ]

@@ -1,0 +1,281 @@
+// A linear layer for a few rows on the CPU: y (M, N) = x (M, K) W^T + b, with W (N, K)
+// row-major as nn.Linear holds it. This is the decode step's product: M is the batch (1-32
+// rows), and W (a layer's projections, the LM head) is far larger than the caches, so the
+// step streams every weight once from memory.
+//
+// Why not BLAS: for these shapes the BLAS in the torch wheel reads the weights at ~12 GB/s at
+// M = 1 (a third of the machine's read bandwidth) and reaches ~45 GFLOP/s per core at M = 16
+// (half the FMA peak); bench/README.md has the numbers. Here each tile of NR weight rows is
+// read once from memory into L1 and multiplied there by every row of x, as dot products along
+// K (no packing, no transposed copy of W), MR rows of x x NR rows of W at a time in vector
+// accumulators, reduced across lanes at the end of the row. Threads split N.
+//
+// The sums run in a different order from BLAS (lane-wise partial sums, then a tree across
+// lanes), so results match F.linear to float32 rounding, not bit for bit.
+//
+// ISA: an AVX-512 body (16-lane vectors, 4 x 4 tiles: 16 accumulators + 5 operands of the 32
+// registers), an AVX2+FMA body (8 lanes, 2 x 4 tiles: 13 of 16 registers) and a portable
+// body, picked once at load time from the CPU's features.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "fastllm/checks.h"
+#include "fastllm/cpu_simd.h"  // FASTLLM_ALWAYS_INLINE
+#include "fastllm/grain.h"
+
+namespace fastllm::cpu {
+namespace {
+
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors pass only between always-inlined helpers
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef int32_t i8v __attribute__((vector_size(32)));
+#define FASTLLM_HAVE_VECTORS 1
+#endif
+
+struct Problem {
+  const float* x;
+  int64_t ldx;  // row stride of x
+  const float* w;
+  int64_t ldw;  // row stride of W
+  const float* bias;  // (N,) or nullptr
+  float* y;
+  int64_t ldy;
+  int64_t M, N, K;
+};
+
+#ifdef FASTLLM_HAVE_VECTORS
+template <class V>
+FASTLLM_ALWAYS_INLINE V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <class V>
+FASTLLM_ALWAYS_INLINE float lane_sum(V v) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  float lanes[L];
+  std::memcpy(lanes, &v, sizeof(V));
+  // pairwise tree: L/2 + L/4 + ... adds, which the compiler keeps in registers
+  for (int width = L / 2; width >= 1; width /= 2) {
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  }
+  return lanes[0];
+}
+
+// One level of the transposed lane reduction: u and v hold L / g blocks of g partial sums
+// each (block b of u: accumulator u_b, g lanes). The result holds blocks of g / 2 partial sums,
+// u's and v's interleaved: block 2b is u_b, block 2b + 1 is v_b. log2(L) levels reduce L
+// accumulators to one vector whose lane t is the sum of accumulator bitreverse(t).
+template <class V, class I, int G>
+FASTLLM_ALWAYS_INLINE V combine(V u, V v) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  struct Masks {
+    int32_t lo[L], hi[L];
+  };
+  constexpr Masks masks = [] {
+    Masks m{};
+    for (int l = 0; l < L; ++l) {
+      const bool first = (l % (2 * G)) < G;  // first half of a 2G block: from u, else from v
+      m.lo[l] = first ? l : L + l;
+      m.hi[l] = first ? l + G : L + l - G;
+    }
+    return m;
+  }();
+  I lo, hi;
+  std::memcpy(&lo, masks.lo, sizeof(I));
+  std::memcpy(&hi, masks.hi, sizeof(I));
+  return __builtin_shuffle(u, v, lo) + __builtin_shuffle(u, v, hi);
+}
+
+// The sums of L accumulators acc[0..L) into out[t] = sum of the lanes of acc[t].
+template <class V, class I>
+FASTLLM_ALWAYS_INLINE void reduce_all(V* acc, float* out) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  int n = L;
+  // level g = L / 2 combines acc[2i], acc[2i + 1]; each level halves the count
+  if constexpr (L >= 16) {
+    for (int i = 0; i < n / 2; ++i) acc[i] = combine<V, I, L / 2>(acc[2 * i], acc[2 * i + 1]);
+    n /= 2;
+  }
+  for (int i = 0; i < n / 2; ++i) acc[i] = combine<V, I, (L >= 16 ? L / 4 : L / 2)>(acc[2 * i], acc[2 * i + 1]);
+  n /= 2;
+  for (int i = 0; i < n / 2; ++i) acc[i] = combine<V, I, (L >= 16 ? L / 8 : L / 4)>(acc[2 * i], acc[2 * i + 1]);
+  n /= 2;
+  acc[0] = combine<V, I, 1>(acc[0], acc[1]);
+  float lanes[L];
+  std::memcpy(lanes, &acc[0], sizeof(V));
+  for (int t = 0; t < L; ++t) {
+    int r = 0;  // bitreverse(t) over log2(L) bits
+    for (int b = 1, c = L / 2; b < L; b <<= 1, c >>= 1) r |= (t & b) ? c : 0;
+    out[r] = lanes[t];
+  }
+}
+
+// y[i, j] for i < MR rows of x at x, j < NR rows of W at w. Prefetches the next tile's
+// weight rows as it goes (the stream the hardware prefetcher sees is NR interleaved rows).
+template <class V, class I, int MR, int NR>
+FASTLLM_ALWAYS_INLINE void tile(const Problem& p, const float* x, const float* w, float* y,
+                                const float* bias) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  const int64_t K = p.K;
+  V acc[MR * NR];
+  for (int a = 0; a < MR * NR; ++a) acc[a] = V{};
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    V wv[NR];
+    for (int j = 0; j < NR; ++j) {
+      __builtin_prefetch(w + (NR + j) * p.ldw + k);
+      wv[j] = load<V>(w + j * p.ldw + k);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const V xv = load<V>(x + i * p.ldx + k);
+      for (int j = 0; j < NR; ++j) acc[i * NR + j] += xv * wv[j];
+    }
+  }
+  float s[MR * NR];
+  if constexpr (MR * NR == L) {
+    reduce_all<V, I>(acc, s);
+  } else {
+    for (int a = 0; a < MR * NR; ++a) s[a] = lane_sum(acc[a]);
+  }
+  for (; k < K; ++k) {
+    for (int i = 0; i < MR; ++i) {
+      for (int j = 0; j < NR; ++j) s[i * NR + j] += x[i * p.ldx + k] * w[j * p.ldw + k];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) y[i * p.ldy + j] = bias ? s[i * NR + j] + bias[j] : s[i * NR + j];
+  }
+}
+
+// W rows [n, n + NR) against every row of x, MR rows at a time, while the tile sits in L1.
+template <class V, class I, int MR, int NR>
+FASTLLM_ALWAYS_INLINE void tile_column(const Problem& p, int64_t n) {
+  const float* w = p.w + n * p.ldw;
+  const float* b = p.bias ? p.bias + n : nullptr;
+  int64_t m = 0;
+  for (; m + MR <= p.M; m += MR) tile<V, I, MR, NR>(p, p.x + m * p.ldx, w, p.y + m * p.ldy + n, b);
+  const int64_t rest = p.M - m;
+  const float* x = p.x + m * p.ldx;
+  float* y = p.y + m * p.ldy + n;
+  if constexpr (MR > 3) {
+    if (rest == 3) tile<V, I, 3, NR>(p, x, w, y, b);
+  }
+  if constexpr (MR > 2) {
+    if (rest == 2) tile<V, I, 2, NR>(p, x, w, y, b);
+  }
+  if constexpr (MR > 1) {
+    if (rest == 1) tile<V, I, 1, NR>(p, x, w, y, b);
+  }
+}
+
+// Every row of x against W rows [n0, n1): tiles of NR weight rows, the last ones one by one.
+// (Plain always-inline templates, no lambdas: a lambda is compiled for the default target and
+// would not get the caller's vector ISA.)
+template <class V, class I, int MR, int NR>
+FASTLLM_ALWAYS_INLINE void rows_range(const Problem& p, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) tile_column<V, I, MR, NR>(p, n);
+  for (; n < n1; ++n) tile_column<V, I, MR, 1>(p, n);
+}
+#endif
+
+void rows_range_portable(const Problem& p, int64_t n0, int64_t n1) {
+#ifdef FASTLLM_HAVE_VECTORS
+  rows_range<v8, i8v, 2, 4>(p, n0, n1);
+#else
+  for (int64_t m = 0; m < p.M; ++m) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < p.K; ++k) s += p.x[m * p.ldx + k] * p.w[n * p.ldw + k];
+      p.y[m * p.ldy + n] = p.bias ? s + p.bias[n] : s;
+    }
+  }
+#endif
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2,fma"))) void rows_range_avx2(const Problem& p, int64_t n0, int64_t n1) {
+  rows_range<v8, i8v, 2, 4>(p, n0, n1);
+}
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void rows_range_avx512(const Problem& p,
+                                                                                      int64_t n0,
+                                                                                      int64_t n1) {
+  rows_range<v16, i16v, 4, 4>(p, n0, n1);
+}
+#endif
+
+using RangeFn = void (*)(const Problem&, int64_t, int64_t);
+
+RangeFn pick_body() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return rows_range_avx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_range_avx2;
+#endif
+  return rows_range_portable;
+}
+
+const RangeFn kBody = pick_body();
+
+at::Tensor small_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias) {
+  check_dim(x, "x", 2);
+  check_dim(weight, "weight", 2);
+  check_dtype(x, "x", {at::kFloat});
+  check_dtype(weight, "weight", {at::kFloat});
+  check_same_device(x, "x", weight, "weight");
+  TORCH_CHECK(x.size(1) == weight.size(1), "weight: expected ", x.size(1),
+              " columns (x has that many features), got shape ", weight.sizes());
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "x: expected unit stride along features, got strides ",
+              x.strides());
+  TORCH_CHECK(weight.stride(1) == 1 || weight.size(1) <= 1,
+              "weight: expected unit stride along features, got strides ", weight.strides());
+  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    check_dim(*bias, "bias", 1);
+    check_dtype(*bias, "bias", {at::kFloat});
+    check_same_device(x, "x", *bias, "bias");
+    check_contiguous(*bias, "bias");
+    TORCH_CHECK(bias->size(0) == N, "bias: expected ", N, " values (weight rows), got ", bias->size(0));
+    b = bias->const_data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) {
+    if (b) {
+      y.copy_(bias->unsqueeze(0));
+    } else {
+      y.zero_();
+    }
+    return y;
+  }
+  const Problem p{x.const_data_ptr<float>(), x.stride(0), weight.const_data_ptr<float>(), weight.stride(0),
+                  b, y.mutable_data_ptr<float>(), N, M, N, K};
+  // items: blocks of 16 weight rows (whole tiles for both bodies); work: multiply-adds / 8
+  constexpr int64_t kBlock = 16;
+  at::parallel_for(0, (N + kBlock - 1) / kBlock, grain_for(kBlock * M * K / 8), [&](int64_t begin, int64_t end) {
+    kBody(p, begin * kBlock, std::min(N, end * kBlock));
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastllm, CPU, m) { m.impl("small_linear_fwd", &small_linear_fwd_cpu); }
+
+}  // namespace fastllm::cpu

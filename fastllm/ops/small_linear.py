@@ -1,0 +1,54 @@
+"""x W^T + b for a few rows at inference: a decode step's projections and LM head.
+
+    y = small_linear(x, weight, bias)    # F.linear's contract: x (..., K), weight (N, K), bias (N,)
+
+A decode step multiplies a handful of rows (the batch) by every weight of the model once, so
+its time is the read of the weights; the BLAS in the torch wheel is far from that bound at
+these shapes on the CPU (bench/README.md, "small-rows linear"). On the CPU, for float32 and at
+most SMALL_LINEAR_MAX_ROWS rows, with no gradient needed, this runs `fastllm::small_linear_fwd`
+(csrc/cpu/small_linear.cpp); everywhere else, and for the reference backend, `F.linear`
+itself, which is the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._backend import choose
+
+# rows up to which the native kernel beat the wheel's BLAS on every shape of the SmolLM2 decode
+# step (1 and 2 threads, bench/README.md); above it BLAS's packed GEMM wins
+SMALL_LINEAR_MAX_ROWS = 64
+
+
+def small_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _native_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.dim() == 0 or weight.dim() != 2 or weight.stride(-1) != 1 or x.shape[-1] != weight.shape[1]:
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.dim() != 1 or not bias.is_contiguous()):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return False  # the kernel has no backward
+    rows = x.numel() // max(x.shape[-1], 1)
+    return 0 < rows <= SMALL_LINEAR_MAX_ROWS
+
+
+def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: str = "auto") -> Tensor:
+    """F.linear(x, weight, bias), through the native small-rows kernel where it applies (see
+    the module docstring); the same values up to float32 rounding of the sums' order."""
+    if not _native_fits(x, weight, bias) or choose(
+        "small_linear", x.device, backend, native_op="small_linear_fwd", has_triton=False
+    ) != "native":
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return torch.ops.fastllm.small_linear_fwd(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
