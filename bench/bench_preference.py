@@ -196,10 +196,56 @@ def run_fastllm_grpo(work: str, args) -> dict:
     tokens, rate, loss = (read_metrics(m, k) for k in ("tokens", "tokens_per_s", "loss"))
     length, reward = read_metrics(m, "response_length"), read_metrics(m, "reward/mean")
     steps = [s for s in tokens if s > args.warmup]
-    return {"step_ms": [1e3 * tokens[s] / rate[s] for s in steps], "peak_mib": _peak_rss_mib() - base,
+    phases = {ph: statistics.median(1e3 * v for s, v in read_metrics(m, f"time/{ph}").items() if s in steps)
+              for ph in ("rollout", "scoring", "training")}
+    peak = _peak_rss_mib() - base
+    return {"step_ms": [1e3 * tokens[s] / rate[s] for s in steps], "peak_mib": peak,
             "first_loss": loss[1], "last_loss": loss[max(loss)],
             "completion_length": statistics.mean(length[s] for s in steps),
-            "reward": statistics.mean(reward[s] for s in steps)}
+            "reward": statistics.mean(reward[s] for s in steps), "phases_ms": phases,
+            "floor_ms": grpo_floor_ms(work, args, recs, tok)}
+
+
+def grpo_floor_ms(work: str, args, recs, tok) -> dict:
+    """The iteration's work besides generation, on rows of its shape (prompts x G rows of the
+    longest prompt + completion_length tokens): a reference forward (no gradient) and a policy
+    forward + backward, each to the token log-probs, as any GRPO implementation with beta > 0
+    must run them; median ms of 5 after one warm-up."""
+    import time
+
+    import torch
+
+    from fastllm import models
+    from fastllm.data import PromptDataset
+    from fastllm.train.rollout import PolicyLogProbs
+
+    model = models.from_pretrained(os.path.join(work, "model")).eval()
+    lp = PolicyLogProbs(model)
+    prompts = PromptDataset(recs, tok, args.max_length, skip_too_long=True).examples
+    B, L = args.prompts * args.generations, max(len(p) for p in prompts) + args.completion_length
+    ids = torch.randint(3, model.config.vocab_size, (B, L))
+    mask = torch.ones(B, L, dtype=torch.bool)
+    targets = torch.roll(ids, -1, 1)
+
+    def reference():
+        with torch.no_grad():
+            lp(ids, mask, targets)
+
+    def policy():
+        logp, _ = lp(ids, mask, targets)
+        logp.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    out = {}
+    for name, fn in (("reference_forward", reference), ("policy_forward_backward", policy)):
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        out[name] = statistics.median(times)
+    return out
 
 
 def run_trl_grpo(work: str, args) -> dict:
@@ -296,7 +342,7 @@ def _table_rows(results: dict, label: str, step_tokens: float, common: dict) -> 
                      "p20_ms": q[0], "p80_ms": q[3], "reps": len(r["step_ms"]),
                      "tokens_per_s": step_tokens / med * 1e3, "peak_mib": r["peak_mib"],
                      "first_loss": r["first_loss"], "last_loss": r["last_loss"],
-                     **{k: r[k] for k in ("completion_length", "reward") if k in r},
+                     **{k: r[k] for k in ("completion_length", "reward", "phases_ms", "floor_ms") if k in r},
                      "speedup_vs_baseline": speed, "memory_vs_baseline": mem, "baseline": "trl" if base else None})
     return rows
 
@@ -375,6 +421,16 @@ def main(argv=None):
                   f"commit {env['commit']}, load average {env['load_average'][0]:.2f}")
             print(header + "\n" + "-" * len(header))
             results = _providers(work, args, have_trl, "grpo", [])
+            ours, trl_r = results.get("fastllm"), results.get("trl")
+            if ours:
+                ph, fl = ours["phases_ms"], ours["floor_ms"]
+                floor = fl["reference_forward"] + fl["policy_forward_backward"]
+                print(f"fastllm phases, median ms: rollout {ph['rollout']:.0f}, scoring (reward + reference) "
+                      f"{ph['scoring']:.0f}, training {ph['training']:.0f}; without generation an iteration needs "
+                      f"at least a reference forward ({fl['reference_forward']:.0f}) and a policy forward + "
+                      f"backward ({fl['policy_forward_backward']:.0f}) = {floor:.0f} ms"
+                      + (f", against 2x TRL's iteration = {statistics.median(trl_r['step_ms']) / 2:.0f} ms"
+                         if trl_r else ""))
             rows += _table_rows(results, "grpo", step_tokens, {
                 "bench": "preference", "case": f"grpo {args.config} p{args.prompts} g{args.generations} "
                 f"c{args.completion_length}", "method": "grpo", **model, "prompts": args.prompts,

@@ -31,8 +31,9 @@ TORCH_LIBRARY(fastllm, m) {
 
   // Linear for a few rows (a decode step's projections and LM head), CPU: x (M, K) float32
   // with unit stride along K, weight (N, K) float32 with unit stride along K (nn.Linear's
-  // layout), bias (N,) or None. Returns y = x weight^T + bias (M, N). Inference only.
-  m.def("small_linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // layout), bias (N,) or None, split: output widths summing to N ([]: one output). Returns
+  // y = x weight^T + bias (M, N) as contiguous (M, split[i]) column blocks. Inference only.
+  m.def("small_linear_fwd(Tensor x, Tensor weight, Tensor? bias, int[] split) -> Tensor[]");
 
   // LoRA linear: x (rows, in), weight (out, in), bias (out,) or None, lora_a (r, in),
   // lora_b (out, r), keep bool (rows, in) or None. y = x W^T + b + scale * (xd A^T) B^T with

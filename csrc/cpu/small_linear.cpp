@@ -1,6 +1,7 @@
 // A linear layer for a few rows on the CPU: y (M, N) = x (M, K) W^T + b, with W (N, K)
-// row-major as nn.Linear holds it. This is the decode step's product: M is the batch (1-32
-// rows), and W (a layer's projections, the LM head) is far larger than the caches, so the
+// row-major as nn.Linear holds it, its columns optionally written as several contiguous
+// outputs (`split`: a fused q/k/v or gate/up product straight into its parts, no copies).
+// This is the decode step's product: M is the batch (1-64 rows), and W (a layer's projections, the LM head) is far larger than the caches, so the
 // step streams every weight once from memory.
 //
 // Why not BLAS: for these shapes the BLAS in the torch wheel reads the weights at ~12 GB/s at
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_simd.h"  // FASTLLM_ALWAYS_INLINE
@@ -34,23 +36,35 @@ namespace fastllm::cpu {
 namespace {
 
 
+constexpr int kMaxSplit = 8;
+
 struct Problem {
   const float* x;
   int64_t ldx;  // row stride of x
   const float* w;
   int64_t ldw;  // row stride of W
   const float* bias;  // (N,) or nullptr
-  float* y;
-  int64_t ldy;
   int64_t M, N, K;
+  // the output columns in nseg contiguous (M, start[s + 1] - start[s]) tensors
+  int nseg;
+  int64_t start[kMaxSplit + 1];
+  float* out[kMaxSplit];
+
+  inline float* at(int64_t m, int64_t n) const {
+    int s = 0;
+    while (s + 1 < nseg && n >= start[s + 1]) ++s;
+    return out[s] + m * (start[s + 1] - start[s]) + (n - start[s]);
+  }
 };
 
 #ifdef FASTLLM_HAVE_VECTORS
 // y[i, j] for i < MR rows of x at x, j < NR rows of W at w. Prefetches the next tile's
 // weight rows as it goes (the stream the hardware prefetcher sees is NR interleaved rows).
 template <class V, class I, int MR, int NR>
-FASTLLM_ALWAYS_INLINE void tile(const Problem& p, const float* x, const float* w, float* y,
-                                const float* bias) {
+FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n) {
+  const float* x = p.x + m * p.ldx;
+  const float* w = p.w + n * p.ldw;
+  const float* bias = p.bias ? p.bias + n : nullptr;
   constexpr int L = sizeof(V) / sizeof(float);
   const int64_t K = p.K;
   V acc[MR * NR];
@@ -79,28 +93,24 @@ FASTLLM_ALWAYS_INLINE void tile(const Problem& p, const float* x, const float* w
     }
   }
   for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) y[i * p.ldy + j] = bias ? s[i * NR + j] + bias[j] : s[i * NR + j];
+    for (int j = 0; j < NR; ++j) *p.at(m + i, n + j) = bias ? s[i * NR + j] + bias[j] : s[i * NR + j];
   }
 }
 
 // W rows [n, n + NR) against every row of x, MR rows at a time, while the tile sits in L1.
 template <class V, class I, int MR, int NR>
 FASTLLM_ALWAYS_INLINE void tile_column(const Problem& p, int64_t n) {
-  const float* w = p.w + n * p.ldw;
-  const float* b = p.bias ? p.bias + n : nullptr;
   int64_t m = 0;
-  for (; m + MR <= p.M; m += MR) tile<V, I, MR, NR>(p, p.x + m * p.ldx, w, p.y + m * p.ldy + n, b);
+  for (; m + MR <= p.M; m += MR) tile<V, I, MR, NR>(p, m, n);
   const int64_t rest = p.M - m;
-  const float* x = p.x + m * p.ldx;
-  float* y = p.y + m * p.ldy + n;
   if constexpr (MR > 3) {
-    if (rest == 3) tile<V, I, 3, NR>(p, x, w, y, b);
+    if (rest == 3) tile<V, I, 3, NR>(p, m, n);
   }
   if constexpr (MR > 2) {
-    if (rest == 2) tile<V, I, 2, NR>(p, x, w, y, b);
+    if (rest == 2) tile<V, I, 2, NR>(p, m, n);
   }
   if constexpr (MR > 1) {
-    if (rest == 1) tile<V, I, 1, NR>(p, x, w, y, b);
+    if (rest == 1) tile<V, I, 1, NR>(p, m, n);
   }
 }
 
@@ -123,7 +133,7 @@ void rows_range_portable(const Problem& p, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       float s = 0.0f;
       for (int64_t k = 0; k < p.K; ++k) s += p.x[m * p.ldx + k] * p.w[n * p.ldw + k];
-      p.y[m * p.ldy + n] = p.bias ? s + p.bias[n] : s;
+      *p.at(m, n) = p.bias ? s + p.bias[n] : s;
     }
   }
 #endif
@@ -156,8 +166,8 @@ RangeFn pick_body() {
 
 const RangeFn kBody = pick_body();
 
-at::Tensor small_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias) {
+std::vector<at::Tensor> small_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                             const std::optional<at::Tensor>& bias, at::IntArrayRef split) {
   check_dim(x, "x", 2);
   check_dim(weight, "weight", 2);
   check_dtype(x, "x", {at::kFloat});
@@ -179,24 +189,41 @@ at::Tensor small_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
     TORCH_CHECK(bias->size(0) == N, "bias: expected ", N, " values (weight rows), got ", bias->size(0));
     b = bias->const_data_ptr<float>();
   }
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  if (K == 0) {
-    if (b) {
-      y.copy_(bias->unsqueeze(0));
-    } else {
-      y.zero_();
-    }
-    return y;
+  std::vector<int64_t> sizes(split.begin(), split.end());
+  if (sizes.empty()) sizes.push_back(N);
+  TORCH_CHECK(static_cast<int>(sizes.size()) <= kMaxSplit, "split: expected at most ", kMaxSplit,
+              " output widths, got ", sizes.size());
+  int64_t total = 0;
+  for (int64_t n : sizes) {
+    TORCH_CHECK(n >= 0, "split: expected non-negative widths, got ", split);
+    total += n;
   }
-  const Problem p{x.const_data_ptr<float>(), x.stride(0), weight.const_data_ptr<float>(), weight.stride(0),
-                  b, y.mutable_data_ptr<float>(), N, M, N, K};
+  TORCH_CHECK(total == N, "split: expected widths summing to ", N, " (weight rows), got ", split);
+  Problem p{x.const_data_ptr<float>(), x.stride(0), weight.const_data_ptr<float>(), weight.stride(0), b, M, N, K,
+            static_cast<int>(sizes.size()), {}, {}};
+  std::vector<at::Tensor> outs;
+  for (size_t s = 0; s < sizes.size(); ++s) {
+    outs.push_back(at::empty({M, sizes[s]}, x.options()));
+    p.start[s + 1] = p.start[s] + sizes[s];
+    p.out[s] = outs.back().mutable_data_ptr<float>();
+  }
+  if (M == 0 || N == 0) return outs;
+  if (K == 0) {
+    for (size_t s = 0; s < sizes.size(); ++s) {
+      if (b) {
+        outs[s].copy_(bias->narrow(0, p.start[s], sizes[s]).unsqueeze(0));
+      } else {
+        outs[s].zero_();
+      }
+    }
+    return outs;
+  }
   // items: blocks of 16 weight rows (whole tiles for both bodies); work: multiply-adds / 8
   constexpr int64_t kBlock = 16;
   at::parallel_for(0, (N + kBlock - 1) / kBlock, grain_for(kBlock * M * K / 8), [&](int64_t begin, int64_t end) {
     kBody(p, begin * kBlock, std::min(N, end * kBlock));
   });
-  return y;
+  return outs;
 }
 
 }  // namespace

@@ -301,9 +301,11 @@ def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | No
     if fused is None:
         return [getattr(owner, name)(x) for name in names]
     weight, bias, low_rank, sizes = fused
-    y = small_linear(x, weight, bias)  # a decode step's few rows: the native kernel on the CPU
-    if low_rank is not None:
-        y += F.linear(F.linear(x, low_rank[0]), low_rank[1])
+    # a decode step's few rows: the native kernel on the CPU, each part written contiguously
+    if low_rank is None:
+        return small_linear(x, weight, bias, split=sizes)
+    y = small_linear(x, weight, bias)
+    y += F.linear(F.linear(x, low_rank[0]), low_rank[1])
     return y.split_with_sizes(sizes, -1) if len(sizes) > 1 else [y]
 
 

@@ -1,6 +1,7 @@
 """x W^T + b for a few rows at inference: a decode step's projections and LM head.
 
     y = small_linear(x, weight, bias)    # F.linear's contract: x (..., K), weight (N, K), bias (N,)
+    q, k, v = small_linear(x, w_qkv, split=[nq, nk, nv])   # the column blocks, each contiguous
 
 A decode step multiplies a handful of rows (the batch) by every weight of the model once, so
 its time is the read of the weights; the BLAS in the torch wheel is far from that bound at
@@ -11,6 +12,8 @@ itself, which is the reference.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +44,22 @@ def _native_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return 0 < rows <= SMALL_LINEAR_MAX_ROWS
 
 
-def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: str = "auto") -> Tensor:
+def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, split: Sequence[int] | None = None,
+                 backend: str = "auto") -> Tensor | list[Tensor]:
     """F.linear(x, weight, bias), through the native small-rows kernel where it applies (see
-    the module docstring); the same values up to float32 rounding of the sums' order."""
+    the module docstring); the same values up to float32 rounding of the sums' order. With
+    `split` (widths summing to weight's rows) the output's column blocks, as a list: contiguous
+    tensors from the kernel (a fused projection's parts without copies), views otherwise."""
     if not _native_fits(x, weight, bias) or choose(
         "small_linear", x.device, backend, native_op="small_linear_fwd", has_triton=False
     ) != "native":
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return y if split is None else list(y.split_with_sizes(list(split), -1))
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return torch.ops.fastllm.small_linear_fwd(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    lead = x.shape[:-1]
+    outs = torch.ops.fastllm.small_linear_fwd(x2, weight, bias, [] if split is None else list(split))
+    if split is None:
+        return outs[0].view(*lead, weight.shape[0])
+    return [o.view(*lead, o.shape[-1]) for o in outs]

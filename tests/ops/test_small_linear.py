@@ -19,7 +19,7 @@ SHAPES = [(1, 1), (5, 3), (17, 33), (4, 16), (37, 1000), (130, 576)]
 
 
 def op(x, w, b=None):
-    return torch.ops.fastllm.small_linear_fwd(x, w, b)
+    return torch.ops.fastllm.small_linear_fwd(x, w, b, [])[0]
 
 
 def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
@@ -82,6 +82,24 @@ def test_wrapper_uses_the_kernel_where_it_applies():
     check(y.reshape(2, 24), x.reshape(2, 40), w, b)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_split_outputs(rows):
+    """Column blocks written as separate contiguous outputs equal the one output's columns
+    (blocks that start inside a 4-row tile, an empty block, one-column blocks)."""
+    x, w, b = torch.randn(rows, 50), torch.randn(23, 50), torch.randn(23)
+    sizes = [9, 3, 0, 1, 10]
+    parts = torch.ops.fastllm.small_linear_fwd(x, w, b, sizes)
+    assert [tuple(t.shape) for t in parts] == [(rows, n) for n in sizes]
+    assert all(t.is_contiguous() for t in parts)
+    assert torch.equal(torch.cat(parts, 1), op(x, w, b))
+    with torch.no_grad():
+        wrapped = small_linear(x[:, None], w, b, split=sizes)  # (rows, 1, n) parts, as a decode step has
+    assert [tuple(t.shape) for t in wrapped] == [(rows, 1, n) for n in sizes]
+    assert torch.equal(torch.cat(wrapped, -1)[:, 0], op(x, w, b))
+    fallback = small_linear(x, w, b, split=sizes, backend="reference")
+    assert torch.equal(torch.cat(fallback, -1), F.linear(x, w, b))
+
+
 def test_wrapper_falls_back_to_f_linear():
     w = torch.randn(24, 40, requires_grad=True)
     x = torch.randn(3, 40)
@@ -109,6 +127,8 @@ def test_reference_backend_from_the_environment(backend_env):
     (lambda: op(torch.randn(2, 5), torch.randn(3, 5), torch.randn(4)), "bias: expected 3 values"),
     (lambda: op(torch.randn(2, 5, 1), torch.randn(3, 5)), "x: expected 2-D"),
     (lambda: op(torch.randn(5, 2).T, torch.randn(3, 5)), "x: expected unit stride"),
+    (lambda: torch.ops.fastllm.small_linear_fwd(torch.randn(2, 5), torch.randn(3, 5), None, [1, 1]),
+     "split: expected widths summing to 3"),
 ])
 def test_argument_errors(call, match):
     with pytest.raises(RuntimeError, match=match):
