@@ -14,6 +14,7 @@ call the native kernels directly, and `project` runs one matmul for several proj
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from fastllm.ops.attention import attention
 
 from .kv_cache import KVCache
 
-__all__ = ["IGNORE_INDEX", "NextTokenLoss", "Step", "check_token_ids", "prepare", "run_blocks"]
+__all__ = ["IGNORE_INDEX", "NextTokenLoss", "Step", "check_token_ids", "prepare", "recompute_saved", "run_blocks"]
 
 
 def check_token_ids(input_ids: Tensor, vocab_size: int, name: str = "input_ids") -> None:
@@ -56,6 +57,7 @@ class Step:
     prefix_kv: list | None
     num_new: Tensor | int  # real new tokens per sequence, for kv_cache.advance
     decode: Decode | None = None  # set for model.decode: the decode branch
+    recompute: bool = True  # recompute_saved may drop activations (off under activation checkpointing)
 
 
 @dataclass
@@ -330,6 +332,57 @@ def swiglu_act(gate: Tensor, up: Tensor, step: Step | None) -> Tensor:
     if kernel is None:
         return swiglu(gate, up)
     return kernel(gate.contiguous(), up.contiguous())
+
+
+class _Recomputed:
+    """A saved activation kept as the call that recomputes it (`recompute_saved`); the value
+    is made once, on the backward pass's first use, and shared by every consumer's node."""
+
+    __slots__ = ("fn", "value")
+
+    def __init__(self, fn: Callable[[], Tensor]):
+        self.fn, self.value = fn, None
+
+    def get(self) -> Tensor:
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.fn()
+        return self.value
+
+
+def recompute_saved(value: Tensor, recompute: Callable[[], Tensor], consumer: Callable[[Tensor], Tensor],
+                    step: Step | None) -> Tensor:
+    """consumer(value) without keeping `value` for the backward pass: whatever the consumer's
+    autograd saves from value's storage (its input, or a view of it) is stored as `recompute`,
+    called again without gradients when the backward needs it. `recompute` must give the same
+    values from tensors that are kept anyway: a norm's input (its backward saves it), an
+    activation's inputs (likewise), so the saving is the activation itself, at the cost of
+    recomputing it once. Plain consumer(value) without gradients, under activation
+    checkpointing (step.recompute False: it has its own saved-tensor hooks) and while compiling."""
+    if (step is None or not step.recompute or not torch.is_grad_enabled() or not value.is_contiguous()
+            or torch.compiler.is_compiling()):
+        return consumer(value)
+    # the hooks live as long as the saved tensors, so they hold value's description, never value
+    storage, offset, dtype, device = value.untyped_storage().data_ptr(), value.storage_offset(), value.dtype, \
+        value.device
+    box = _Recomputed(recompute)
+
+    def pack(t: Tensor):
+        # (a frozen layer's input is saved too, for its adapters' gradients, whether or not it
+        # requires grad itself)
+        if t.dtype == dtype and t.device == device and t.layout == torch.strided \
+                and t.untyped_storage().data_ptr() == storage:
+            return box, t.shape, t.stride(), t.storage_offset() - offset
+        return t
+
+    def unpack(packed):
+        if isinstance(packed, tuple):
+            held, shape, stride, at = packed
+            return held.get().as_strided(shape, stride, at)
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return consumer(value)
 
 
 def run_blocks(blocks, x: Tensor, *args, checkpoint: bool = False) -> Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastllm.ops import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, small_linear
+from fastllm.ops import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, small_linear, swiglu
 
 from . import _decoder
 from .config import LlamaConfig
@@ -68,7 +68,11 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: Tensor, step: _decoder.Step | None = None) -> Tensor:
         gate, up = _decoder.project(self, ("gate_proj", "up_proj"), x, step)
-        return _decoder.linear(self, "down_proj", _decoder.swiglu_act(gate, up, step), step)
+        # training keeps gate and up (SwiGLU's backward needs them), not their product: the
+        # down projection's saved input is recomputed from them (one intermediate-sized
+        # activation per layer less at the backward's peak)
+        return _decoder.recompute_saved(_decoder.swiglu_act(gate, up, step), lambda: swiglu(gate, up),
+                                        lambda h: _decoder.linear(self, "down_proj", h, step), step)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -80,8 +84,14 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: _decoder.Step) -> Tensor:
-        x = x + self.self_attn(_decoder.norm(self.input_layernorm, x, step), cos, sin, step)
-        return x + self.mlp(_decoder.norm(self.post_attention_layernorm, x, step), step)
+        # each norm's output is recomputed from its input (kept by the norm's backward) where
+        # the projections' backward needs it, instead of kept
+        x = x + _decoder.recompute_saved(_decoder.norm(self.input_layernorm, x, step),
+                                         lambda x=x: self.input_layernorm(x),
+                                         lambda h: self.self_attn(h, cos, sin, step), step)
+        return x + _decoder.recompute_saved(_decoder.norm(self.post_attention_layernorm, x, step),
+                                            lambda x=x: self.post_attention_layernorm(x),
+                                            lambda h: self.mlp(h, step), step)
 
 
 class LlamaModel(nn.Module):
@@ -231,6 +241,7 @@ class LlamaForCausalLM(_decoder.NextTokenLoss, HFNames, nn.Module):
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             # cos/sin once per forward, shared by every layer: (B, T, D/2)
             cos, sin = rope_cos_sin(self.model.inv_freq(x.device), step.position_ids, acc)
+        step.recompute = not self.activation_checkpointing
         x = _decoder.run_blocks(self.model.layers, x, cos, sin, step, checkpoint=self.activation_checkpointing)
         _decoder.finish(step)
         return _decoder.norm(self.model.norm, x, step)
