@@ -12,7 +12,7 @@ logits, gradients. Each row also records `losses`, the mean token loss of every 
 (warm-up, timed, memory), so a run shows both sides train the same objective. Both sides:
 the same config (fastllm preset -> HF LlamaConfig), float32 on the CPU and bfloat16 autocast
 on the GPU, SDPA attention for transformers, LoRA r=8, alpha=16 on q/k/v/o/gate/up/down with
-the base frozen.
+the base frozen, torch's fused AdamW (Hugging Face's Trainer default on torch >= 2.8).
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def hf_step(cfg, mode, batch, seq, device, dtype):
                                                            target_modules=LORA_TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda" or None)
+    # fused, as Hugging Face's Trainer (and TRL's) default optimizer is on torch >= 2.8
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     inputs, _ = _batch(cfg, batch, seq, device)
 
     def step():
