@@ -133,6 +133,9 @@ class LlamaForCausalLM(_decoder.NextTokenLoss, HFNames, nn.Module):
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.activation_checkpointing = False  # recompute each block in the backward pass
+        # recompute the norm outputs and the SwiGLU product in the backward (_decoder.recompute_saved):
+        # ~30% less activation memory for ~3-5% more step time on the CPU; False keeps them
+        self.recompute_activations = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -241,7 +244,7 @@ class LlamaForCausalLM(_decoder.NextTokenLoss, HFNames, nn.Module):
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             # cos/sin once per forward, shared by every layer: (B, T, D/2)
             cos, sin = rope_cos_sin(self.model.inv_freq(x.device), step.position_ids, acc)
-        step.recompute = not self.activation_checkpointing
+        step.recompute = self.recompute_activations and not self.activation_checkpointing
         x = _decoder.run_blocks(self.model.layers, x, cos, sin, step, checkpoint=self.activation_checkpointing)
         _decoder.finish(step)
         return _decoder.norm(self.model.norm, x, step)

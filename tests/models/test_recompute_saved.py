@@ -86,3 +86,6 @@ def test_the_activations_are_not_kept(monkeypatch, lora):
     # (the LoRA op saves its input tensor itself; F.linear saves a 2-D view of a 3-D input, which
     # keeps the memory but not the Python object the weak reference watches)
     assert kept == [True, True] if lora else kept[1]
+    monkeypatch.undo()
+    model.recompute_activations = False  # the model's switch
+    assert _inputs_alive_after_forward(model) == kept
