@@ -134,7 +134,7 @@ class LlamaForCausalLM(_decoder.NextTokenLoss, HFNames, nn.Module):
         )
         self.activation_checkpointing = False  # recompute each block in the backward pass
         # recompute the norm outputs and the SwiGLU product in the backward (_decoder.recompute_saved):
-        # ~30% less activation memory for ~3-5% more step time on the CPU; False keeps them
+        # ~30% less activation memory for ~5% more step time on the CPU; False keeps them
         self.recompute_activations = True
         self.reset_parameters()
 
