@@ -37,6 +37,32 @@ constexpr int64_t kKeyBlock = 64;  // keys per online-softmax step
 // Vectorized<float> is scalar in this extension's build, which left the generic body ~3x
 // slower than torch's own matmuls.
 
+// One online-softmax step for a query head over a block of n scores s (in place): the running
+// max m and sum l move on, s becomes exp(s - m_new), and the factor exp(m_old - m_new) by which
+// the head's output accumulator must be rescaled is returned (0 on the first block:
+// exp(-inf)). Inlined into both task bodies, so each gets its own ISA.
+FASTLLM_ALWAYS_INLINE float softmax_step(float* s, int64_t n, float& m, float& l) {
+  float m_new = m;
+  for (int64_t j = 0; j < n; ++j) m_new = std::max(m_new, s[j]);
+  const float correction = std::exp(m - m_new);
+  f8 sum8 = splat8(0.0f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const f8 e = exp8_nonpos(load8(s + j) - m_new);
+    store8(s + j, e);
+    sum8 += e;
+  }
+  float sum = 0.0f;
+  for (int k = 0; k < 8; ++k) sum += sum8[k];
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - m_new);
+    sum += s[j];
+  }
+  l = l * correction + sum;
+  m = m_new;
+  return correction;
+}
+
 // One (sequence, kv head) task: q (G, D) rows, keys/values of the head every `stride`
 // floats, len keys; out (G, D). scratch: 2 * G * D + G * kKeyBlock floats.
 FASTLLM_CLONES_AVX2 void decode_task_f32(const float* q, const float* kc, const float* vc, int64_t stride,
@@ -72,24 +98,7 @@ FASTLLM_CLONES_AVX2 void decode_task_f32(const float* q, const float* kc, const 
     }
     for (int64_t g = 0; g < G; ++g) {
       float* s = scores + g * kKeyBlock;
-      float m_new = m[g];
-      for (int64_t j = 0; j < n; ++j) m_new = std::max(m_new, s[j]);
-      const float correction = std::exp(m[g] - m_new);  // exp(-inf) = 0 on the first block
-      f8 sum8 = splat8(0.0f);
-      int64_t j = 0;
-      for (; j + 8 <= n; j += 8) {
-        const f8 e = exp8_nonpos(load8(s + j) - m_new);
-        store8(s + j, e);
-        sum8 += e;
-      }
-      float sum = 0.0f;
-      for (int k = 0; k < 8; ++k) sum += sum8[k];
-      for (; j < n; ++j) {
-        s[j] = std::exp(s[j] - m_new);
-        sum += s[j];
-      }
-      l[g] = l[g] * correction + sum;
-      m[g] = m_new;
+      const float correction = softmax_step(s, n, m[g], l[g]);
       if (correction != 1.0f) {
         float* a = acc + g * D;
         for (int64_t d = 0; d < D; d += 8) store8(a + d, load8(a + d) * correction);
@@ -160,24 +169,7 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void decode_task_f
         std::memcpy(scores + g * kKeyBlock + jj, sums, cnt * sizeof(float));
       }
       float* s = scores + g * kKeyBlock;
-      float m_new = m[g];
-      for (int64_t j = 0; j < n; ++j) m_new = std::max(m_new, s[j]);
-      const float correction = std::exp(m[g] - m_new);  // exp(-inf) = 0 on the first block
-      f8 sum8 = splat8(0.0f);
-      int64_t j = 0;
-      for (; j + 8 <= n; j += 8) {
-        const f8 e = exp8_nonpos(load8(s + j) - m_new);
-        store8(s + j, e);
-        sum8 += e;
-      }
-      float sum = 0.0f;
-      for (int k = 0; k < 8; ++k) sum += sum8[k];
-      for (; j < n; ++j) {
-        s[j] = std::exp(s[j] - m_new);
-        sum += s[j];
-      }
-      l[g] = l[g] * correction + sum;
-      m[g] = m_new;
+      const float correction = softmax_step(s, n, m[g], l[g]);
       v16 o[C];
       for (int c = 0; c < C; ++c) o[c] = load<v16>(acc + g * D + 16 * c) * correction;
       for (int64_t jv = 0; jv < n; ++jv) {
