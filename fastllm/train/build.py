@@ -95,6 +95,44 @@ def read_prompt_records(data) -> list:
         raise ValueError(f"data: empty dataset ({str(data)!r} holds no records)")
     return records
 
+def prompt_texts(records, system) -> list[str]:
+    """The generation prompts as text (to train a tokenizer on when none is given)."""
+    from fastllm.data.prompts import _conversation
+    from fastllm.tokenizer import format_prompt
+
+    return [format_prompt(_conversation(r), system=system) for r in records]
+
+
+def load_prompts(cfg, info: DistInfo, prompts, tokenizer, model):
+    """The rollout prompts of PPO and GRPO as token-id lists, with the tokenizer and model they
+    need: (items, tokenizer, model). prompts: token-id lists (used as given, each at most
+    cfg.max_prompt_length), records / questions for `PromptDataset` (chat template, bos; over
+    max_prompt_length skipped), or None (cfg.data). tokenizer / model: ready objects, else
+    what the config names (a model sized for the longest prompt plus max_new_tokens)."""
+    from fastllm.data import PromptDataset
+
+    token_prompts = prompts is not None and len(prompts) > 0 and isinstance(prompts[0], (list, tuple)) and \
+        all(isinstance(t, int) for t in prompts[0])
+    records = None
+    if not token_prompts:
+        records = read_prompt_records(cfg.data) if prompts is None else prompts
+    if tokenizer is None and not (token_prompts and model is not None):
+        tokenizer = get_tokenizer(cfg, info, lambda: prompt_texts(records or [], cfg.system))
+    if model is None:
+        model = get_model(cfg, tokenizer.vocab_size if tokenizer is not None else None, cfg.max_new_tokens + 1)
+    if token_prompts:
+        items = [list(p) for p in prompts]
+        too_long = [i for i, p in enumerate(items) if len(p) > cfg.max_prompt_length]
+        if too_long:
+            raise ValueError(f"prompts[{too_long[0]}]: {len(items[too_long[0]])} tokens, more than "
+                             f"max_prompt_length={cfg.max_prompt_length}")
+    else:
+        items = PromptDataset(records, tokenizer, cfg.max_prompt_length, system=cfg.system, skip_too_long=True).examples
+    check_fit(model, tokenizer.vocab_size if tokenizer is not None else None,
+              max(len(p) for p in items) + cfg.max_new_tokens)
+    return items, tokenizer, model
+
+
 # --------------------------------------------------------------------------- tokenizer and model
 
 def get_tokenizer(cfg, info: DistInfo, training_texts: Callable[[], list[str]]):
@@ -308,10 +346,19 @@ def pair_metrics(stats: Tensor, n_pairs: float, info: DistInfo, prefix: str = ""
     return out
 
 
-def pair_step(base_step, stats: Tensor, info: DistInfo):
-    """The step_fn of a pairwise method for `train_loop`: `base_step` (loop.supervised_step with
-    count_fn=count_pairs) plus the means of the PAIR_STATS its loss closure sums into `stats`;
-    `pairs` is the step's pair count, `tokens` what the forwards read."""
+def train_pairs(cfg, info: DistInfo, step: int, loader, loss_sum, wrapped, optimizer, scheduler, eval_data,
+                stats: Tensor, *, device, dtype, adapters_only: bool) -> dict:
+    """The training run of a pairwise method (DPO, the reward model) through `train_loop`, from
+    `step`: each step is loop.supervised_step over `loader` with count_fn=count_pairs (the loss
+    normalised per pair) plus the means of the PAIR_STATS its loss closure sums into `stats`
+    (`pairs` is the step's pair count, `tokens` what the forwards read); the held-out eval does
+    the same over `eval_data` (none without it); checkpoints hold the weights (the adapters with
+    adapters_only), AdamW, the data order and the RNGs. Returns train_loop's result."""
+    from .checkpoint import save_training_state
+    from .loop import held_out_eval, supervised_step, train_loop
+
+    base_step = supervised_step(loader, loss_sum, wrapped, optimizer, scheduler, cfg, info, device=device,
+                                dtype=dtype, count_fn=count_pairs)
 
     def step_fn(step: int) -> dict:
         stats.zero_()
@@ -320,28 +367,22 @@ def pair_step(base_step, stats: Tensor, info: DistInfo):
         metrics.update(pair_metrics(stats, metrics["pairs"], info))
         return metrics
 
-    return step_fn
-
-
-def pair_eval(wrapped, loss_sum, batches, stats: Tensor, info: DistInfo, *, device, dtype):
-    """The evaluate() of a pairwise method (DPO, reward model) for `train_loop`: the held-out loss
-    over pairs plus the means of the PAIR_STATS its loss closure sums into `stats`; None without
-    held-out batches."""
-    from .loop import held_out_eval
-
-    base = held_out_eval(wrapped, loss_sum, batches, device=device, dtype=dtype, world_size=info.world_size,
-                         count_fn=count_pairs)
-    if base is None:
-        return None
+    base_eval = held_out_eval(wrapped, loss_sum, eval_data, device=device, dtype=dtype, world_size=info.world_size,
+                              count_fn=count_pairs)
 
     def run_eval() -> dict:
         stats.zero_()
-        res = base()
+        res = base_eval()
         metrics = {"eval_loss": res["eval_loss"], "eval_pairs": res["eval_tokens"]}
         metrics.update(pair_metrics(stats, res["eval_tokens"], info, prefix="eval_"))
         return metrics
 
-    return run_eval
+    def save(step: int):
+        return save_training_state(cfg, step, wrapped, optimizer, scheduler, loader, info,
+                                   trainable_only=adapters_only)
+
+    wrapped.train()
+    return train_loop(cfg, info, step, step_fn, save=save, evaluate=run_eval if base_eval is not None else None)
 
 
 def pack_pairs(items: list[dict]) -> dict:

@@ -40,7 +40,7 @@ from fastllm.ops import token_logprobs
 from fastllm.rl.losses import DPO_LOSS_TYPES, dpo_loss
 
 from . import build
-from .checkpoint import resume_training_state, save_training_state
+from .checkpoint import resume_training_state
 from .common import (
     autocast,
     enable_activation_checkpointing,
@@ -52,7 +52,7 @@ from .common import (
 from .config import DPOConfig, as_config
 from .distributed import wrap_model
 from .export import export_final
-from .loop import start_run, supervised_step, train_loop
+from .loop import start_run
 from .peft_glue import apply_peft
 
 REFERENCES = ("precomputed", "live")
@@ -212,18 +212,9 @@ def dpo(config: DPOConfig | str | dict | None = None, *, model=None, tokenizer=N
         stats[4] += batch["input_ids"].numel()
         return res.losses.sum()
 
-    step_fn = build.pair_step(supervised_step(loader, loss_sum, wrapped, optimizer, scheduler, cfg, info,
-                                              device=device, dtype=dtype, count_fn=build.count_pairs), stats, info)
-
-    run_eval = build.pair_eval(wrapped, loss_sum, eval_data, stats, info, device=device, dtype=dtype)
-
-    def save(step: int):
-        return save_training_state(cfg, step, wrapped, optimizer, scheduler, loader, info,
-                                   trainable_only=adapters_only)
-
-    # ---- train (fastllm.train.loop: steps, eval, logging, checkpoints, final eval + checkpoint + plot)
-    wrapped.train()
-    result = train_loop(cfg, info, step, step_fn, save=save, evaluate=run_eval)
+    # ---- train (build.train_pairs -> fastllm.train.loop: steps, eval, logging, checkpoints, final eval + plot)
+    result = build.train_pairs(cfg, info, step, loader, loss_sum, wrapped, optimizer, scheduler, eval_data, stats,
+                               device=device, dtype=dtype, adapters_only=adapters_only)
 
     # ---- finish: the exported model or adapters
     export_final(model, wrapped, tokenizer, out / "final", info, adapters_only=adapters_only)

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from fastllm import models
-from fastllm.data import BatchLoader, PromptDataset
+from fastllm.data import BatchLoader
 from fastllm.rl import aggregation_normaliser, group_advantages, kl_k3, kl_loss, ppo_policy_loss, rloo_advantages
 
 from . import build
@@ -70,7 +70,7 @@ from .export import export_final
 from .logging import read_metrics
 from .loop import start_run, train_loop
 from .peft_glue import apply_peft
-from .ppo import _prompt_texts, load_reward_fn
+from .ppo import load_reward_fn
 from .rollout import (
     PolicyLogProbs,
     reference_logprobs_fn,
@@ -220,30 +220,6 @@ def grpo_update(rows: dict, cfg: GRPOConfig, step: int, wrapped: nn.Module, opti
                          grad_accum=cfg.grad_accum, generator=gen, step_fn=one_step)
 
 
-def _load_prompts(cfg: GRPOConfig, info: DistInfo, prompts, tokenizer, model):
-    """(items: token-id prompts, tokenizer, model) from the config and what the caller passed."""
-    token_prompts = prompts is not None and len(prompts) > 0 and isinstance(prompts[0], (list, tuple)) and \
-        all(isinstance(t, int) for t in prompts[0])
-    records = None
-    if not token_prompts:
-        records = build.read_prompt_records(cfg.data) if prompts is None else prompts
-    if tokenizer is None and not (token_prompts and model is not None):
-        tokenizer = build.get_tokenizer(cfg, info, lambda: _prompt_texts(records or [], cfg.system))
-    if model is None:
-        model = build.get_model(cfg, tokenizer.vocab_size if tokenizer is not None else None, cfg.max_new_tokens + 1)
-    if token_prompts:
-        items = [list(p) for p in prompts]
-        too_long = [i for i, p in enumerate(items) if len(p) > cfg.max_prompt_length]
-        if too_long:
-            raise ValueError(f"prompts[{too_long[0]}]: {len(items[too_long[0]])} tokens, more than "
-                             f"max_prompt_length={cfg.max_prompt_length}")
-    else:
-        items = PromptDataset(records, tokenizer, cfg.max_prompt_length, system=cfg.system, skip_too_long=True).examples
-    build.check_fit(model, tokenizer.vocab_size if tokenizer is not None else None,
-                    max(len(p) for p in items) + cfg.max_new_tokens)
-    return items, tokenizer, model
-
-
 def grpo(config: GRPOConfig | str | dict | None = None, *, model=None, tokenizer=None, prompts=None,
          reward_model=None, reward_funcs: Sequence[Callable] | None = None, reference_model=None) -> dict:
     """Run GRPO (or RLOO with advantage="rloo"); returns train_loop's result plus "reward" (the
@@ -262,7 +238,7 @@ def grpo(config: GRPOConfig | str | dict | None = None, *, model=None, tokenizer
     if cfg.distributed == "fsdp":
         raise ValueError("distributed: GRPO supports ddp (or none), got fsdp")
     info, device, dtype, out = start_run(cfg)
-    items, tokenizer, model = _load_prompts(cfg, info, prompts, tokenizer, model)
+    items, tokenizer, model = build.load_prompts(cfg, info, prompts, tokenizer, model)
     eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
     pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
     if reward_model is None and cfg.reward_model is not None:

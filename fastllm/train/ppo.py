@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from fastllm import models
-from fastllm.data import BatchLoader, PromptDataset
+from fastllm.data import BatchLoader
 from fastllm.ops import token_logprobs_and_entropy
 from fastllm.rl import (
     AdaptiveKLController,
@@ -192,14 +192,6 @@ def whiten_pooled(x: Tensor, mask: Tensor, info: DistInfo, shift_mean: bool = Tr
     return (out * m).to(x.dtype)
 
 
-def _prompt_texts(records, system) -> list[str]:
-    """The generation prompts as text (to train a tokenizer on when none is given)."""
-    from fastllm.data.prompts import _conversation
-    from fastllm.tokenizer import format_prompt
-
-    return [format_prompt(_conversation(r), system=system) for r in records]
-
-
 def _check(cfg: PPOConfig) -> None:
     per_update = cfg.num_minibatches * cfg.grad_accum
     if cfg.batch_size % per_update:
@@ -328,26 +320,7 @@ def ppo(config: PPOConfig | str | dict | None = None, *, model=None, tokenizer=N
     if cfg.distributed == "fsdp":
         raise ValueError("distributed: PPO supports ddp (or none), got fsdp")
     info, device, dtype, out = start_run(cfg)
-    token_prompts = prompts is not None and len(prompts) > 0 and isinstance(prompts[0], (list, tuple)) and \
-        all(isinstance(t, int) for t in prompts[0])
-    if tokenizer is None and not (token_prompts and model is not None):
-        records = build.read_prompt_records(cfg.data) if prompts is None else prompts
-        tokenizer = build.get_tokenizer(cfg, info, lambda: _prompt_texts(records, cfg.system))
-    if model is None:
-        model = build.get_model(cfg, tokenizer.vocab_size if tokenizer is not None else None,
-                                cfg.max_new_tokens + 1)  # the longest prompt is checked below
-    if token_prompts:
-        items = [list(p) for p in prompts]
-        too_long = [i for i, p in enumerate(items) if len(p) > cfg.max_prompt_length]
-        if too_long:
-            raise ValueError(f"prompts[{too_long[0]}]: {len(items[too_long[0]])} tokens, more than "
-                             f"max_prompt_length={cfg.max_prompt_length}")
-    else:
-        records = build.read_prompt_records(cfg.data) if prompts is None else prompts
-        data = PromptDataset(records, tokenizer, cfg.max_prompt_length, system=cfg.system, skip_too_long=True)
-        items = data.examples
-    build.check_fit(model, tokenizer.vocab_size if tokenizer is not None else None,
-                    max(len(p) for p in items) + cfg.max_new_tokens)
+    items, tokenizer, model = build.load_prompts(cfg, info, prompts, tokenizer, model)
     eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
     pad_id = (tokenizer.pad_id if tokenizer is not None else None)
     pad_id = pad_id if pad_id is not None else 0

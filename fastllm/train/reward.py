@@ -50,7 +50,7 @@ from fastllm.data import BatchLoader, PreferenceDataset, build_sft_example, trai
 from fastllm.rl import bradley_terry_loss
 
 from . import build
-from .checkpoint import resume_training_state, save_training_state
+from .checkpoint import resume_training_state
 from .common import (
     autocast,
     enable_activation_checkpointing,
@@ -62,7 +62,7 @@ from .common import (
 from .config import RewardConfig, as_config
 from .distributed import wrap_model
 from .export import export_final
-from .loop import start_run, supervised_step, train_loop
+from .loop import start_run
 from .peft_glue import apply_peft
 
 MODEL_KEYS = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen")
@@ -253,20 +253,9 @@ def reward(config: RewardConfig | str | dict | None = None, *, model=None, token
         stats[4] += batch["input_ids"].numel()
         return losses.sum()
 
-    base_step = supervised_step(loader, loss_sum, wrapped, optimizer, scheduler, cfg, info, device=device,
-                                dtype=dtype, count_fn=build.count_pairs)
-
-    step_fn = build.pair_step(base_step, stats, info)
-
-    run_eval = build.pair_eval(wrapped, loss_sum, eval_data, stats, info, device=device, dtype=dtype)
-
-    def save(step: int):
-        return save_training_state(cfg, step, wrapped, optimizer, scheduler, loader, info,
-                                   trainable_only=adapters_only)
-
-    # ---- train (fastllm.train.loop: steps, eval, logging, checkpoints, final eval + checkpoint + plot)
-    wrapped.train()
-    result = train_loop(cfg, info, step, step_fn, save=save, evaluate=run_eval)
+    # ---- train (build.train_pairs -> fastllm.train.loop: steps, eval, logging, checkpoints, final eval + plot)
+    result = build.train_pairs(cfg, info, step, loader, loss_sum, wrapped, optimizer, scheduler, eval_data, stats,
+                               device=device, dtype=dtype, adapters_only=adapters_only)
 
     # ---- finish: normalisation on reference pairs, then the exported model (LoRA merged)
     final = merged_copy(model) if cfg.peft else model
