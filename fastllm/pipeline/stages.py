@@ -480,7 +480,6 @@ def stage_reward(ctx) -> StageResult:
     preference pairs (all weights)."""
     from fastllm.rl import bradley_terry_loss
     from fastllm.train import RewardConfig, build, reward
-    from fastllm.train.common import autocast, resolve_device, resolve_dtype, to_device
     from fastllm.train.distributed import DistInfo
 
     reward_mod = importlib.import_module("fastllm.train.reward")  # the package's `reward` is the function
@@ -493,20 +492,12 @@ def stage_reward(ctx) -> StageResult:
     # before: the fresh head on the exact held-out pairs the trainer evaluates on
     _, held = reward_mod.reward_datasets(cfg, tok, records)
     batches = build.eval_batches(held, cfg.batch_size, cfg.eval_batches, DistInfo(), reward_mod.collate_pairs)
-    device = resolve_device(cfg.device)
-    model.to(device).eval()
-    n = correct = margin = loss = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            batch = to_device(batch, device)
-            with autocast(device, resolve_dtype(cfg.dtype, device)):
-                r = reward_mod.PackedRewards(model)(**reward_mod.model_inputs(batch)).float()
-            P = build.count_pairs(batch)
-            d = r[:P] - r[P:]
-            n, correct, margin = n + P, correct + float((d > 0).sum()), margin + float(d.sum())
-            loss += float(bradley_terry_loss(r[:P], r[P:]).sum())
-    model.train()
-    before = {"accuracy": correct / n, "margin": margin / n, "loss": loss / n}
+    def score(batch, P):
+        r = reward_mod.PackedRewards(model)(**reward_mod.model_inputs(batch)).float()
+        d = r[:P] - r[P:]
+        return (d > 0).sum(), d.sum(), bradley_terry_loss(r[:P], r[P:]).sum()
+
+    before, n = _pair_scores(model, batches, cfg, score)
     result = reward(cfg, model=model, tokenizer=tok, records=records)
     after = {"accuracy": result["eval_accuracy"], "margin": result["eval_margin"], "loss": result["eval_loss"]}
     return StageResult(
@@ -523,12 +514,35 @@ def stage_reward(ctx) -> StageResult:
         artefacts={"model": str(Path(result["output_dir"]) / "final")})
 
 
+def _pair_scores(model, batches, cfg, score) -> tuple[dict, int]:
+    """A preference stage's "before" numbers on the held-out pairs the trainer evaluates on:
+    score(batch, P) -> (correct pairs, summed margin, summed loss) for the P pairs of a batch,
+    run without gradients in eval mode on cfg's device and dtype. Returns ({"accuracy",
+    "margin", "loss"} per pair, pairs)."""
+    from fastllm.train import build
+    from fastllm.train.common import autocast, resolve_device, resolve_dtype, to_device
+
+    device = resolve_device(cfg.device)
+    model.to(device).eval()
+    n = 0
+    sums = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in batches:
+            batch = to_device(batch, device)
+            P = build.count_pairs(batch)
+            with autocast(device, resolve_dtype(cfg.dtype, device)):
+                sums += torch.stack([t.detach().double().cpu() for t in score(batch, P)])
+            n += P
+    model.train()
+    correct, margin, loss = sums.tolist()
+    return {"accuracy": correct / n, "margin": margin / n, "loss": loss / n}, n
+
+
 def stage_dpo(ctx) -> StageResult:
     """DPO of the SFT decoder on the preference pairs, the reference (the SFT model itself)
     precomputed once."""
     from fastllm.rl import dpo_loss
     from fastllm.train import DPOConfig, build, dpo
-    from fastllm.train.common import autocast, resolve_device, resolve_dtype, to_device
     from fastllm.train.distributed import DistInfo
     from fastllm.train.dpo import SequenceLogProbs, model_inputs
 
@@ -542,20 +556,12 @@ def stage_dpo(ctx) -> StageResult:
     # mode, as the trainer precomputes it): every implicit reward is 0
     _, held = build.preference_datasets(cfg, tok, records)
     batches = build.eval_batches(held, cfg.batch_size, cfg.eval_batches, DistInfo(), build.pack_pairs)
-    device = resolve_device(cfg.device)
-    model.to(device).eval()
-    n = correct = margin = loss = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            batch = to_device(batch, device)
-            with autocast(device, resolve_dtype(cfg.dtype, device)):
-                logps = SequenceLogProbs(model)(**model_inputs(batch)).float()
-            P = build.count_pairs(batch)
-            res = dpo_loss(logps[:P], logps[P:], logps[:P], logps[P:], beta=cfg.beta)
-            n, correct = n + P, correct + float(res.accuracy.sum())
-            margin, loss = margin + float(res.margin.sum()), loss + float(res.losses.sum())
-    model.train()
-    before = {"accuracy": correct / n, "margin": margin / n, "loss": loss / n}
+    def score(batch, P):
+        logps = SequenceLogProbs(model)(**model_inputs(batch)).float()
+        res = dpo_loss(logps[:P], logps[P:], logps[:P], logps[P:], beta=cfg.beta)
+        return res.accuracy.sum(), res.margin.sum(), res.losses.sum()
+
+    before, n = _pair_scores(model, batches, cfg, score)
     result = dpo(cfg, model=model, tokenizer=tok, records=records)
     after = {"accuracy": result["eval_accuracy"], "margin": result["eval_margin"], "loss": result["eval_loss"]}
     final = Path(result["output_dir"]) / "final"
