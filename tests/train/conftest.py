@@ -3,6 +3,7 @@ short text corpus, and tiny configs (2-layer, hidden 64) that run a step in mill
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,33 @@ def tok_dir(tmp_path_factory, text_file) -> str:
     with open(text_file, encoding="utf-8") as f:
         Tokenizer.train([f.read()], vocab_size=400).save(path)
     return str(path)
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    """Eight short prompt records (.jsonl) for the PPO and GRPO command lines."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say {w} again"}) + "\n"
+                            for w in ("one", "two", "three", "four", "five", "six", "seven", "eight")))
+    return path
+
+
+def assert_grad_accum_splits_agree(train, tmp_path, keys=("loss", "grad_norm", "margin")) -> None:
+    """The same 4 pairs per step as 1 x 4, 2 x 2 and 4 x 1 micro-batches: train(out, batch_size,
+    grad_accum) runs 3 steps into `out`, and every step's logged `keys` (the loss, the gradient's
+    norm before clipping, ...) agree across the splits."""
+    from fastllm.train.logging import read_metrics
+
+    runs = []
+    for bs, accum in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"{bs}"
+        train(out, bs, accum)
+        runs.append([read_metrics(out / "metrics.jsonl", k) for k in keys])
+    for other in runs[1:]:
+        for got, want in zip(other, runs[0], strict=True):
+            assert list(got) == list(want) == [1, 2, 3]
+            for step in got:
+                assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), (got, want)
 
 
 def tiny(tok_dir, out, **kw) -> dict:

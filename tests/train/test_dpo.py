@@ -19,7 +19,7 @@ from fastllm.train.build import pack_pairs
 from fastllm.train.dpo import SequenceLogProbs
 from fastllm.train.logging import read_metrics
 
-from .conftest import one_vs_two_processes, tiny
+from .conftest import assert_grad_accum_splits_agree, one_vs_two_processes, tiny
 
 RECORDS = [r for r in load_preferences() if len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) < 100][:64]
 
@@ -134,16 +134,9 @@ def test_reference_precomputed_equals_live(tmp_path, tok_dir, peft):
 def test_grad_accum_split_does_not_change_the_step(tmp_path, tok_dir):
     """The same 4 pairs per step as 1 x 4, 2 x 2 and 4 x 1 micro-batches: the loss and the
     gradient's norm (before clipping) of every step agree."""
-    runs = []
-    for bs, accum in ((4, 1), (2, 2), (1, 4)):
-        out = tmp_path / f"{bs}"
-        dpo(_fields(tok_dir, out, max_steps=3, batch_size=bs, grad_accum=accum), model=_model(0), records=RECORDS)
-        runs.append([read_metrics(out / "metrics.jsonl", k) for k in ("loss", "grad_norm", "margin")])
-    for other in runs[1:]:
-        for got, want in zip(other, runs[0], strict=True):
-            assert list(got) == list(want) == [1, 2, 3]
-            for step in got:
-                assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), (got, want)
+    assert_grad_accum_splits_agree(
+        lambda out, bs, accum: dpo(_fields(tok_dir, out, max_steps=3, batch_size=bs, grad_accum=accum),
+                                  model=_model(0), records=RECORDS), tmp_path)
 
 
 def test_resume_uses_the_initial_reference(tmp_path, tok_dir):

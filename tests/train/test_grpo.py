@@ -182,14 +182,6 @@ def test_gold_reward_rises(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"say {w} again"}) + "\n"
-                            for w in ("one", "two", "three", "four", "five", "six", "seven", "eight")))
-    return path
-
-
 def test_cli_yaml_with_overrides(tmp_path, tok_dir, prompts_file):
     fields = dict(model="tiny-llama", model_overrides={"num_hidden_layers": 1}, tokenizer=tok_dir,
                   data=str(prompts_file), output_dir=str(tmp_path / "out"), batch_size=2, num_generations=4,

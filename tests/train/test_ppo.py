@@ -199,14 +199,6 @@ def _cli_fields(tok_dir, prompts_file, out, **kw) -> dict:
                 seed=3, **kw)
 
 
-@pytest.fixture
-def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"say {w} again"}) + "\n"
-                            for w in ("one", "two", "three", "four", "five", "six", "seven", "eight")))
-    return path
-
-
 def test_sigkill_then_resume_repeats_the_trajectory(tmp_path, tok_dir, prompts_file):
     fields = dict(max_steps=14, save_every=3, kl_target=0.5, kl_coef=0.1)  # adaptive beta: its state resumes too
     ref = run_cli(["ppo", *as_args(_cli_fields(tok_dir, prompts_file, tmp_path / "ref", **fields))], background=True)

@@ -24,7 +24,7 @@ from fastllm.train.build import get_reward_model, pack_examples
 from fastllm.train.logging import read_metrics
 from fastllm.train.reward import PackedRewards, collate_pairs
 
-from .conftest import one_vs_two_processes, tiny
+from .conftest import assert_grad_accum_splits_agree, one_vs_two_processes, tiny
 
 RECORDS = [r for r in load_preferences() if len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) < 100][:64]
 
@@ -122,16 +122,9 @@ def test_first_step_equals_bradley_terry_by_hand(tmp_path, tok_dir, margin):
 def test_grad_accum_split_does_not_change_the_step(tmp_path, tok_dir):
     """4 pairs per step as 1 x 4, 2 x 2 and 4 x 1 micro-batches: every step's loss and gradient
     norm agree (the loss is summed over pairs, divided by the step's pairs)."""
-    runs = []
-    for bs, accum in ((4, 1), (2, 2), (1, 4)):
-        out = tmp_path / f"{bs}"
-        reward(_fields(tok_dir, out, max_steps=3, batch_size=bs, grad_accum=accum), model=_model(0), records=RECORDS)
-        runs.append([read_metrics(out / "metrics.jsonl", k) for k in ("loss", "grad_norm", "margin")])
-    for other in runs[1:]:
-        for got, want in zip(other, runs[0], strict=True):
-            assert list(got) == list(want) == [1, 2, 3]
-            for step in got:
-                assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), (got, want)
+    assert_grad_accum_splits_agree(
+        lambda out, bs, accum: reward(_fields(tok_dir, out, max_steps=3, batch_size=bs, grad_accum=accum),
+                                  model=_model(0), records=RECORDS), tmp_path)
 
 
 def _gold_pairs(n: int, seed: int) -> list[dict]:
