@@ -29,7 +29,6 @@ Rows are appended as JSON lines to bench/results/generate.jsonl (device, version
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.harness import RESULTS_DIR, default_device, environment  # noqa: E402
+from bench.harness import default_device, environment, write_rows  # noqa: E402
 from fastllm.generation import generate  # noqa: E402
 from fastllm.models import build_model, preset  # noqa: E402
 from fastllm.ops import small_linear  # noqa: E402
@@ -219,11 +218,8 @@ def main(argv=None):
                              "blas_matmul_ms": blas * 1e3, "bandwidth_bound_fraction": bound,
                              "copy_gb_per_s": bw / 1e9, **env})
         del model, hf
-    if rows and not args.no_write:
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        with open(os.path.join(RESULTS_DIR, "generate.jsonl"), "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    if not args.no_write:
+        write_rows("generate", rows)
     return rows
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.bench_generate import hf_model  # noqa: E402
-from bench.harness import RESULTS_DIR, default_device, environment  # noqa: E402
+from bench.harness import default_device, environment, write_rows  # noqa: E402
 from fastllm import models  # noqa: E402
 from fastllm.peft import apply_lora, disable_adapters  # noqa: E402
 from fastllm.train.common import autocast, build_optimizer, build_scheduler  # noqa: E402
@@ -175,10 +174,7 @@ def main(argv=None):
         rows.append(row)
         print(f"{name:<13} {t['rollout']:>9.3f} {t['scoring']:>9.3f} {t['training']:>10.3f} {roll_tps:>10.0f} "
               f"{hf:>9.0f} {roll_tps / hf:>5.2f} {lora_full['peak_mb']:>11.1f} {lora_shared['peak_mb']:>9.1f}")
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "ppo.jsonl"), "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_rows("ppo", rows)
 
 
 if __name__ == "__main__":

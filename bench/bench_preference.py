@@ -347,6 +347,15 @@ def _table_rows(results: dict, label: str, step_tokens: float, common: dict) -> 
     return rows
 
 
+def _case_header(title: str, step_tokens: float, args, env: dict, header: str) -> None:
+    """Print one case's title line (with the machine, commit and load average, which it records
+    in env) and the table header."""
+    env["load_average"] = os.getloadavg()
+    print(f"\n## {title}, ~{step_tokens:.0f} tokens/step, float32, {args.threads} thread(s), {env['device']}, "
+          f"commit {env['commit']}, load average {env['load_average'][0]:.2f}")
+    print(header + "\n" + "-" * len(header))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny-llama")
@@ -381,7 +390,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(run(args._work, args)))
         return
 
-    from bench.harness import RESULTS_DIR, environment
+    from bench.harness import environment, write_rows
 
     try:
         import trl
@@ -401,12 +410,8 @@ def main(argv=None):
         model = {"config": args.config, "overrides": args.overrides}
         if "dpo" in args.methods:
             step_tokens = mean_step_tokens(work, args)
-            env["load_average"] = os.getloadavg()
-            print(f"\n## DPO step, {args.config} {json.dumps(args.overrides)}, {args.pairs} pairs/step, "
-                  f"max_length {args.max_length}, "
-                  f"~{step_tokens:.0f} tokens/step, float32, {args.threads} thread(s), {env['device']}, "
-                  f"commit {env['commit']}, load average {env['load_average'][0]:.2f}")
-            print(header + "\n" + "-" * len(header))
+            _case_header(f"DPO step, {args.config} {json.dumps(args.overrides)}, {args.pairs} pairs/step, "
+                         f"max_length {args.max_length}", step_tokens, args, env, header)
             for reference in args.references:
                 results = _providers(work, args, have_trl, "dpo", ["--reference", reference])
                 rows += _table_rows(results, reference, step_tokens, {
@@ -414,12 +419,9 @@ def main(argv=None):
                     **model, "reference": reference, "pairs": args.pairs, "max_length": args.max_length, **env})
         if "grpo" in args.methods:
             step_tokens = grpo_step_tokens(work, args)
-            env["load_average"] = os.getloadavg()
-            print(f"\n## GRPO iteration (generation included), {args.config} {json.dumps(args.overrides)}, "
-                  f"{args.prompts} prompts x G={args.generations}, completions <= {args.completion_length} tokens, "
-                  f"beta 0.04, ~{step_tokens:.0f} tokens/step, float32, {args.threads} thread(s), {env['device']}, "
-                  f"commit {env['commit']}, load average {env['load_average'][0]:.2f}")
-            print(header + "\n" + "-" * len(header))
+            _case_header(f"GRPO iteration (generation included), {args.config} {json.dumps(args.overrides)}, "
+                         f"{args.prompts} prompts x G={args.generations}, completions <= {args.completion_length} "
+                         "tokens, beta 0.04", step_tokens, args, env, header)
             results = _providers(work, args, have_trl, "grpo", [])
             ours, trl_r = results.get("fastllm"), results.get("trl")
             if ours:
@@ -437,11 +439,8 @@ def main(argv=None):
                 "generations": args.generations, "completion_length_max": args.completion_length, **env})
             env["load_average_after"] = os.getloadavg()
             print(f"load average after: {env['load_average_after'][0]:.2f}")
-    if rows and not args.no_write:
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        with open(os.path.join(RESULTS_DIR, "preference.jsonl"), "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    if not args.no_write:
+        write_rows("preference", rows)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ versions, commit and date.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.harness import RESULTS_DIR, environment  # noqa: E402
+from bench.harness import environment, write_rows  # noqa: E402
 from fastllm.generation import generate  # noqa: E402
 from fastllm.labels import next_token_labels  # noqa: E402
 from fastllm.models import build_model, preset  # noqa: E402
@@ -113,10 +112,7 @@ def main(argv=None):
                              default_threads=default_threads, median_ms=med, p20_ms=q[0], p80_ms=q[3],
                              reps=len(t), load_before=load_before, load_after=load_after, **shape, **env))
     if not args.no_write:
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        with open(os.path.join(RESULTS_DIR, "threads.jsonl"), "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_rows("threads", rows)
     return rows
 
 

@@ -18,7 +18,6 @@ the base frozen, torch's fused AdamW (Hugging Face's Trainer default on torch >=
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import fastllm  # noqa: E402,F401
-from bench.harness import RESULTS_DIR, default_device, environment, peak_memory_mb, time_ms  # noqa: E402
+from bench.harness import default_device, environment, peak_memory_mb, time_ms, write_rows  # noqa: E402
 from fastllm import models  # noqa: E402
 from fastllm.train.common import CausalLMLoss, autocast, build_optimizer  # noqa: E402
 
@@ -173,11 +172,8 @@ def main(argv=None):
                              "reps": n, "tokens_per_s": tok_s, "peak_mib": peak, "tokens_per_s_vs_hf": speed,
                              "memory_vs_hf": mem, "speedup_vs_baseline": speed, "memory_vs_baseline": mem,
                              "baseline": "transformers" if base else None, "losses": losses, **env})
-    if rows and not args.no_write:
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        with open(os.path.join(RESULTS_DIR, "train.jsonl"), "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    if not args.no_write:
+        write_rows("train", rows)
 
 
 if __name__ == "__main__":

@@ -226,12 +226,19 @@ def run_cases(
                          "median_ms": s.median_ms, "p20_ms": s.p20_ms, "p80_ms": s.p80_ms, "reps": s.reps,
                          "peak_mib": s.peak_mb, "gb_per_s": gbs, "tflop_per_s": tfs,
                          "speedup_vs_baseline": speed, "memory_vs_baseline": mem, "baseline": baseline, **env})
-    if write and rows:
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        with open(os.path.join(RESULTS_DIR, f"{name}.jsonl"), "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    if write:
+        write_rows(name, rows)
     return rows
+
+
+def write_rows(name: str, rows: list[dict]) -> None:
+    """Append a run's rows to bench/results/<name>.jsonl, one JSON object per line (none: no-op)."""
+    if not rows:
+        return
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, f"{name}.jsonl"), "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
