@@ -57,7 +57,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastllm import models
 from fastllm.data import BatchLoader
 from fastllm.rl import aggregation_normaliser, group_advantages, kl_k3, kl_loss, ppo_policy_loss, rloo_advantages
 
@@ -68,7 +67,7 @@ from .config import GRPOConfig, as_config
 from .distributed import DistInfo, no_sync_fn, wrap_model
 from .export import export_final
 from .logging import read_metrics
-from .loop import start_run, train_loop
+from .loop import train_loop
 from .peft_glue import apply_peft
 from .ppo import load_reward_fn
 from .rollout import (
@@ -235,14 +234,10 @@ def grpo(config: GRPOConfig | str | dict | None = None, *, model=None, tokenizer
     cfg = as_config(GRPOConfig, config)
     _check(cfg)
     # ---- setup: devices, tokenizer, models, prompts, rewards
-    if cfg.distributed == "fsdp":
-        raise ValueError("distributed: GRPO supports ddp (or none), got fsdp")
-    info, device, dtype, out = start_run(cfg)
-    items, tokenizer, model = build.load_prompts(cfg, info, prompts, tokenizer, model)
-    eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
-    pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
-    if reward_model is None and cfg.reward_model is not None:
-        reward_model = models.from_pretrained(cfg.reward_model)
+    run = build.rollout_setup(cfg, "GRPO", prompts=prompts, tokenizer=tokenizer, model=model,
+                              reward_model=reward_model)
+    info, device, dtype, out, items = run.info, run.device, run.dtype, run.out, run.items
+    tokenizer, model, eos_id, pad_id, reward_model = run.tokenizer, run.model, run.eos_id, run.pad_id, run.reward_model
     names = None
     if reward_funcs is None:
         reward_funcs = [load_reward_fn(s) for s in cfg.reward_funcs]

@@ -80,7 +80,7 @@ from .config import PPOConfig, as_config
 from .distributed import DistInfo, no_sync_fn, wrap_model
 from .export import export_final
 from .logging import pyplot, read_metrics
-from .loop import start_run, train_loop
+from .loop import train_loop
 from .peft_glue import apply_peft
 from .rollout import (
     RewardFn,
@@ -317,15 +317,10 @@ def ppo(config: PPOConfig | str | dict | None = None, *, model=None, tokenizer=N
     cfg = as_config(PPOConfig, config)
     _check(cfg)
     # ---- setup: devices, tokenizer, models, prompts
-    if cfg.distributed == "fsdp":
-        raise ValueError("distributed: PPO supports ddp (or none), got fsdp")
-    info, device, dtype, out = start_run(cfg)
-    items, tokenizer, model = build.load_prompts(cfg, info, prompts, tokenizer, model)
-    eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
-    pad_id = (tokenizer.pad_id if tokenizer is not None else None)
-    pad_id = pad_id if pad_id is not None else 0
-    if reward_model is None and cfg.reward_model is not None:
-        reward_model = models.from_pretrained(cfg.reward_model)
+    run = build.rollout_setup(cfg, "PPO", prompts=prompts, tokenizer=tokenizer, model=model,
+                              reward_model=reward_model)
+    info, device, dtype, out, items = run.info, run.device, run.dtype, run.out, run.items
+    tokenizer, model, eos_id, pad_id, reward_model = run.tokenizer, run.model, run.eos_id, run.pad_id, run.reward_model
     if reward_fn is None and cfg.reward_fn is not None:
         reward_fn = load_reward_fn(cfg.reward_fn)
     if reward_model is None and reward_fn is None:

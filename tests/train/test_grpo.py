@@ -218,3 +218,6 @@ def test_bad_options(tmp_path):
     with pytest.raises(ValueError, match="reward_weights: expected one weight per reward function"):
         grpo(quiet(tmp_path, batch_size=2, reward_weights=[1.0, 2.0]), model=tiny_policy(0), prompts=[[1]] * 8,
              reward_funcs=[gold_reward])
+    with pytest.raises(ValueError, match="distributed: GRPO supports ddp \\(or none\\), got fsdp"):
+        grpo(quiet(tmp_path, batch_size=2, distributed="fsdp"), model=tiny_policy(0), prompts=[[1]] * 8,
+             reward_funcs=[gold_reward])

@@ -258,3 +258,6 @@ def test_bad_options(tmp_path):
         ppo(_quiet(tmp_path, batch_size=2), model=_policy(0), prompts=[[1]] * 8)
     with pytest.raises(ValueError, match="reward_fn: expected \"module:function\""):
         ppo(_quiet(tmp_path, batch_size=2, reward_fn="nothing"), model=_policy(0), prompts=[[1]] * 8)
+    with pytest.raises(ValueError, match="distributed: PPO supports ddp \\(or none\\), got fsdp"):
+        ppo(_quiet(tmp_path, batch_size=2, distributed="fsdp"), model=_policy(0), prompts=[[1]] * 8,
+            reward_fn=gold_reward)
