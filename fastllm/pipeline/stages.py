@@ -642,6 +642,23 @@ def _rl_config(cls, ctx, stage: str, **fields):
     return _train_config(cls, ctx, stage, **{**base, **fields})
 
 
+def _rl_stage(ctx, cfg, train, optimised: str, curves) -> StageResult:
+    """An RL stage (PPO, GRPO) on the SFT decoder against the reward stage's reward model: the
+    held-out reward and KL before (the reference is the policy) and after `train(cfg, ...)`,
+    its reward/KL curves (`curves(result)`), samples of the final policy."""
+    tok = load_tokenizer(cfg.model)
+    train_q, eval_q = _rl_prompts(ctx)
+    reference, rm = models.from_pretrained(cfg.model), models.from_pretrained(cfg.reward_model)
+    before = _rl_eval(ctx, reference, reference, rm, tok, eval_q, cfg)
+    result = train(cfg, model=models.from_pretrained(cfg.model), tokenizer=tok, prompts=train_q, reward_model=rm)
+    final = Path(result["output_dir"]) / "final"
+    policy = models.from_pretrained(final)
+    after = _rl_eval(ctx, policy, reference, rm, tok, eval_q, cfg)
+    return StageResult(
+        row=_rl_row(ctx, optimised, before, after, result, _n_params(policy), curves(result)),
+        artefacts={"model": str(final)}, extra={"samples": _samples(ctx, policy.to(ctx.torch_device), tok)})
+
+
 def stage_ppo(ctx) -> StageResult:
     """PPO of the SFT decoder against the reward stage's reward model on the instruction prompts
     (chat template), a separate critic initialised from the reward model, KL to the SFT model
@@ -651,20 +668,8 @@ def stage_ppo(ctx) -> StageResult:
     s = ctx.sizes
     cfg = _rl_config(PPOConfig, ctx, "ppo", lr=s["ppo_lr"], kl_coef=s["ppo_kl_coef"], ppo_epochs=s["ppo_epochs"],
                      num_minibatches=2)
-    tok = load_tokenizer(cfg.model)
-    train_q, eval_q = _rl_prompts(ctx)
-    reference, rm = models.from_pretrained(cfg.model), models.from_pretrained(cfg.reward_model)
-    before = _rl_eval(ctx, reference, reference, rm, tok, eval_q, cfg)
-    model = models.from_pretrained(cfg.model)
-    result = ppo(cfg, model=model, tokenizer=tok, prompts=train_q, reward_model=rm)
-    final = Path(result["output_dir"]) / "final"
-    policy = models.from_pretrained(final)
-    after = _rl_eval(ctx, policy, reference, rm, tok, eval_q, cfg)
-    curves = result.get("ppo_curves")
-    return StageResult(
-        row=_rl_row(ctx, f"PPO (clip {cfg.clip_eps}, KL coef {cfg.kl_coef}), all weights + critic", before, after,
-                    result, _n_params(policy), curves),
-        artefacts={"model": str(final)}, extra={"samples": _samples(ctx, policy.to(ctx.torch_device), tok)})
+    return _rl_stage(ctx, cfg, ppo, f"PPO (clip {cfg.clip_eps}, KL coef {cfg.kl_coef}), all weights + critic",
+                     lambda result: result.get("ppo_curves"))
 
 
 def stage_grpo(ctx) -> StageResult:
@@ -675,19 +680,8 @@ def stage_grpo(ctx) -> StageResult:
     s = ctx.sizes
     cfg = _rl_config(GRPOConfig, ctx, "grpo", lr=s["grpo_lr"], beta=s["grpo_beta"],
                      num_generations=s["grpo_generations"], batch_size=s["grpo_prompts"])
-    tok = load_tokenizer(cfg.model)
-    train_q, eval_q = _rl_prompts(ctx)
-    reference, rm = models.from_pretrained(cfg.model), models.from_pretrained(cfg.reward_model)
-    before = _rl_eval(ctx, reference, reference, rm, tok, eval_q, cfg)
-    model = models.from_pretrained(cfg.model)
-    result = grpo(cfg, model=model, tokenizer=tok, prompts=train_q, reward_model=rm)
-    final = Path(result["output_dir"]) / "final"
-    policy = models.from_pretrained(final)
-    after = _rl_eval(ctx, policy, reference, rm, tok, eval_q, cfg)
-    return StageResult(
-        row=_rl_row(ctx, f"GRPO (G {cfg.num_generations}, beta {cfg.beta}), all weights", before, after, result,
-                    _n_params(policy), _rl_curves(result["output_dir"], "grpo")),
-        artefacts={"model": str(final)}, extra={"samples": _samples(ctx, policy.to(ctx.torch_device), tok)})
+    return _rl_stage(ctx, cfg, grpo, f"GRPO (G {cfg.num_generations}, beta {cfg.beta}), all weights",
+                     lambda result: _rl_curves(result["output_dir"], "grpo"))
 
 
 def _rl_curves(output_dir: str, name: str) -> str | None:
