@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,27 +103,12 @@ def prompt_texts(records, system) -> list[str]:
     return [format_prompt(_conversation(r), system=system) for r in records]
 
 
-@dataclass
-class RolloutRun:
-    """What PPO and GRPO set up before their models are wrapped (`rollout_setup`)."""
-
-    info: DistInfo
-    device: torch.device
-    dtype: torch.dtype
-    out: Path
-    items: list  # the rollout prompts, token-id lists
-    tokenizer: object
-    model: torch.nn.Module
-    eos_id: int | None
-    pad_id: int
-    reward_model: torch.nn.Module | None
-
-
-def rollout_setup(cfg, method: str, *, prompts, tokenizer, model, reward_model) -> RolloutRun:
+def rollout_setup(cfg, method: str, *, prompts, tokenizer, model, reward_model) -> tuple:
     """The opening of an on-policy RL run (PPO, GRPO): data parallelism only (FSDP refused, naming
     `method`), `loop.start_run` (processes, device, dtype, seeds, output_dir), the prompts,
     tokenizer and model (`load_prompts`), the stop and pad ids, and the reward model the config
-    names when none is given."""
+    names when none is given. Returns (info, device, dtype, out, items, tokenizer, model, eos_id,
+    pad_id, reward_model); items are the prompts as token-id lists."""
     from .loop import start_run
 
     if cfg.distributed == "fsdp":
@@ -135,7 +119,7 @@ def rollout_setup(cfg, method: str, *, prompts, tokenizer, model, reward_model) 
     pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
     if reward_model is None and cfg.reward_model is not None:
         reward_model = models.from_pretrained(cfg.reward_model)
-    return RolloutRun(info, device, dtype, out, items, tokenizer, model, eos_id, pad_id, reward_model)
+    return info, device, dtype, out, items, tokenizer, model, eos_id, pad_id, reward_model
 
 
 def load_prompts(cfg, info: DistInfo, prompts, tokenizer, model):

@@ -234,10 +234,8 @@ def grpo(config: GRPOConfig | str | dict | None = None, *, model=None, tokenizer
     cfg = as_config(GRPOConfig, config)
     _check(cfg)
     # ---- setup: devices, tokenizer, models, prompts, rewards
-    run = build.rollout_setup(cfg, "GRPO", prompts=prompts, tokenizer=tokenizer, model=model,
-                              reward_model=reward_model)
-    info, device, dtype, out, items = run.info, run.device, run.dtype, run.out, run.items
-    tokenizer, model, eos_id, pad_id, reward_model = run.tokenizer, run.model, run.eos_id, run.pad_id, run.reward_model
+    info, device, dtype, out, items, tokenizer, model, eos_id, pad_id, reward_model = build.rollout_setup(
+        cfg, "GRPO", prompts=prompts, tokenizer=tokenizer, model=model, reward_model=reward_model)
     names = None
     if reward_funcs is None:
         reward_funcs = [load_reward_fn(s) for s in cfg.reward_funcs]

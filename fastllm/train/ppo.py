@@ -317,10 +317,8 @@ def ppo(config: PPOConfig | str | dict | None = None, *, model=None, tokenizer=N
     cfg = as_config(PPOConfig, config)
     _check(cfg)
     # ---- setup: devices, tokenizer, models, prompts
-    run = build.rollout_setup(cfg, "PPO", prompts=prompts, tokenizer=tokenizer, model=model,
-                              reward_model=reward_model)
-    info, device, dtype, out, items = run.info, run.device, run.dtype, run.out, run.items
-    tokenizer, model, eos_id, pad_id, reward_model = run.tokenizer, run.model, run.eos_id, run.pad_id, run.reward_model
+    info, device, dtype, out, items, tokenizer, model, eos_id, pad_id, reward_model = build.rollout_setup(
+        cfg, "PPO", prompts=prompts, tokenizer=tokenizer, model=model, reward_model=reward_model)
     if reward_fn is None and cfg.reward_fn is not None:
         reward_fn = load_reward_fn(cfg.reward_fn)
     if reward_model is None and reward_fn is None:
