@@ -3,6 +3,7 @@ model in Hugging Face transformers (+ peft for LoRA), side by side in one run.
 
     python bench/bench_train.py                          # CPU, or the GPU when there is one
     python bench/bench_train.py --configs smollm2-135m --seq 512 --modes lora
+    python bench/bench_train.py --configs tiny-llama --hf-compile   # + transformers under torch.compile
 
 One step = forward + loss + backward + AdamW step + zero_grad on one (batch, seq) block of
 random tokens (all positions labelled). tokens/s = batch * seq / median step time. Peak
@@ -13,14 +14,25 @@ logits, gradients. Each row also records `losses`, the mean token loss of every 
 the same config (fastllm preset -> HF LlamaConfig), float32 on the CPU and bfloat16 autocast
 on the GPU, SDPA attention for transformers, LoRA r=8, alpha=16 on q/k/v/o/gate/up/down with
 the base frozen, torch's fused AdamW (Hugging Face's Trainer default on torch >= 2.8).
+
+--hf-compile adds a third provider, "transformers+compile", run after "transformers": the same
+model, LoRA setup, optimizer and batch with the model wrapped by torch.compile (Inductor, default
+mode; the AdamW step stays eager). Off by default: compiling a 30-layer model on a small CPU
+takes minutes. The compiling call (forward + backward, no optimizer step, so the weights and the
+loss sequence stay step for step those of eager transformers) runs before timing starts; its
+wall seconds are printed and recorded as `compile_s` (much less when Inductor's on-disk cache
+holds an earlier run's kernels). "x HF tok/s" and "mem/HF" stay relative to eager transformers.
+If torch.compile fails (say, no C++ compiler) the row reads n/a.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,7 +88,7 @@ def fastllm_step(cfg, mode, batch, seq, device, dtype):
     return step
 
 
-def hf_step(cfg, mode, batch, seq, device, dtype):
+def hf_step(cfg, mode, batch, seq, device, dtype, compile: bool = False):
     try:
         import transformers
     except ImportError as exc:
@@ -96,18 +108,34 @@ def hf_step(cfg, mode, batch, seq, device, dtype):
     # fused, as Hugging Face's Trainer (and TRL's) default optimizer is on torch >= 2.8
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     inputs, _ = _batch(cfg, batch, seq, device)
+    if compile:
+        model = torch.compile(model)  # Inductor, default mode; lazy: compiles on the first call
 
-    def step():
+    def step(update: bool = True):
         with autocast(device, dtype):
             out = model(input_ids=inputs, labels=inputs)
         out.loss.backward()
-        opt.step()
+        if update:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return out.loss.detach()
+
+    if compile:
+        # compile (forward and backward graphs) here, before any timed or warm-up call; no
+        # optimizer step, so the weights stay where eager transformers starts
+        t0 = time.perf_counter()
+        try:
+            float(step(update=False))  # float(): waits for the device
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()
+            raise NotImplementedError(f"torch.compile failed: {type(exc).__name__}"
+                                      + (f": {reason[0]}" if reason else "")) from exc
+        step.compile_s = time.perf_counter() - t0
     return step
 
 
-PROVIDERS = {"fastllm": fastllm_step, "transformers": hf_step}
+HF_COMPILE = "transformers+compile"  # opt-in: --hf-compile
+PROVIDERS = {"fastllm": fastllm_step, "transformers": hf_step, HF_COMPILE: functools.partial(hf_step, compile=True)}
 
 
 def main(argv=None):
@@ -119,6 +147,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="default: 1 on the CPU, 8 on the GPU")
     p.add_argument("--reps", type=int, default=None, help="timed steps (default: 3 on the CPU, 20 on the GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--hf-compile", action="store_true",
+                   help=f"also run {HF_COMPILE}: transformers under torch.compile (slow to compile)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -131,20 +161,21 @@ def main(argv=None):
     env = environment(device)
     print(f"\n## train step on {env['device']} (torch {env['torch']}, commit {env['commit']}), "
           f"batch {batch} x seq {args.seq}, {dtype}, threads {torch.get_num_threads()}")
-    header = (f"{'config':<14} {'mode':<5} {'provider':<13} {'median ms':>10} {'p20-p80 ms':>17} {'tokens/s':>9} "
+    header = (f"{'config':<14} {'mode':<5} {'provider':<20} {'median ms':>10} {'p20-p80 ms':>17} {'tokens/s':>9} "
               f"{'peak MiB':>9} {'x HF tok/s':>10} {'mem/HF':>7}")
     print(header)
     print("-" * len(header))
+    providers = {k: f for k, f in PROVIDERS.items() if k != HF_COMPILE or args.hf_compile}
     rows = []
     for name in args.configs:
         cfg = _config(name, args.seq)
         for mode in args.modes:
             results = {}
-            for pname, factory in PROVIDERS.items():
+            for pname, factory in providers.items():
                 try:
                     step = factory(cfg, mode, batch, args.seq, device, dtype)
                 except NotImplementedError as exc:
-                    print(f"{name:<14} {mode:<5} {pname:<13} n/a: {exc}")
+                    print(f"{name:<14} {mode:<5} {pname:<20} n/a: {exc}")
                     continue
                 losses = []  # mean token loss of every step run, in order (read after timing: no sync)
 
@@ -154,24 +185,26 @@ def main(argv=None):
                 peak = peak_memory_mb(recorded, device)
                 q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
                 results[pname] = (statistics.median(times), q[0], q[3], peak, len(times),
-                                  [round(float(x), 6) for x in losses])
+                                  [round(float(x), 6) for x in losses], getattr(step, "compile_s", None))
                 del step, recorded
                 if gpu:
                     torch.cuda.empty_cache()
             base = results.get("transformers")
-            for pname, (med, p20, p80, peak, n, losses) in results.items():
+            for pname, (med, p20, p80, peak, n, losses, compile_s) in results.items():
                 tok_s = batch * args.seq / (med * 1e-3)
                 speed = base[0] / med if base else None
                 mem = peak / base[3] if base and base[3] > 0 else None
-                print(f"{name:<14} {mode:<5} {pname:<13} {med:>10.1f} {f'{p20:.1f}-{p80:.1f}':>17} {tok_s:>9.0f} "
+                print(f"{name:<14} {mode:<5} {pname:<20} {med:>10.1f} {f'{p20:.1f}-{p80:.1f}':>17} {tok_s:>9.0f} "
                       f"{peak:>9.1f} {'-' if speed is None else f'{speed:.2f}':>10} "
-                      f"{'-' if mem is None else f'{mem:.2f}':>7}  loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+                      f"{'-' if mem is None else f'{mem:.2f}':>7}  loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+                      + ("" if compile_s is None else f"  compile {compile_s:.1f} s"))
                 rows.append({"bench": "train", "case": f"{name} {mode} b{batch}x{args.seq}", "config": name,
                              "mode": mode, "provider": pname, "batch": batch,
                              "seq": args.seq, "dtype": str(dtype), "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                              "reps": n, "tokens_per_s": tok_s, "peak_mib": peak, "tokens_per_s_vs_hf": speed,
                              "memory_vs_hf": mem, "speedup_vs_baseline": speed, "memory_vs_baseline": mem,
-                             "baseline": "transformers" if base else None, "losses": losses, **env})
+                             "baseline": "transformers" if base else None, "losses": losses,
+                             **({} if compile_s is None else {"compile_s": compile_s}), **env})
     if not args.no_write:
         write_rows("train", rows)
 
