@@ -11,8 +11,11 @@
 // Backward, with p_ij = exp(s_ij - lse_i) and delta_i = dO_i . O_i:
 //   dV_j = sum_i p_ij dO_i;  dS_ij = p_ij (dO_i . v_j - delta_i);
 //   dQ_i = scale sum_j dS_ij k_j;  dK_j = scale sum_i dS_ij q_i.
-// Two passes, no atomics (deterministic): dQ over (batch, head, query block), then dK/dV over
-// (batch, kv head, key block) walking the query heads of its group (GQA without repeating K/V).
+// No atomics (deterministic), in one of two ways (plan_bwd picks): one pass with a task per
+// (batch, kv head) that owns its keys' dK/dV and its query heads' dQ (5 tile products per score),
+// or two passes, dQ over (batch, head, query block), then dK/dV over (batch, kv head, key block)
+// walking the query heads of its group (7 products, but many more tasks to spread over threads).
+// Both walk a group's query heads against one K/V tile (GQA without repeating K/V).
 //
 // Tile products go through BLAS (sgemm_/dgemm_, exported by the MKL that torch links) when
 // that symbol is present, and through a plain loop otherwise. Reduced-precision inputs are
@@ -430,6 +433,137 @@ void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q,
   });
 }
 
+// One pass over the tiles: a task owns a (sequence, kv head): the dK/dV of its keys and the dQ
+// of the query heads of its group, so no two tasks write the same row and nothing is atomic.
+// Per (key tile, query head, query tile): s = scale q k^T -> P; dV += P^T dO; dP = dO v^T;
+// dS = P (dP - delta); dK += scale dS^T q; dQ += scale dS k: five tile products and one exp
+// per score, where the two passes above take seven and two. delta is computed per task first.
+// `tasks` lists the (b * n_kv_heads + hk) indices each worker runs, in order (see plan_bwd).
+template <typename scalar_t>
+void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                      const scalar_t* v, const scalar_t* out, const acc_type_t<scalar_t>* lse,
+                      acc_type_t<scalar_t>* delta, scalar_t* dq, scalar_t* dk, scalar_t* dv,
+                      const std::vector<std::vector<int64_t>>& tasks) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr bool direct_dq = std::is_same_v<scalar_t, acc_t>;  // accumulate into dq itself
+  const int64_t D = pb.D, G = pb.group;
+  const acc_t scale = acc_t(pb.scale);
+  const int64_t workers = int64_t(tasks.size());
+  at::parallel_for(0, workers, 1, [&](int64_t wbegin, int64_t wend) {
+    const SerialBlas serial_blas;
+    std::vector<acc_t> qbuf, dobuf, obuf, kbuf, vbuf, dq_buf, s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N),
+        dk_acc(BLOCK_N * D), dv_acc(BLOCK_N * D);
+    for (int64_t w = wbegin; w < wend; ++w) {
+      for (const int64_t task : tasks[w]) {
+        const int64_t b = task / pb.n_kv_heads, hk = task % pb.n_kv_heads;
+        const Seq sq = seq_of(pb.cu_q, pb.cu_k, b);
+        // delta_i = dO_i . O_i for the group's heads; dQ accumulators cleared.
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * G + g;
+          for (int64_t m0 = 0; m0 < sq.q_len; m0 += BLOCK_M) {
+            const int64_t rows = std::min(BLOCK_M, sq.q_len - m0), row0 = sq.q_start + m0;
+            int64_t lddo, ldo;
+            const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
+            const acc_t* ot = tile<scalar_t, acc_t>(out, pb.q_row, row0, rows, h, D, obuf, ldo);
+            for (int64_t r = 0; r < rows; ++r) delta[h * pb.total_q + row0 + r] = dot(gt + r * lddo, ot + r * ldo, D);
+            if constexpr (direct_dq) {
+              for (int64_t r = 0; r < rows; ++r) std::fill_n(dq + (row0 + r) * pb.q_row + h * D, D, acc_t(0));
+            }
+          }
+        }
+        if constexpr (!direct_dq) dq_buf.assign(G * sq.q_len * D, acc_t(0));  // [g][row][D]
+        for (int64_t n0 = 0; n0 < sq.k_len; n0 += BLOCK_N) {
+          const int64_t cols = std::min(BLOCK_N, sq.k_len - n0), krow0 = sq.k_start + n0;
+          int64_t ldk, ldv;
+          const acc_t* kt = tile<scalar_t, acc_t>(k, pb.k_row, krow0, cols, hk, D, kbuf, ldk);
+          const acc_t* vt = tile<scalar_t, acc_t>(v, pb.k_row, krow0, cols, hk, D, vbuf, ldv);
+          std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+          std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+          int64_t lo = 0;  // queries before lo see none of these keys (as in bwd_dkdv_kernel)
+          if (pb.causal && n0 >= pb.n_prefix) lo = std::max<int64_t>(0, n0 - (sq.k_len - sq.q_len));
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t h = hk * G + g;
+            for (int64_t m0 = lo; m0 < sq.q_len; m0 += BLOCK_M) {
+              const int64_t rows = std::min(BLOCK_M, sq.q_len - m0), row0 = sq.q_start + m0;
+              int64_t ldq, lddo;
+              const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
+              const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
+              gemm<acc_t>(false, true, rows, cols, D, scale, qt, ldq, kt, ldk, acc_t(0), s.data(), BLOCK_N);
+              probs<acc_t>(pb, sq, m0, rows, n0, cols, lse + h * pb.total_q + row0, s.data());
+              gemm<acc_t>(true, false, cols, D, rows, acc_t(1), s.data(), BLOCK_N, gt, lddo, acc_t(1), dv_acc.data(), D);
+              gemm<acc_t>(false, true, rows, cols, D, acc_t(1), gt, lddo, vt, ldv, acc_t(0), dp.data(), BLOCK_N);
+              dscores<acc_t>(rows, cols, s.data(), delta + h * pb.total_q + row0, dp.data());
+              gemm<acc_t>(true, false, cols, D, rows, scale, dp.data(), BLOCK_N, qt, ldq, acc_t(1), dk_acc.data(), D);
+              if constexpr (direct_dq) {
+                gemm<acc_t>(false, false, rows, D, cols, scale, dp.data(), BLOCK_N, kt, ldk, acc_t(1),
+                            dq + row0 * pb.q_row + h * D, pb.q_row);
+              } else {
+                gemm<acc_t>(false, false, rows, D, cols, scale, dp.data(), BLOCK_N, kt, ldk, acc_t(1),
+                            dq_buf.data() + (g * sq.q_len + m0) * D, D);
+              }
+            }
+          }
+          for (int64_t c = 0; c < cols; ++c) {
+            scalar_t* dkr = dk + (krow0 + c) * pb.k_row + hk * D;
+            scalar_t* dvr = dv + (krow0 + c) * pb.k_row + hk * D;
+            for (int64_t d = 0; d < D; ++d) {
+              dkr[d] = static_cast<scalar_t>(dk_acc[c * D + d]);
+              dvr[d] = static_cast<scalar_t>(dv_acc[c * D + d]);
+            }
+          }
+        }
+        if constexpr (!direct_dq) {
+          for (int64_t g = 0; g < G; ++g) {
+            for (int64_t r = 0; r < sq.q_len; ++r) {
+              narrow(dq_buf.data() + (g * sq.q_len + r) * D, dq + (sq.q_start + r) * pb.q_row + (hk * G + g) * D, D);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Which backward runs, and how the one-pass kernel's tasks are spread. The one pass does 5/7 of
+// the two passes' tile products but has only batch * n_kv_heads tasks of unequal size (a
+// sequence's work grows with q_len * k_len), so with many threads and few tasks its slowest
+// worker can take longer than the evenly split two passes. Tasks go to workers largest first,
+// each to the least loaded (deterministic: a task's arithmetic does not depend on its worker);
+// the one pass is chosen when its slowest worker's 5 products per score cost no more than the
+// two passes' 7 spread over every worker. Empty when the two passes are chosen.
+std::vector<std::vector<int64_t>> plan_bwd(const Problem& pb) {
+  const int64_t n_tasks = pb.batch * pb.n_kv_heads;
+  std::vector<double> work(n_tasks);
+  double total = 0;
+  for (int64_t t = 0; t < n_tasks; ++t) {
+    const Seq sq = seq_of(pb.cu_q, pb.cu_k, t / pb.n_kv_heads);
+    const double ql = double(sq.q_len), kl = double(sq.k_len);
+    // visible (query, key) pairs: all of them, or the causal band (queries see k_len - q_len + i + 1 keys)
+    double pairs = ql * kl;
+    if (pb.causal) pairs = ql * std::max(0.0, kl - ql) + ql * (std::min(ql, kl) + 1) / 2;
+    work[t] = std::max(pairs, 1.0) * double(pb.group);
+    total += work[t];
+  }
+  // As many threads as the work pays for (the grain rule: 5 products of depth D per pair).
+  const int64_t max_threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const double units = total * double(pb.D) * 5 / 8;
+  const int64_t threads = std::clamp<int64_t>(int64_t(units / double(kMinWorkPerThread)), 1, max_threads);
+  const int64_t workers = std::min<int64_t>(threads, std::max<int64_t>(n_tasks, 1));
+  std::vector<int64_t> order(n_tasks);
+  for (int64_t t = 0; t < n_tasks; ++t) order[t] = t;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
+  std::vector<std::vector<int64_t>> tasks(workers);
+  std::vector<double> load(workers, 0.0);
+  for (const int64_t t : order) {
+    const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
+    tasks[w].push_back(t);
+    load[w] += work[t];
+  }
+  const double slowest = *std::max_element(load.begin(), load.end());
+  if (threads > 1 && 5 * slowest > 7 * total / double(threads)) return {};
+  return tasks;
+}
+
 // ---------------------------------------------------------------------------- host code
 
 Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -535,12 +669,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dv = new_output(v.sizes(), v.options());
   at::Tensor delta = at::empty({pb.n_heads, pb.total_q}, q.options().dtype(acc));
   const int64_t max_q = max_len(pb.cu_q, pb.batch), max_k = max_len(pb.cu_k, pb.batch);
+  const std::vector<std::vector<int64_t>> plan = plan_bwd(pb);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const auto* go = grad_out.const_data_ptr<scalar_t>();
     const auto* qp = q.const_data_ptr<scalar_t>();
     const auto* kp = k.const_data_ptr<scalar_t>();
     const auto* vp = v.const_data_ptr<scalar_t>();
+    if (!plan.empty()) {
+      bwd_fused_kernel<scalar_t>(pb, go, qp, kp, vp, out.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
+                                 delta.mutable_data_ptr<acc_t>(), dq.mutable_data_ptr<scalar_t>(),
+                                 dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), plan);
+      return;
+    }
     // Pass 1 also writes delta_i = dO_i . O_i for pass 2.
     bwd_dq_kernel<scalar_t>(pb, go, qp, kp, vp, out.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
                             delta.mutable_data_ptr<acc_t>(), dq.mutable_data_ptr<scalar_t>(), max_q);

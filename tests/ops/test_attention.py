@@ -134,6 +134,44 @@ def test_varlen_matches_per_sequence_reference(backend, device, causal, lens, Hq
         assert_close(o, r, msg=f"{name} ({backend}, causal={causal}, lens={lens})")
 
 
+# The CPU backward runs in one pass (a task per (sequence, kv head)) or in two (dQ, then dK/dV),
+# chosen from the thread count and how evenly the tasks split (plan_bwd in csrc/cpu/attention.cpp):
+# one thread always takes the one pass; four threads take the two passes for one sequence with
+# one kv head (a single task would leave three threads idle) and the one pass for 8 equal tasks.
+CPU_PLANS = [
+    (1, [300], 2, 1, 64, 0),  # one pass
+    (4, [300], 2, 1, 64, 0),  # two passes
+    (4, [150] * 4, 4, 2, 64, 0),  # one pass, 8 equal tasks
+    (4, [200, 17, 90, 1], 4, 2, 32, 3),  # two passes: 8 unequal tasks, two of them most of the work
+    (2, [200, 17, 90, 1], 4, 2, 32, 3),  # one pass: the same tasks on two threads
+]
+
+
+@pytest.mark.parametrize("threads,lens,Hq,Hkv,D,P", CPU_PLANS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_backward_plans_match_reference(threads, lens, Hq, Hkv, D, P, dtype, causal):
+    tensors, cu, dout = _varlen_inputs(lens, Hq, Hkv, D, P, dtype, "cpu")
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=causal)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = _run(lambda **t: attention(**t, causal=causal, cu_seqlens=cu, max_seqlen=max(lens), backend="native"),
+                    tensors, dout)
+    finally:
+        torch.set_num_threads(previous)
+    ref = _run(lambda **t: attention_varlen_reference(**{n: x.double() for n, x in t.items()}, **kw),
+               tensors, dout.double())
+    if dtype == torch.float32:
+        for name, o, r in zip(_names(tensors), ours, ref):
+            assert_close(o, r, msg=f"{name} (threads={threads}, causal={causal}, lens={lens})")
+        return
+    lowp = _run(lambda **t: attention_varlen_reference(**t, **kw, upcast=False), tensors, dout)
+    for name, o, r, t in zip(_names(tensors), ours, ref, lowp):
+        assert o.dtype == dtype, name
+        assert_lowp_rule(o, t, r.float(), name)
+
+
 @pytest.mark.parametrize("backend,device", BD)
 def test_packed_rows_never_attend_across_documents(backend, device):
     """Changing one document's keys must not change any other document's output."""
