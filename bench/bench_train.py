@@ -10,7 +10,10 @@ random tokens (all positions labelled). tokens/s = batch * seq / median step tim
 memory is what the step allocates above the model and optimizer state already in place (CUDA:
 the caching allocator's peak; CPU: the allocations torch.profiler records): activations,
 logits, gradients. Each row also records `losses`, the mean token loss of every step run
-(warm-up, timed, memory), so a run shows both sides train the same objective. Both sides:
+(warm-up, timed, memory), so a run shows both sides train the same objective. The floor is
+the step's linear-layer products alone (`linear_floor_ms`, timed in the same run) as a share of
+the provider's median step (printed as "floor N%"); the "linear floor" line gives transformers' median over it, the
+most any provider could gain over transformers with all other work free. Both sides:
 the same config (fastllm preset -> HF LlamaConfig), float32 on the CPU and bfloat16 autocast
 on the GPU, SDPA attention for transformers, LoRA r=8, alpha=16 on q/k/v/o/gate/up/down with
 the base frozen, torch's fused AdamW (Hugging Face's Trainer default on torch >= 2.8).
@@ -135,6 +138,43 @@ def hf_step(cfg, mode, batch, seq, device, dtype, compile: bool = False):
 
 
 HF_COMPILE = "transformers+compile"  # opt-in: --hf-compile
+def linear_floor_ms(cfg, mode, batch, seq, device, dtype, reps) -> float:
+    """Median ms of the step's linear-layer products alone, through torch's BLAS at the step's
+    batch * seq rows: for every layer's q, k, v, o, gate, up and down and for the tied head, the
+    forward x W^T and the input gradient dy W, plus in full mode the weight gradient dy^T x (the
+    head in 256-row chunks, as fastllm's fused cross-entropy runs it). Every provider runs at
+    least these products (same shapes, same BLAS), so median / floor is what a step spends on
+    everything else (attention, elementwise work, optimizer, overhead), and transformers'
+    median / floor bounds any provider's speed-up over it."""
+    h, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or h // heads
+    shapes = [(heads * d, h), (kv * d, h), (kv * d, h), (h, heads * d), (cfg.intermediate_size, h),
+              (cfg.intermediate_size, h), (h, cfg.intermediate_size)] * cfg.num_hidden_layers
+    rows = batch * seq
+    g = torch.Generator(device="cpu").manual_seed(0)
+    new = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    weights = [new(o, i) for o, i in shapes]
+    head = new(cfg.vocab_size, h)
+    xs = {n: new(rows, n) for n in {i for _, i in shapes} | {o for o, _ in shapes}}
+    chunk = min(256, rows)
+    hx, hdy = new(chunk, h), new(chunk, cfg.vocab_size)
+
+    def products():
+        with torch.no_grad():
+            for w in weights:
+                out, inp = w.shape
+                torch.mm(xs[inp], w.t())
+                torch.mm(xs[out], w)
+                if mode == "full":
+                    torch.mm(xs[out].t(), xs[inp])
+            for _ in range(0, rows, chunk):
+                torch.mm(hx, head.t())
+                torch.mm(hdy, head)
+                if mode == "full":
+                    torch.mm(hdy.t(), hx)
+    return statistics.median(time_ms(products, device, warmup=1, reps=max(reps, 3), max_seconds=120.0))
+
+
 PROVIDERS = {"fastllm": fastllm_step, "transformers": hf_step, HF_COMPILE: functools.partial(hf_step, compile=True)}
 
 
@@ -190,6 +230,7 @@ def main(argv=None):
                 if gpu:
                     torch.cuda.empty_cache()
             base = results.get("transformers")
+            floor = linear_floor_ms(cfg, mode, batch, args.seq, device, dtype, reps) if results else None
             for pname, (med, p20, p80, peak, n, losses, compile_s) in results.items():
                 tok_s = batch * args.seq / (med * 1e-3)
                 speed = base[0] / med if base else None
@@ -197,6 +238,7 @@ def main(argv=None):
                 print(f"{name:<14} {mode:<5} {pname:<20} {med:>10.1f} {f'{p20:.1f}-{p80:.1f}':>17} {tok_s:>9.0f} "
                       f"{peak:>9.1f} {'-' if speed is None else f'{speed:.2f}':>10} "
                       f"{'-' if mem is None else f'{mem:.2f}':>7}  loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+                      + f"  floor {100 * floor / med:.0f}%"
                       + ("" if compile_s is None else f"  compile {compile_s:.1f} s"))
                 rows.append({"bench": "train", "case": f"{name} {mode} b{batch}x{args.seq}", "config": name,
                              "mode": mode, "provider": pname, "batch": batch,
@@ -204,7 +246,11 @@ def main(argv=None):
                              "reps": n, "tokens_per_s": tok_s, "peak_mib": peak, "tokens_per_s_vs_hf": speed,
                              "memory_vs_hf": mem, "speedup_vs_baseline": speed, "memory_vs_baseline": mem,
                              "baseline": "transformers" if base else None, "losses": losses,
+                             "linear_floor_ms": floor, "floor_share": floor / med,
                              **({} if compile_s is None else {"compile_s": compile_s}), **env})
+            if base and floor:
+                print(f"{name:<14} {mode:<5} {'linear floor':<20} {floor:>10.1f}   (transformers / floor: "
+                      f"{base[0] / floor:.2f}x, the most any provider can gain over it)")
     if not args.no_write:
         write_rows("train", rows)
 
