@@ -17,9 +17,13 @@
 // walking the query heads of its group (7 products, but many more tasks to spread over threads).
 // Both walk a group's query heads against one K/V tile (GQA without repeating K/V).
 //
-// Tile products go through BLAS (sgemm_/dgemm_, exported by the MKL that torch links) when
-// that symbol is present, and through a plain loop otherwise. Reduced-precision inputs are
-// widened to float tiles first; all accumulation is float (double for float64).
+// Float tile products go through the tile kernel below (AVX-512 or AVX2+FMA, no packing) where
+// their B operand is row-major: P V, P^T dO, dS^T Q, dS K always, and the score products q k^T
+// and dO v^T on a transposed K/V tile wherever one transpose serves several products (a group's
+// heads, a key tile's query tiles). The rest, float64, and CPUs without AVX2 use BLAS
+// (sgemm_/dgemm_, exported by the MKL that torch links) when that symbol is present, and a
+// plain loop otherwise. Reduced-precision inputs are widened to float tiles first; all
+// accumulation is float (double for float64).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -37,6 +41,7 @@
 #include "fastllm/cpu_simd.h"
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
+#include "fastllm/lane_reduce.h"  // v8, v16, load (vector types)
 
 // Fortran BLAS, resolved at load time if the process has it (torch's MKL does); weak so the
 // extension still loads, and falls back to the loop below, where it does not.
@@ -73,6 +78,116 @@ struct SerialBlas {
   SerialBlas& operator=(const SerialBlas&) = delete;
 };
 
+// Float tile products without BLAS. BLAS packs both operands of every call into its own
+// panels, and for the attention's tiles (64 x 128 x 64) that copy costs about a third of the
+// product. Here C (m x n) = alpha A B (+ C) reads A by element through two strides (A(i, p) at
+// a[i * a_rs + p * a_cs]: a row-major tile or a transposed one) and B (k x n) as rows of
+// vectors, in blocks of MR rows x NV vectors of accumulators (6 x 4 x 16 lanes on AVX-512,
+// 6 x 2 x 8 on AVX2+FMA: the register file), each A element broadcast against the block's B
+// vectors. Columns past the last whole vector go through a scalar loop. Picked at load time;
+// without AVX2 the tiles go to BLAS.
+struct TileMM {
+  int64_t m, n, k;
+  float alpha;
+  const float* a;
+  int64_t a_rs, a_cs;
+  const float* b;
+  int64_t ldb;
+  float* c;
+  int64_t ldc;
+  bool accumulate;  // C += alpha A B, else C = alpha A B
+};
+
+#if defined(FASTLLM_HAVE_VECTORS) && defined(__x86_64__)
+template <class V, int MR, int NV>
+FASTLLM_ALWAYS_INLINE void tmm_block(const TileMM& p, int64_t i0, int64_t j0) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NV; ++j) acc[i][j] = V{};
+  }
+  const float* a = p.a + i0 * p.a_rs;
+  const float* b = p.b + j0;
+  for (int64_t kk = 0; kk < p.k; ++kk) {
+    V bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = load<V>(b + kk * p.ldb + j * L);
+    const float* ak = a + kk * p.a_cs;
+    for (int i = 0; i < MR; ++i) {
+      const V av = V{} + ak[i * p.a_rs];
+      for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* c = p.c + (i0 + i) * p.ldc + j0;
+    for (int j = 0; j < NV; ++j) {
+      V r = acc[i][j] * p.alpha;
+      if (p.accumulate) r += load<V>(c + j * L);
+      std::memcpy(c + j * L, &r, sizeof(V));
+    }
+  }
+}
+
+template <class V, int MR, int NV>
+FASTLLM_ALWAYS_INLINE void tmm_panel(const TileMM& p, int64_t j0) {
+  int64_t i = 0;
+  for (; i + MR <= p.m; i += MR) tmm_block<V, MR, NV>(p, i, j0);
+  switch (p.m - i) {
+    case 5: tmm_block<V, 5, NV>(p, i, j0); break;
+    case 4: tmm_block<V, 4, NV>(p, i, j0); break;
+    case 3: tmm_block<V, 3, NV>(p, i, j0); break;
+    case 2: tmm_block<V, 2, NV>(p, i, j0); break;
+    case 1: tmm_block<V, 1, NV>(p, i, j0); break;
+    default: break;
+  }
+}
+
+template <class V, int NV>
+FASTLLM_ALWAYS_INLINE void tmm_all(const TileMM& p) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  int64_t j = 0;
+  for (; j + NV * L <= p.n; j += NV * L) tmm_panel<V, 6, NV>(p, j);
+  const int64_t rest = (p.n - j) / L;  // whole vectors left, fewer than NV
+  if constexpr (NV > 3) {
+    if (rest == 3) tmm_panel<V, 6, 3>(p, j);
+  }
+  if constexpr (NV > 2) {
+    if (rest == 2) tmm_panel<V, 6, 2>(p, j);
+  }
+  if constexpr (NV > 1) {
+    if (rest == 1) tmm_panel<V, 6, 1>(p, j);
+  }
+  for (j += rest * L; j < p.n; ++j) {
+    for (int64_t i = 0; i < p.m; ++i) {
+      float sum = 0.0f;
+      for (int64_t kk = 0; kk < p.k; ++kk) sum += p.a[i * p.a_rs + kk * p.a_cs] * p.b[kk * p.ldb + j];
+      float* c = p.c + i * p.ldc + j;
+      *c = p.accumulate ? *c + p.alpha * sum : p.alpha * sum;
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void tile_mm_avx512(const TileMM& p) {
+  tmm_all<v16, 4>(p);
+}
+__attribute__((target("avx2,fma"))) void tile_mm_avx2(const TileMM& p) { tmm_all<v8, 2>(p); }
+#endif
+
+using TileMMFn = void (*)(const TileMM&);
+
+TileMMFn pick_tile_mm() {
+#if defined(FASTLLM_HAVE_VECTORS) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return tile_mm_avx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_mm_avx2;
+#endif
+  return nullptr;
+}
+
+const TileMMFn kTileMM = pick_tile_mm();
+
 // Row-major C (m x n) = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
 // Row-major C is column-major C^T = op(B)^T op(A)^T, hence the swapped BLAS call.
 template <typename T>
@@ -82,6 +197,10 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
   if constexpr (std::is_same_v<T, float>) {
+    if (kTileMM != nullptr && !trans_b && (beta == 0.0f || beta == 1.0f)) {
+      kTileMM(TileMM{m, n, k, alpha, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, c, ldc, beta == 1.0f});
+      return;
+    }
     if (sgemm_ != nullptr) {
       sgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
       return;
@@ -105,6 +224,51 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
       }
     }
   }
+}
+
+// A key tile's transpose (D x BLOCK_N, columns past `cols` up to a multiple of 16 zeroed) for
+// the tile kernel's B operand: what lets the score products s = q k^T and dp = dO v^T skip BLAS.
+// Worth it where one transpose serves many products (the one-pass backward: every query tile
+// of every head of the group); nullptr where the tile kernel does not run (float64, no AVX2).
+template <typename acc_t>
+const acc_t* transposed(const acc_t* y, int64_t ldy, int64_t cols, int64_t D, std::vector<acc_t>& buf);
+
+// s (rows x cols, leading dimension BLOCK_N) = alpha x y^T, x a (rows x D) tile, y a key tile
+// (cols x D) and yT its transpose from `transposed` or nullptr.
+template <typename acc_t>
+void scores_mm(int64_t rows, int64_t cols, int64_t D, acc_t alpha, const acc_t* x, int64_t ldx, const acc_t* y,
+               int64_t ldy, const acc_t* yT, acc_t* s);
+
+constexpr int64_t kPad = 16;  // score columns are computed in multiples of this (vector width)
+
+template <typename acc_t>
+const acc_t* transposed(const acc_t* y, int64_t ldy, int64_t cols, int64_t D, std::vector<acc_t>& buf) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return nullptr;
+  } else {
+    if (kTileMM == nullptr) return nullptr;
+    buf.resize(D * BLOCK_N);
+    const int64_t padded = std::min<int64_t>(BLOCK_N, (cols + kPad - 1) / kPad * kPad);
+    for (int64_t d = 0; d < D; ++d) {
+      float* row = buf.data() + d * BLOCK_N;
+      for (int64_t j = 0; j < cols; ++j) row[j] = y[j * ldy + d];
+      std::fill(row + cols, row + padded, 0.0f);
+    }
+    return buf.data();
+  }
+}
+
+template <typename acc_t>
+void scores_mm(int64_t rows, int64_t cols, int64_t D, acc_t alpha, const acc_t* x, int64_t ldx, const acc_t* y,
+               int64_t ldy, const acc_t* yT, acc_t* s) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (yT != nullptr) {
+      const int64_t padded = std::min<int64_t>(BLOCK_N, (cols + kPad - 1) / kPad * kPad);
+      kTileMM(TileMM{rows, padded, D, alpha, x, ldx, 1, yT, BLOCK_N, s, BLOCK_N, false});
+      return;
+    }
+  }
+  gemm<acc_t>(false, true, rows, cols, D, alpha, x, ldx, y, ldy, acc_t(0), s, BLOCK_N);
 }
 
 struct Seq {
@@ -249,58 +413,74 @@ inline int64_t tile_grain(const Problem& pb, int64_t rows, int64_t others, int64
   return grain_for(std::max<int64_t>(1, rows * others * pb.D * gemms / 8));
 }
 
+// A task is one query tile of one sequence for every query head of a kv head's group: each
+// K/V tile is read (and transposed, for the tile kernel) once for the G heads.
 template <typename scalar_t>
 void fwd_kernel(const Problem& pb, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                 scalar_t* out, acc_type_t<scalar_t>* lse, int64_t max_q) {
   using acc_t = acc_type_t<scalar_t>;
-  const int64_t D = pb.D, m_blocks = (max_q + BLOCK_M - 1) / BLOCK_M;
+  const int64_t D = pb.D, G = pb.group, m_blocks = (max_q + BLOCK_M - 1) / BLOCK_M;
   const acc_t scale = acc_t(pb.scale);
-  const int64_t grain = tile_grain(pb, std::min(BLOCK_M, max_q), max_len(pb.cu_k, pb.batch), 2);
-  at::parallel_for(0, pb.batch * pb.n_heads * m_blocks, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = tile_grain(pb, std::min(BLOCK_M, max_q), max_len(pb.cu_k, pb.batch), 2 * G);
+  at::parallel_for(0, pb.batch * pb.n_kv_heads * m_blocks, grain, [&](int64_t begin, int64_t end) {
     const SerialBlas serial_blas;
-    std::vector<acc_t> qbuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), acc(BLOCK_M * D), m(BLOCK_M), l(BLOCK_M);
+    std::vector<acc_t> qbuf, kbuf, vbuf, kT_buf, s(BLOCK_M * BLOCK_N), acc(G * BLOCK_M * D), m(G * BLOCK_M),
+        l(G * BLOCK_M);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks, bh = task / m_blocks;
-      const int64_t b = bh / pb.n_heads, h = bh % pb.n_heads, hk = h / pb.group;
+      const int64_t b = bh / pb.n_kv_heads, hk = bh % pb.n_kv_heads;
       const Seq sq = seq_of(pb.cu_q, pb.cu_k, b);
       const int64_t m0 = mb * BLOCK_M;
       if (m0 >= sq.q_len) continue;
       const int64_t rows = std::min(BLOCK_M, sq.q_len - m0);
-      int64_t ldq, ldk, ldv;
-      const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, sq.q_start + m0, rows, h, D, qbuf, ldq);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(l.begin(), l.end(), acc_t(0));
       const int64_t hi = pb.key_end(sq, m0 + rows);
       for (int64_t n0 = 0; n0 < hi; n0 += BLOCK_N) {
         const int64_t cols = std::min(BLOCK_N, hi - n0);
+        int64_t ldk, ldv, ldq;
         const acc_t* kt = tile<scalar_t, acc_t>(k, pb.k_row, sq.k_start + n0, cols, hk, D, kbuf, ldk);
         const acc_t* vt = tile<scalar_t, acc_t>(v, pb.k_row, sq.k_start + n0, cols, hk, D, vbuf, ldv);
-        gemm<acc_t>(false, true, rows, cols, D, scale, qt, ldq, kt, ldk, acc_t(0), s.data(), BLOCK_N);
-        if (pb.tile_needs_mask(sq, m0, rows, n0, cols)) mask_tile<acc_t>(pb, sq, m0, rows, n0, cols, s.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* sr = s.data() + r * BLOCK_N;
-          const acc_t mx = row_max(sr, cols, m[r]);
-          if (mx == NEG_INF<acc_t>) {  // nothing visible yet
-            std::fill(sr, sr + cols, acc_t(0));
-            continue;
+        const acc_t* kT = G > 1 ? transposed(kt, ldk, cols, D, kT_buf) : nullptr;  // one use: BLAS is as fast
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * G + g;
+          const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, sq.q_start + m0, rows, h, D, qbuf, ldq);
+          acc_t* mg = m.data() + g * BLOCK_M;
+          acc_t* lg = l.data() + g * BLOCK_M;
+          acc_t* ag = acc.data() + g * BLOCK_M * D;
+          scores_mm<acc_t>(rows, cols, D, scale, qt, ldq, kt, ldk, kT, s.data());
+          if (pb.tile_needs_mask(sq, m0, rows, n0, cols)) mask_tile<acc_t>(pb, sq, m0, rows, n0, cols, s.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* sr = s.data() + r * BLOCK_N;
+            const acc_t mx = row_max(sr, cols, mg[r]);
+            if (mx == NEG_INF<acc_t>) {  // nothing visible yet
+              std::fill(sr, sr + cols, acc_t(0));
+              continue;
+            }
+            exp_shifted(sr, cols, mx);
+            const acc_t alpha = exp_shifted_one(mg[r], mx);
+            lg[r] = lg[r] * alpha + row_sum(sr, cols);
+            mg[r] = mx;
+            acc_t* ar = ag + r * D;
+            for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
           }
-          exp_shifted(sr, cols, mx);
-          const acc_t alpha = exp_shifted_one(m[r], mx);
-          l[r] = l[r] * alpha + row_sum(sr, cols);
-          m[r] = mx;
-          acc_t* ar = acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+          gemm<acc_t>(false, false, rows, D, cols, acc_t(1), s.data(), BLOCK_N, vt, ldv, acc_t(1), ag, D);
         }
-        gemm<acc_t>(false, false, rows, D, cols, acc_t(1), s.data(), BLOCK_N, vt, ldv, acc_t(1), acc.data(), D);
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = sq.q_start + m0 + r;
-        const bool empty = l[r] == acc_t(0);
-        const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
-        scalar_t* o = out + row * pb.q_row + h * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
-        lse[h * pb.total_q + row] = empty ? std::numeric_limits<acc_t>::infinity() : m[r] + std::log(l[r]);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = sq.q_start + m0 + r;
+          const acc_t lr = l[g * BLOCK_M + r];
+          const bool empty = lr == acc_t(0);
+          const acc_t inv = empty ? acc_t(0) : acc_t(1) / lr;
+          scalar_t* o = out + row * pb.q_row + h * D;
+          const acc_t* ar = acc.data() + (g * BLOCK_M + r) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(ar[d] * inv);
+          lse[h * pb.total_q + row] =
+              empty ? std::numeric_limits<acc_t>::infinity() : m[g * BLOCK_M + r] + std::log(lr);
+        }
       }
     }
   });
@@ -388,7 +568,7 @@ void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q,
   const int64_t grain = tile_grain(pb, std::min(BLOCK_N, max_k), max_len(pb.cu_q, pb.batch), 4 * pb.group);
   at::parallel_for(0, pb.batch * pb.n_kv_heads * n_blocks, grain, [&](int64_t begin, int64_t end) {
     const SerialBlas serial_blas;
-    std::vector<acc_t> qbuf, dobuf, kbuf, vbuf, s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N),
+    std::vector<acc_t> qbuf, dobuf, kbuf, vbuf, kT_buf, vT_buf, s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N),
         dk_acc(BLOCK_N * D), dv_acc(BLOCK_N * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task % n_blocks, bh = task / n_blocks;
@@ -400,6 +580,8 @@ void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q,
       int64_t ldk, ldv, ldq, lddo;
       const acc_t* kt = tile<scalar_t, acc_t>(k, pb.k_row, krow0, cols, hk, D, kbuf, ldk);
       const acc_t* vt = tile<scalar_t, acc_t>(v, pb.k_row, krow0, cols, hk, D, vbuf, ldv);
+      const acc_t* kT = transposed(kt, ldk, cols, D, kT_buf);
+      const acc_t* vT = transposed(vt, ldv, cols, D, vT_buf);
       std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
       std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
       // Queries before n0 - (k_len - q_len) see none of these keys (unless they are prefix keys).
@@ -411,11 +593,11 @@ void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q,
           const int64_t rows = std::min(BLOCK_M, sq.q_len - m0), row0 = sq.q_start + m0;
           const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
           const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
-          gemm<acc_t>(false, true, rows, cols, D, scale, qt, ldq, kt, ldk, acc_t(0), s.data(), BLOCK_N);
+          scores_mm<acc_t>(rows, cols, D, scale, qt, ldq, kt, ldk, kT, s.data());
           probs<acc_t>(pb, sq, m0, rows, n0, cols, lse + h * pb.total_q + row0, s.data());
           // dV += P^T dO
           gemm<acc_t>(true, false, cols, D, rows, acc_t(1), s.data(), BLOCK_N, gt, lddo, acc_t(1), dv_acc.data(), D);
-          gemm<acc_t>(false, true, rows, cols, D, acc_t(1), gt, lddo, vt, ldv, acc_t(0), dp.data(), BLOCK_N);
+          scores_mm<acc_t>(rows, cols, D, acc_t(1), gt, lddo, vt, ldv, vT, dp.data());
           dscores<acc_t>(rows, cols, s.data(), delta + h * pb.total_q + row0, dp.data());
           // dK += scale dS^T Q
           gemm<acc_t>(true, false, cols, D, rows, scale, dp.data(), BLOCK_N, qt, ldq, acc_t(1), dk_acc.data(), D);
@@ -451,8 +633,8 @@ void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q
   const int64_t workers = int64_t(tasks.size());
   at::parallel_for(0, workers, 1, [&](int64_t wbegin, int64_t wend) {
     const SerialBlas serial_blas;
-    std::vector<acc_t> qbuf, dobuf, obuf, kbuf, vbuf, dq_buf, s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N),
-        dk_acc(BLOCK_N * D), dv_acc(BLOCK_N * D);
+    std::vector<acc_t> qbuf, dobuf, obuf, kbuf, vbuf, kT_buf, vT_buf, dq_buf, s(BLOCK_M * BLOCK_N),
+        dp(BLOCK_M * BLOCK_N), dk_acc(BLOCK_N * D), dv_acc(BLOCK_N * D);
     for (int64_t w = wbegin; w < wend; ++w) {
       for (const int64_t task : tasks[w]) {
         const int64_t b = task / pb.n_kv_heads, hk = task % pb.n_kv_heads;
@@ -477,6 +659,8 @@ void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q
           int64_t ldk, ldv;
           const acc_t* kt = tile<scalar_t, acc_t>(k, pb.k_row, krow0, cols, hk, D, kbuf, ldk);
           const acc_t* vt = tile<scalar_t, acc_t>(v, pb.k_row, krow0, cols, hk, D, vbuf, ldv);
+          const acc_t* kT = transposed(kt, ldk, cols, D, kT_buf);
+          const acc_t* vT = transposed(vt, ldv, cols, D, vT_buf);
           std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
           std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
           int64_t lo = 0;  // queries before lo see none of these keys (as in bwd_dkdv_kernel)
@@ -488,10 +672,10 @@ void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q
               int64_t ldq, lddo;
               const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
               const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
-              gemm<acc_t>(false, true, rows, cols, D, scale, qt, ldq, kt, ldk, acc_t(0), s.data(), BLOCK_N);
+              scores_mm<acc_t>(rows, cols, D, scale, qt, ldq, kt, ldk, kT, s.data());
               probs<acc_t>(pb, sq, m0, rows, n0, cols, lse + h * pb.total_q + row0, s.data());
               gemm<acc_t>(true, false, cols, D, rows, acc_t(1), s.data(), BLOCK_N, gt, lddo, acc_t(1), dv_acc.data(), D);
-              gemm<acc_t>(false, true, rows, cols, D, acc_t(1), gt, lddo, vt, ldv, acc_t(0), dp.data(), BLOCK_N);
+              scores_mm<acc_t>(rows, cols, D, acc_t(1), gt, lddo, vt, ldv, vT, dp.data());
               dscores<acc_t>(rows, cols, s.data(), delta + h * pb.total_q + row0, dp.data());
               gemm<acc_t>(true, false, cols, D, rows, scale, dp.data(), BLOCK_N, qt, ldq, acc_t(1), dk_acc.data(), D);
               if constexpr (direct_dq) {

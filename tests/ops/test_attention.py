@@ -144,6 +144,7 @@ CPU_PLANS = [
     (4, [150] * 4, 4, 2, 64, 0),  # one pass, 8 equal tasks
     (4, [200, 17, 90, 1], 4, 2, 32, 3),  # two passes: 8 unequal tasks, two of them most of the work
     (2, [200, 17, 90, 1], 4, 2, 32, 3),  # one pass: the same tasks on two threads
+    (1, [77, 130], 6, 3, 40, 0),  # head dim 40: the tile kernel's scalar columns
 ]
 
 
