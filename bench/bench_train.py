@@ -6,7 +6,9 @@ model in Hugging Face transformers (+ peft for LoRA), side by side in one run.
     python bench/bench_train.py --configs tiny-llama --hf-compile   # + transformers under torch.compile
 
 One step = forward + loss + backward + AdamW step + zero_grad on one (batch, seq) block of
-random tokens (all positions labelled). tokens/s = batch * seq / median step time. Peak
+random tokens (all positions labelled). tokens/s = batch * seq / median step time. The
+providers and the linear floor (below) are timed in turns, one step each per round (order
+reversed every other round), so a machine whose speed drifts over minutes moves them together. Peak
 memory is what the step allocates above the model and optimizer state already in place (CUDA:
 the caching allocator's peak; CPU: the allocations torch.profiler records): activations,
 logits, gradients. Each row also records `losses`, the mean token loss of every step run
@@ -42,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import fastllm  # noqa: E402,F401
-from bench.harness import default_device, environment, peak_memory_mb, time_ms, write_rows  # noqa: E402
+from bench.harness import default_device, environment, peak_memory_mb, time_interleaved, write_rows  # noqa: E402
 from fastllm import models  # noqa: E402
 from fastllm.train.common import CausalLMLoss, autocast, build_optimizer  # noqa: E402
 
@@ -138,8 +140,9 @@ def hf_step(cfg, mode, batch, seq, device, dtype, compile: bool = False):
 
 
 HF_COMPILE = "transformers+compile"  # opt-in: --hf-compile
-def linear_floor_ms(cfg, mode, batch, seq, device, dtype, reps) -> float:
-    """Median ms of the step's linear-layer products alone, through torch's BLAS at the step's
+FLOOR = "linear floor"
+def linear_floor(cfg, mode, batch, seq, device, dtype):
+    """A callable running the step's linear-layer products alone, through torch's BLAS at the step's
     batch * seq rows: for every layer's q, k, v, o, gate, up and down and for the tied head, the
     forward x W^T and the input gradient dy W, plus in full mode the weight gradient dy^T x (the
     head in 256-row chunks, as fastllm's fused cross-entropy runs it). Every provider runs at
@@ -172,7 +175,7 @@ def linear_floor_ms(cfg, mode, batch, seq, device, dtype, reps) -> float:
                 torch.mm(hdy, head)
                 if mode == "full":
                     torch.mm(hdy.t(), hx)
-    return statistics.median(time_ms(products, device, warmup=1, reps=max(reps, 3), max_seconds=120.0))
+    return products
 
 
 PROVIDERS = {"fastllm": fastllm_step, "transformers": hf_step, HF_COMPILE: functools.partial(hf_step, compile=True)}
@@ -210,47 +213,56 @@ def main(argv=None):
     for name in args.configs:
         cfg = _config(name, args.seq)
         for mode in args.modes:
-            results = {}
+            steps, losses, compile_s = {}, {}, {}
             for pname, factory in providers.items():
                 try:
                     step = factory(cfg, mode, batch, args.seq, device, dtype)
                 except NotImplementedError as exc:
                     print(f"{name:<14} {mode:<5} {pname:<20} n/a: {exc}")
                     continue
-                losses = []  # mean token loss of every step run, in order (read after timing: no sync)
+                compile_s[pname] = getattr(step, "compile_s", None)
+                losses[pname] = []  # mean token loss of every step run, in order (read after timing: no sync)
 
-                def recorded(step=step, losses=losses):
+                def recorded(step=step, losses=losses[pname]):
                     losses.append(step())
-                times = time_ms(recorded, device, warmup=1, reps=reps, max_seconds=120.0)
+                steps[pname] = recorded
+            if not steps:
+                continue
+            floor_fn = linear_floor(cfg, mode, batch, args.seq, device, dtype)
+            # every provider and the floor in turns, so all see the same moments of the machine
+            times = time_interleaved({**steps, FLOOR: floor_fn}, device, warmup=1, reps=reps, max_seconds=600.0)
+            floor = statistics.median(times.pop(FLOOR))
+            results = {}
+            for pname, recorded in steps.items():
                 peak = peak_memory_mb(recorded, device)
-                q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-                results[pname] = (statistics.median(times), q[0], q[3], peak, len(times),
-                                  [round(float(x), 6) for x in losses], getattr(step, "compile_s", None))
-                del step, recorded
+                t = times[pname]
+                q = statistics.quantiles(t, n=5) if len(t) >= 2 else [t[0]] * 4
+                results[pname] = (statistics.median(t), q[0], q[3], peak, len(t),
+                                  [round(float(x), 6) for x in losses[pname]], compile_s[pname])
                 if gpu:
                     torch.cuda.empty_cache()
+            del steps, floor_fn
             base = results.get("transformers")
-            floor = linear_floor_ms(cfg, mode, batch, args.seq, device, dtype, reps) if results else None
-            for pname, (med, p20, p80, peak, n, losses, compile_s) in results.items():
+            for pname, (med, p20, p80, peak, n, step_losses, seconds) in results.items():
                 tok_s = batch * args.seq / (med * 1e-3)
                 speed = base[0] / med if base else None
                 mem = peak / base[3] if base and base[3] > 0 else None
                 print(f"{name:<14} {mode:<5} {pname:<20} {med:>10.1f} {f'{p20:.1f}-{p80:.1f}':>17} {tok_s:>9.0f} "
                       f"{peak:>9.1f} {'-' if speed is None else f'{speed:.2f}':>10} "
-                      f"{'-' if mem is None else f'{mem:.2f}':>7}  loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-                      + f"  floor {100 * floor / med:.0f}%"
-                      + ("" if compile_s is None else f"  compile {compile_s:.1f} s"))
+                      f"{'-' if mem is None else f'{mem:.2f}':>7}  loss {step_losses[0]:.4f} -> {step_losses[-1]:.4f}"
+                      f"  floor {100 * floor / med:.0f}%"
+                      + ("" if seconds is None else f"  compile {seconds:.1f} s"))
                 rows.append({"bench": "train", "case": f"{name} {mode} b{batch}x{args.seq}", "config": name,
                              "mode": mode, "provider": pname, "batch": batch,
                              "seq": args.seq, "dtype": str(dtype), "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                              "reps": n, "tokens_per_s": tok_s, "peak_mib": peak, "tokens_per_s_vs_hf": speed,
                              "memory_vs_hf": mem, "speedup_vs_baseline": speed, "memory_vs_baseline": mem,
-                             "baseline": "transformers" if base else None, "losses": losses,
-                             "linear_floor_ms": floor, "floor_share": floor / med,
-                             **({} if compile_s is None else {"compile_s": compile_s}), **env})
-            if base and floor:
-                print(f"{name:<14} {mode:<5} {'linear floor':<20} {floor:>10.1f}   (transformers / floor: "
-                      f"{base[0] / floor:.2f}x, the most any provider can gain over it)")
+                             "baseline": "transformers" if base else None, "losses": step_losses,
+                             "linear_floor_ms": floor, "floor_share": floor / med, "timing": "interleaved",
+                             **({} if seconds is None else {"compile_s": seconds}), **env})
+            print(f"{name:<14} {mode:<5} {FLOOR:<20} {floor:>10.1f}"
+                  + (f"   (transformers / floor: {base[0] / floor:.2f}x, the most any provider can gain over it)"
+                     if base else ""))
     if not args.no_write:
         write_rows("train", rows)
 

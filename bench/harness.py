@@ -89,6 +89,28 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return times
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 1,
+                     reps: int = 5, max_seconds: float = 600.0) -> dict[str, list[float]]:
+    """Wall times in milliseconds of several functions timed in turns: round r calls each once,
+    in the given order on even rounds and reversed on odd ones. On a machine whose speed drifts
+    over minutes (shared hosts, thermal limits), timing one function's reps after another's
+    puts the drift into their ratio; in turns every provider sees the same moments. Stops early
+    past max_seconds once every function has 3 times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start_all = time.perf_counter()
+    for r in range(reps):
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))
+        for name in order:
+            times[name].extend(time_ms(fns[name], device, warmup=0, reps=1, max_seconds=float("inf")))
+        if time.perf_counter() - start_all > max_seconds and r + 1 >= 3:
+            break
+    return times
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Peak bytes allocated while `fn` runs, above what was allocated before, in MiB."""
     if device.type == "cuda":
