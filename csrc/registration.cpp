@@ -3,6 +3,10 @@
 // Autograd, fake (meta) implementations and backend choice live in fastllm/ops/<op>.py.
 #include <torch/library.h>
 
+#include <string>
+
+#include "fastllm/cpu_isa.h"
+
 // Python's `import fastllm._C` needs a module init function; the ops themselves are
 // registered by the static initialisers below when the shared library is loaded.
 #include <Python.h>
@@ -13,7 +17,12 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
+std::string cpu_isa_op() { return fastllm::cpu::cpu_isa_name(); }
+
 TORCH_LIBRARY(fastllm, m) {
+  // The vector ISA of the CPU kernels' dispatched bodies: "avx512", "avx2" or "none" (the CPU's
+  // widest, capped by FASTLLM_CPU_ISA; csrc/include/fastllm/cpu_isa.h).
+  m.def("cpu_isa() -> str", &cpu_isa_op);
   // RMSNorm: x (..., H) contiguous, weight (H,). y = x * rsqrt(mean(x^2) + eps) * weight,
   // computed in float32 (float64 for float64 inputs).
   m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> Tensor");

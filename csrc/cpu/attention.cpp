@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_isa.h"
 #include "fastllm/cpu_simd.h"
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
@@ -176,12 +177,8 @@ using TileMMFn = void (*)(const TileMM&);
 
 TileMMFn pick_tile_mm() {
 #if defined(FASTLLM_HAVE_VECTORS) && defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl")) {
-    return tile_mm_avx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_mm_avx2;
+  if (cpu_isa() == CpuIsa::kAvx512) return tile_mm_avx512;
+  if (cpu_isa() == CpuIsa::kAvx2) return tile_mm_avx2;
 #endif
   return nullptr;
 }

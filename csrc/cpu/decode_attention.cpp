@@ -21,6 +21,7 @@
 
 #include "fastllm/decode_attention_checks.h"
 #include "fastllm/checks.h"
+#include "fastllm/cpu_isa.h"
 #include "fastllm/cpu_simd.h"
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
@@ -191,12 +192,7 @@ using DecodeTaskFn = void (*)(const float*, const float*, const float*, int64_t,
 
 // The AVX-512 body for head size D on this CPU, or nullptr.
 DecodeTaskFn avx512_task(int64_t D) {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  if (!has) return nullptr;
+  if (cpu_isa() != CpuIsa::kAvx512) return nullptr;
   if (D == 64) return decode_task_f32_avx512<64>;
   if (D == 128) return decode_task_f32_avx512<128>;
   return nullptr;

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_isa.h"
 #include "fastllm/cpu_simd.h"  // FASTLLM_ALWAYS_INLINE
 #include "fastllm/grain.h"
 #include "fastllm/lane_reduce.h"  // load, lane_sum, reduce_all
@@ -154,12 +155,8 @@ using RangeFn = void (*)(const Problem&, int64_t, int64_t);
 
 RangeFn pick_body() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl")) {
-    return rows_range_avx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_range_avx2;
+  if (cpu_isa() == CpuIsa::kAvx512) return rows_range_avx512;
+  if (cpu_isa() == CpuIsa::kAvx2) return rows_range_avx2;
 #endif
   return rows_range_portable;
 }

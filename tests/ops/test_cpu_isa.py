@@ -1,0 +1,70 @@
+"""The CPU kernels' narrower vector bodies, run on this CPU by capping the ISA the extension
+dispatches to (FASTLLM_CPU_ISA, read once at load time: so in a fresh process): the AVX2+FMA
+bodies and the portable/BLAS fallbacks of small_linear, decode attention and the attention tile
+kernel go through the same reference comparisons as the default (widest) bodies do in the rest
+of tests/ops. The default run covers the widest body this CPU has."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastllm
+
+pytestmark = pytest.mark.skipif(not fastllm.extension_available(), reason="needs the compiled extension")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the comparisons that reach the dispatched bodies (float32 attention: the tile kernel)
+SELECTION = [
+    "tests/ops/test_small_linear.py",
+    "tests/ops/test_decode_attention.py::test_matches_reference",
+    "tests/ops/test_attention.py::test_float32_matches_float64_reference",
+    "tests/ops/test_attention.py::test_float32_long_sequences",
+    "tests/ops/test_attention.py::test_varlen_matches_per_sequence_reference",
+    "tests/ops/test_attention.py::test_cpu_backward_plans_match_reference",
+]
+
+
+def _run(code: str, isa: str | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.pop("FASTLLM_CPU_ISA", None)
+    if isa is not None:
+        env["FASTLLM_CPU_ISA"] = isa
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def _isa(isa: str | None) -> str:
+    out = _run("import fastllm, torch; print(torch.ops.fastllm.cpu_isa())", isa)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_cap_lowers_and_never_raises_the_isa():
+    order = ["none", "avx2", "avx512"]
+    best = torch.ops.fastllm.cpu_isa() if "FASTLLM_CPU_ISA" not in os.environ else _isa(None)
+    assert best in order
+    for cap in order:
+        assert _isa(cap) == order[min(order.index(cap), order.index(best))]
+
+
+def test_unknown_cap_is_reported_and_ignored():
+    out = _run("import fastllm, torch; print(torch.ops.fastllm.cpu_isa())", "sse9")
+    assert out.returncode == 0, out.stderr
+    assert "FASTLLM_CPU_ISA=sse9 ignored" in out.stderr
+    assert out.stdout.strip().splitlines()[-1] == _isa(None)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "none"])
+def test_narrower_bodies_match_the_references(isa):
+    if _isa(isa) != isa:
+        pytest.skip(f"this CPU has no {isa} body")  # only when the CPU lacks AVX2: there is nothing narrower to run
+    code = ("import sys, pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', "
+            + ", ".join(repr(s) for s in SELECTION) + "]))")
+    out = _run(code, isa)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
