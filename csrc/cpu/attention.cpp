@@ -42,7 +42,7 @@
 #include "fastllm/cpu_simd.h"
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
-#include "fastllm/lane_reduce.h"  // v8, v16, load (vector types)
+#include "fastllm/tile_mm.h"
 
 // Fortran BLAS, resolved at load time if the process has it (torch's MKL does); weak so the
 // extension still loads, and falls back to the loop below, where it does not.
@@ -79,111 +79,6 @@ struct SerialBlas {
   SerialBlas& operator=(const SerialBlas&) = delete;
 };
 
-// Float tile products without BLAS. BLAS packs both operands of every call into its own
-// panels, and for the attention's tiles (64 x 128 x 64) that copy costs about a third of the
-// product. Here C (m x n) = alpha A B (+ C) reads A by element through two strides (A(i, p) at
-// a[i * a_rs + p * a_cs]: a row-major tile or a transposed one) and B (k x n) as rows of
-// vectors, in blocks of MR rows x NV vectors of accumulators (6 x 4 x 16 lanes on AVX-512,
-// 6 x 2 x 8 on AVX2+FMA: the register file), each A element broadcast against the block's B
-// vectors. Columns past the last whole vector go through a scalar loop. Picked at load time;
-// without AVX2 the tiles go to BLAS.
-struct TileMM {
-  int64_t m, n, k;
-  float alpha;
-  const float* a;
-  int64_t a_rs, a_cs;
-  const float* b;
-  int64_t ldb;
-  float* c;
-  int64_t ldc;
-  bool accumulate;  // C += alpha A B, else C = alpha A B
-};
-
-#if defined(FASTLLM_HAVE_VECTORS) && defined(__x86_64__)
-template <class V, int MR, int NV>
-FASTLLM_ALWAYS_INLINE void tmm_block(const TileMM& p, int64_t i0, int64_t j0) {
-  constexpr int L = sizeof(V) / sizeof(float);
-  V acc[MR][NV];
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NV; ++j) acc[i][j] = V{};
-  }
-  const float* a = p.a + i0 * p.a_rs;
-  const float* b = p.b + j0;
-  for (int64_t kk = 0; kk < p.k; ++kk) {
-    V bv[NV];
-    for (int j = 0; j < NV; ++j) bv[j] = load<V>(b + kk * p.ldb + j * L);
-    const float* ak = a + kk * p.a_cs;
-    for (int i = 0; i < MR; ++i) {
-      const V av = V{} + ak[i * p.a_rs];
-      for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    float* c = p.c + (i0 + i) * p.ldc + j0;
-    for (int j = 0; j < NV; ++j) {
-      V r = acc[i][j] * p.alpha;
-      if (p.accumulate) r += load<V>(c + j * L);
-      std::memcpy(c + j * L, &r, sizeof(V));
-    }
-  }
-}
-
-template <class V, int MR, int NV>
-FASTLLM_ALWAYS_INLINE void tmm_panel(const TileMM& p, int64_t j0) {
-  int64_t i = 0;
-  for (; i + MR <= p.m; i += MR) tmm_block<V, MR, NV>(p, i, j0);
-  switch (p.m - i) {
-    case 5: tmm_block<V, 5, NV>(p, i, j0); break;
-    case 4: tmm_block<V, 4, NV>(p, i, j0); break;
-    case 3: tmm_block<V, 3, NV>(p, i, j0); break;
-    case 2: tmm_block<V, 2, NV>(p, i, j0); break;
-    case 1: tmm_block<V, 1, NV>(p, i, j0); break;
-    default: break;
-  }
-}
-
-template <class V, int NV>
-FASTLLM_ALWAYS_INLINE void tmm_all(const TileMM& p) {
-  constexpr int L = sizeof(V) / sizeof(float);
-  int64_t j = 0;
-  for (; j + NV * L <= p.n; j += NV * L) tmm_panel<V, 6, NV>(p, j);
-  const int64_t rest = (p.n - j) / L;  // whole vectors left, fewer than NV
-  if constexpr (NV > 3) {
-    if (rest == 3) tmm_panel<V, 6, 3>(p, j);
-  }
-  if constexpr (NV > 2) {
-    if (rest == 2) tmm_panel<V, 6, 2>(p, j);
-  }
-  if constexpr (NV > 1) {
-    if (rest == 1) tmm_panel<V, 6, 1>(p, j);
-  }
-  for (j += rest * L; j < p.n; ++j) {
-    for (int64_t i = 0; i < p.m; ++i) {
-      float sum = 0.0f;
-      for (int64_t kk = 0; kk < p.k; ++kk) sum += p.a[i * p.a_rs + kk * p.a_cs] * p.b[kk * p.ldb + j];
-      float* c = p.c + i * p.ldc + j;
-      *c = p.accumulate ? *c + p.alpha * sum : p.alpha * sum;
-    }
-  }
-}
-
-__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void tile_mm_avx512(const TileMM& p) {
-  tmm_all<v16, 4>(p);
-}
-__attribute__((target("avx2,fma"))) void tile_mm_avx2(const TileMM& p) { tmm_all<v8, 2>(p); }
-#endif
-
-using TileMMFn = void (*)(const TileMM&);
-
-TileMMFn pick_tile_mm() {
-#if defined(FASTLLM_HAVE_VECTORS) && defined(__x86_64__)
-  if (cpu_isa() == CpuIsa::kAvx512) return tile_mm_avx512;
-  if (cpu_isa() == CpuIsa::kAvx2) return tile_mm_avx2;
-#endif
-  return nullptr;
-}
-
-const TileMMFn kTileMM = pick_tile_mm();
 
 // Row-major C (m x n) = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
 // Row-major C is column-major C^T = op(B)^T op(A)^T, hence the swapped BLAS call.

@@ -10,10 +10,14 @@
 // g^T = B^T dy^T, dB^T = u^T dy) and transposed back as views: BLAS runs a (rows, r) output
 // with a tiny N 2-6x slower than the same product as (r, rows) (measured on one x86 core,
 // rows 512, r 8; bench/README.md "CPU profile"), and these are 7% of a LoRA step.
-// Only ATen calls, so the same code also serves CUDA tensors (cuBLAS does the GEMMs) in
-// builds with CUDA; the Triton kernel is the alternative there (bench/bench_lora.py decides).
+// The two large products (x W^T, dy W) of float32 CPU tensors go through the tile kernel of
+// fastllm/tile_mm.h instead of BLAS (1.4x BLAS on this project's CPUs with AVX2 or AVX-512);
+// everything else is ATen calls, so the same code also serves CUDA tensors (cuBLAS does the
+// GEMMs) in builds with CUDA; the Triton kernel is the alternative there (bench/bench_lora.py
+// decides).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
@@ -22,6 +26,7 @@
 #include <tuple>
 
 #include "fastllm/checks.h"
+#include "fastllm/tile_mm.h"  // gemm_f32
 
 namespace fastllm::cpu {
 namespace {
@@ -57,6 +62,38 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   }
 }
 
+// The frozen base products on the CPU in float32 through the tile kernel (fastllm/tile_mm.h),
+// which runs them 1.4x faster than the wheel's BLAS on AVX-512/AVX2 CPUs; elsewhere, and for
+// other dtypes or devices, through at::mm. x W^T needs W^T row-major: one transposed copy of W
+// per call (out * in values against rows * out * in multiply-adds).
+bool cpu_f32(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
+
+at::Tensor base_forward(const at::Tensor& x, const at::Tensor& weight) {  // x W^T, (rows, out)
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  if (cpu_f32(x) && rows >= 64) {
+    const at::Tensor xc = x.contiguous(), wt = weight.t().contiguous();  // (in, out)
+    at::Tensor y = at::empty({rows, out}, x.options());
+    if (gemm_f32(rows, out, in, 1.0f, xc.const_data_ptr<float>(), in, 1, wt.const_data_ptr<float>(), out,
+                 y.mutable_data_ptr<float>(), out, false)) {
+      return y;
+    }
+  }
+  return at::mm(x, weight.t());
+}
+
+at::Tensor base_input_grad(const at::Tensor& grad_out, const at::Tensor& weight) {  // dy W, (rows, in)
+  const int64_t rows = grad_out.size(0), out = weight.size(0), in = weight.size(1);
+  if (cpu_f32(grad_out) && rows >= 64) {
+    const at::Tensor g = grad_out.contiguous(), w = weight.contiguous();
+    at::Tensor dx = at::empty({rows, in}, grad_out.options());
+    if (gemm_f32(rows, in, out, 1.0f, g.const_data_ptr<float>(), out, 1, w.const_data_ptr<float>(), in,
+                 dx.mutable_data_ptr<float>(), in, false)) {
+      return dx;
+    }
+  }
+  return at::mm(grad_out, weight);
+}
+
 // x * keep / (1 - p), or x itself without a mask.
 at::Tensor dropped(const at::Tensor& x, const std::optional<at::Tensor>& keep, double p) {
   if (!keep.has_value()) return x;
@@ -77,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   }
   // (rows, r), formed as (r, rows) and copied back to rows-major (r * rows values: cheap)
   at::Tensor u = at::mm(lora_a, dropped(x, keep, dropout_p).t()).t().contiguous();
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  at::Tensor y = base_forward(x, weight);
+  if (bias.has_value()) y.add_(*bias);
   y.addmm_(u, lora_b.t(), /*beta=*/1.0, /*alpha=*/scale);  // the low-rank term lands in y
   return {y, u};
 }
@@ -96,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == lora_a.size(0),
               "u: expected shape [", x.size(0), ", ", lora_a.size(0), "], got ", u.sizes());
   at::Tensor gt = at::mm(lora_b.t(), grad_out.t()).mul_(scale);  // g^T (r, rows), already scaled
-  at::Tensor dx = at::mm(grad_out, weight);                        // (rows, in)
+  at::Tensor dx = base_input_grad(grad_out, weight);               // (rows, in)
   if (keep.has_value()) {
     dx.add_(at::mm(gt.t(), lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
   } else {

@@ -1,7 +1,7 @@
 """The CPU kernels' narrower vector bodies, run on this CPU by capping the ISA the extension
 dispatches to (FASTLLM_CPU_ISA, read once at load time: so in a fresh process): the AVX2+FMA
-bodies and the portable/BLAS fallbacks of small_linear, decode attention and the attention tile
-kernel go through the same reference comparisons as the default (widest) bodies do in the rest
+bodies and the portable/BLAS fallbacks of small_linear, decode attention and the tile kernel
+(attention, LoRA base products) go through the same reference comparisons as the default (widest) bodies do in the rest
 of tests/ops. The default run covers the widest body this CPU has."""
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import fastllm
 pytestmark = pytest.mark.skipif(not fastllm.extension_available(), reason="needs the compiled extension")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# the comparisons that reach the dispatched bodies (float32 attention: the tile kernel)
+# the comparisons that reach the dispatched bodies (float32 attention and LoRA base products: the
+# tile kernel)
 SELECTION = [
     "tests/ops/test_small_linear.py",
+    "tests/ops/test_lora_linear.py::test_float32_matches_reference",
     "tests/ops/test_decode_attention.py::test_matches_reference",
     "tests/ops/test_attention.py::test_float32_matches_float64_reference",
     "tests/ops/test_attention.py::test_float32_long_sequences",

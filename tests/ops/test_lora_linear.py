@@ -11,7 +11,9 @@ from tests.conftest import DEVICES, assert_close, assert_lowp_rule, compiled_bac
 
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in compiled_backends(d)]
 # (leading shape of x, in, out, r): rows and features that are not multiples of any block.
-SHAPES = [((5,), 8, 16, 1), ((2, 7), 37, 45, 5), ((3, 11), 80, 33, 16), ((65,), 40, 70, 24)]
+# ((2, 100), 300, 131): the CPU tile kernel's row blocks, K slices and column remainders.
+SHAPES = [((5,), 8, 16, 1), ((2, 7), 37, 45, 5), ((3, 11), 80, 33, 16), ((65,), 40, 70, 24),
+          ((2, 100), 300, 131, 8)]
 
 
 def _marks(device):
