@@ -20,6 +20,9 @@ extern "C" PyObject* PyInit__C(void) {
 std::string cpu_isa_op() { return fastllm::cpu::cpu_isa_name(); }
 
 TORCH_LIBRARY(fastllm, m) {
+  // c = a b (+ c when accumulate) in float32 on the CPU (csrc/cpu/gemm.cpp): a row-major or a
+  // transposed view, b and c with unit column stride; the chunked logits-free ops' products.
+  m.def("mm_f32_out_(Tensor(a!) c, Tensor a, Tensor b, bool accumulate) -> ()");
   // The vector ISA of the CPU kernels' dispatched bodies: "avx512", "avx2" or "none" (the CPU's
   // widest, capped by FASTLLM_CPU_ISA; csrc/include/fastllm/cpu_isa.h).
   m.def("cpu_isa() -> str", &cpu_isa_op);

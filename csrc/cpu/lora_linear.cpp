@@ -70,7 +70,7 @@ bool cpu_f32(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type(
 
 at::Tensor base_forward(const at::Tensor& x, const at::Tensor& weight) {  // x W^T, (rows, out)
   const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
-  if (cpu_f32(x) && rows >= 64) {
+  if (cpu_f32(x)) {
     const at::Tensor xc = x.contiguous(), wt = weight.t().contiguous();  // (in, out)
     at::Tensor y = at::empty({rows, out}, x.options());
     if (gemm_f32(rows, out, in, 1.0f, xc.const_data_ptr<float>(), in, 1, wt.const_data_ptr<float>(), out,
@@ -83,7 +83,7 @@ at::Tensor base_forward(const at::Tensor& x, const at::Tensor& weight) {  // x W
 
 at::Tensor base_input_grad(const at::Tensor& grad_out, const at::Tensor& weight) {  // dy W, (rows, in)
   const int64_t rows = grad_out.size(0), out = weight.size(0), in = weight.size(1);
-  if (cpu_f32(grad_out) && rows >= 64) {
+  if (cpu_f32(grad_out)) {
     const at::Tensor g = grad_out.contiguous(), w = weight.contiguous();
     at::Tensor dx = at::empty({rows, in}, grad_out.options());
     if (gemm_f32(rows, in, out, 1.0f, g.const_data_ptr<float>(), out, 1, w.const_data_ptr<float>(), in,

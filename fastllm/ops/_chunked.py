@@ -11,7 +11,8 @@ For hidden (N, H), weight (V, H) and bias (V,), rows are processed `chunk` at a 
 
 so the (N, V) logits never exist: the largest temporary is one (chunk, V) block, which the
 default chunk size keeps about as large as hidden itself. The three matmuls are the same
-FLOPs as the unfused forward+backward.
+FLOPs as the unfused forward+backward. On the CPU in float32 they go through the C++ tile
+kernel (`torch.ops.fastllm.mm_f32_out_`), with the head transposed once per call.
 
 grad_weight accumulates in float32 for bfloat16/float16 off CUDA (each chunk's product is
 upcast before it is added, so summing over chunks loses nothing); on CUDA it accumulates in
@@ -45,6 +46,14 @@ def default_chunk_size(n_rows: int, hidden: int, vocab: int, min_rows: int = 128
     return max(1, min(max(chunk, min_rows), n_rows))
 
 
+def _tile_mm_available(hidden: Tensor, weight: Tensor) -> bool:
+    """True when the chunk products can go through the C++ tile kernel (float32 on the CPU)."""
+    from fastllm import _extension
+
+    return (hidden.device.type == "cpu" and hidden.dtype == torch.float32 and weight.dtype == torch.float32
+            and _extension.available() and hasattr(torch.ops.fastllm, "mm_f32_out_"))
+
+
 def run_chunks(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int,
     row_fn: Callable[[Tensor, int, int], None], *,
@@ -64,20 +73,35 @@ def run_chunks(
     grad_weight = torch.zeros((V, H), dtype=w_acc, device=weight.device) if need_weight else hidden.new_empty(0)
     b_acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     grad_bias = torch.zeros(V, dtype=b_acc, device=hidden.device) if need_bias else hidden.new_empty(0)
-    weight_t = weight.t()
+    # float32 on the CPU: the products through the tile kernel (csrc/cpu/gemm.cpp), the head
+    # transposed once for all chunks (its (H, V) copy is what the kernel streams as B).
+    tile = _tile_mm_available(hidden, weight)
+    weight_t = weight.t().contiguous() if tile else weight.t()
+    w_rows = weight.contiguous() if tile else weight
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
         h = hidden[start:end]
-        logits = h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)  # (chunk, V)
+        if tile:
+            logits = hidden.new_empty((end - start, V))
+            if bias is not None:
+                logits.copy_(bias.expand_as(logits))
+            torch.ops.fastllm.mm_f32_out_(logits, h, weight_t, bias is not None)
+        else:
+            logits = h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)  # (chunk, V)
         row_fn(logits, start, end)
         if not compute_grad:
             continue
         # logits now holds d objective / d logits for these rows
         if need_hidden:
-            torch.mm(logits, weight, out=grad_hidden[start:end])
+            if tile:
+                torch.ops.fastllm.mm_f32_out_(grad_hidden[start:end], logits, w_rows, False)
+            else:
+                torch.mm(logits, weight, out=grad_hidden[start:end])
         if need_weight:
             if upcast_w:
                 grad_weight.addmm_(logits.t().float(), h.float())
+            elif tile:
+                torch.ops.fastllm.mm_f32_out_(grad_weight, logits.t(), h, True)
             else:
                 grad_weight.addmm_(logits.t(), h)
         if need_bias:

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SELECTION = [
     "tests/ops/test_small_linear.py",
     "tests/ops/test_lora_linear.py::test_float32_matches_reference",
+    "tests/ops/test_gemm.py",
     "tests/ops/test_decode_attention.py::test_matches_reference",
     "tests/ops/test_attention.py::test_float32_matches_float64_reference",
     "tests/ops/test_attention.py::test_float32_long_sequences",

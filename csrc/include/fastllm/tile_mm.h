@@ -128,8 +128,8 @@ inline const TileMMFn kTileMM = pick_tile_mm();
 
 // C (M x N, leading dimension ldc) = alpha A B (+ C when `accumulate`), A(i, p) at
 // a[i * a_rs + p * a_cs], B row-major (K x N, ldb), through the tile kernel: threads take
-// blocks of kMC rows, each walks K in slices of kKC so that the slice of B it sweeps stays in
-// L2 while its rows' A values come from L1. Returns false (nothing done) where the tile kernel
+// blocks of kMC rows (and column chunks when the rows are few), each walks K in slices of kKC
+// so that the slice of B it sweeps stays in L2 while its rows' A values come from L1. Returns false (nothing done) where the tile kernel
 // does not run (no AVX2); the caller then uses BLAS. On the 2-core AVX-512 development CPU it
 // runs the training step's products at 180-197 GFLOP/s where the wheel's BLAS gives 129-135
 // (bench/README.md).
@@ -144,13 +144,20 @@ inline bool gemm_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* 
     }
     return true;
   }
+  // Tasks: row blocks, and column chunks (whole 64-column panels) when there are too few row
+  // blocks to keep every thread busy (a few rows against a wide B: the logits of short chunks).
   const int64_t blocks = (M + kMC - 1) / kMC;
-  at::parallel_for(0, blocks, grain_for(kMC * N * K / 8), [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t i0 = blk * kMC, rows = std::min(kMC, M - i0);
+  const int64_t want = 4 * int64_t(at::get_num_threads());
+  int64_t chunks = blocks >= want ? 1 : std::min((N + 63) / 64, (want + blocks - 1) / blocks);
+  const int64_t nc = ((N + chunks - 1) / chunks + 63) / 64 * 64;
+  chunks = (N + nc - 1) / nc;
+  at::parallel_for(0, blocks * chunks, grain_for(kMC * nc * K / 8), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i0 = task / chunks * kMC, rows = std::min(kMC, M - i0);
+      const int64_t j0 = task % chunks * nc, cols = std::min(nc, N - j0);
       for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-        kTileMM(TileMM{rows, N, std::min(kKC, K - k0), alpha, a + i0 * a_rs + k0 * a_cs, a_rs, a_cs, b + k0 * ldb,
-                       ldb, c + i0 * ldc, ldc, accumulate || k0 > 0});
+        kTileMM(TileMM{rows, cols, std::min(kKC, K - k0), alpha, a + i0 * a_rs + k0 * a_cs, a_rs, a_cs,
+                       b + k0 * ldb + j0, ldb, c + i0 * ldc + j0, ldc, accumulate || k0 > 0});
       }
     }
   });

@@ -1,0 +1,61 @@
+"""The CPU tile kernel's matrix product (`torch.ops.fastllm.mm_f32_out_`, csrc/cpu/gemm.cpp:
+the chunked logits-free ops' products, and through tile_mm.h the LoRA base products) against
+a float64 product: row blocks, K slices and column remainders, a transposed a, accumulation,
+layouts the kernel does not take (they go to ATen), argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastllm
+
+pytestmark = pytest.mark.skipif(not fastllm.extension_available(), reason="needs the compiled extension")
+
+# (M, K, N): one row, a 48-row block and remainders, K over the 256-slice, N over a 64-column
+# panel with whole-vector and scalar remainders, the head's shapes
+SHAPES = [(1, 1, 1), (5, 3, 17), (48, 256, 64), (97, 300, 131), (200, 513, 45), (256, 576, 1000)]
+
+
+def _check(c, a, b, c0=None):
+    exact = a.double() @ b.double() + (0 if c0 is None else c0.double())
+    scale = a.double().abs() @ b.double().abs() + (0 if c0 is None else c0.double().abs())
+    bound = 4 * max(a.shape[1], 1) ** 0.5 * 2.0 ** -24 * scale + 1e-30
+    assert ((c.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("a_transposed", [False, True])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matches_float64_product(M, K, N, a_transposed, accumulate):
+    a = torch.randn(K, M).t() if a_transposed else torch.randn(M, K)
+    b = torch.randn(K, N)
+    c0 = torch.randn(M, N)
+    c = c0.clone()
+    torch.ops.fastllm.mm_f32_out_(c, a, b, accumulate)
+    _check(c, a, b, c0 if accumulate else None)
+
+
+def test_into_a_row_slice_of_a_larger_matrix():
+    out = torch.full((300, 40), 7.0)
+    a, b = torch.randn(100, 64), torch.randn(64, 40)
+    torch.ops.fastllm.mm_f32_out_(out[100:200], a, b, False)
+    _check(out[100:200], a, b)
+    assert (out[:100] == 7).all() and (out[200:] == 7).all()
+
+
+def test_other_layouts_go_to_aten():
+    a = torch.randn(70, 90)[:, ::2]  # neither stride 1
+    b = torch.randn(80, 45).t()  # column-major
+    c = torch.empty(70, 80)
+    torch.ops.fastllm.mm_f32_out_(c, a, b, False)
+    _check(c, a, b)
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(RuntimeError, match="b: expected 4 rows"):
+        torch.ops.fastllm.mm_f32_out_(torch.empty(3, 5), torch.randn(3, 4), torch.randn(5, 5), False)
+    with pytest.raises(RuntimeError, match="c: expected shape"):
+        torch.ops.fastllm.mm_f32_out_(torch.empty(3, 6), torch.randn(3, 4), torch.randn(4, 5), False)
+    with pytest.raises(RuntimeError, match="a"):
+        torch.ops.fastllm.mm_f32_out_(torch.empty(3, 5), torch.randn(3, 4).double(), torch.randn(4, 5), False)
