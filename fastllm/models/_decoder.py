@@ -23,6 +23,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from fastllm.labels import IGNORE_INDEX, check_shifted
+from fastllm.ops import linear as ops_linear
 from fastllm.ops import next_token_loss, small_linear, swiglu
 from fastllm.ops.attention import attention
 
@@ -296,12 +297,13 @@ def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | No
     LoRA merged in or added as one low-rank term (kept by the cache, rebuilt when a weight
     changes in place: KVCache.fused_projection): at decode batch sizes every matmul and
     module call costs more than its arithmetic. Otherwise (training, other wrappers) each
-    module is called. The parameters keep their Hugging Face names either way."""
+    module is called, a plain nn.Linear through fastllm.ops.linear. The parameters keep their
+    Hugging Face names either way."""
     fused = None
     if step is not None and step.kv_cache is not None and not torch.is_grad_enabled():
         fused = step.kv_cache.fused_projection(owner, names)
     if fused is None:
-        return [getattr(owner, name)(x) for name in names]
+        return [_call(getattr(owner, name), x) for name in names]
     weight, bias, low_rank, sizes = fused
     # a decode step's few rows: the native kernel on the CPU, each part written contiguously
     if low_rank is None:
@@ -309,6 +311,17 @@ def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | No
     y = small_linear(x, weight, bias)
     y += F.linear(F.linear(x, low_rank[0]), low_rank[1])
     return y.split_with_sizes(sizes, -1) if len(sizes) > 1 else [y]
+
+
+def _call(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x); a plain nn.Linear without forward hooks through fastllm.ops.linear (fastllm's
+    own CPU kernels; F.linear elsewhere). Subclasses and wrappers (LoRA, quantised layers) keep
+    their forward, and a module with hooks (the user's, or any registered globally) is called
+    as a module so that they run."""
+    if (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks):
+        return ops_linear(x, module.weight, module.bias)
+    return module(x)
 
 
 def linear(owner: nn.Module, name: str, x: Tensor, step: Step | None) -> Tensor:

@@ -16,6 +16,7 @@ from .attention import (
 from .cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy_reference
 from .decode_attention import decode_attention, decode_attention_reference
 from .kv_append_rope import kv_append_rope, kv_append_rope_reference
+from .linear import linear, linear_reference
 from .linear_cross_entropy import linear_cross_entropy, mlm_loss, mlm_loss_reference, next_token_loss
 from .logprobs import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
 from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linear_reference
@@ -37,6 +38,8 @@ __all__ = [
     "attention_backward_reference",
     "attention_lse_reference",
     "attention_varlen_reference",
+    "linear",
+    "linear_reference",
     "lora_linear",
     "lora_linear_reference",
     "lora_linear_backward_reference",
