@@ -11,8 +11,9 @@ For hidden (N, H), weight (V, H) and bias (V,), rows are processed `chunk` at a 
 
 so the (N, V) logits never exist: the largest temporary is one (chunk, V) block, which the
 default chunk size keeps about as large as hidden itself. The three matmuls are the same
-FLOPs as the unfused forward+backward. On the CPU in float32 they go through the C++ tile
-kernel (`torch.ops.fastllm.mm_f32_out_`), with the head transposed once per call.
+FLOPs as the unfused forward+backward. On the CPU in float32 the logits and grad_hidden
+products go through the C++ tile kernel (`torch.ops.fastllm.mm_f32_out_`), with the head
+transposed once per call; grad_weight stays on BLAS.
 
 grad_weight accumulates in float32 for bfloat16/float16 off CUDA (each chunk's product is
 upcast before it is added, so summing over chunks loses nothing); on CUDA it accumulates in
@@ -73,8 +74,8 @@ def run_chunks(
     grad_weight = torch.zeros((V, H), dtype=w_acc, device=weight.device) if need_weight else hidden.new_empty(0)
     b_acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     grad_bias = torch.zeros(V, dtype=b_acc, device=hidden.device) if need_bias else hidden.new_empty(0)
-    # float32 on the CPU: the products through the tile kernel (csrc/cpu/gemm.cpp), the head
-    # transposed once for all chunks (its (H, V) copy is what the kernel streams as B).
+    # float32 on the CPU: logits and grad_hidden through the tile kernel (csrc/cpu/gemm.cpp), the
+    # head transposed once for all chunks (its (H, V) copy is what the kernel streams as B).
     tile = _tile_mm_available(hidden, weight)
     weight_t = weight.t().contiguous() if tile else weight.t()
     w_rows = weight.contiguous() if tile else weight
@@ -100,9 +101,7 @@ def run_chunks(
         if need_weight:
             if upcast_w:
                 grad_weight.addmm_(logits.t().float(), h.float())
-            elif tile:
-                torch.ops.fastllm.mm_f32_out_(grad_weight, logits.t(), h, True)
-            else:
+            else:  # BLAS also with the tile kernel: its transposed-A product is no faster here
                 grad_weight.addmm_(logits.t(), h)
         if need_bias:
             grad_bias += logits.sum(0, dtype=b_acc)

@@ -5,9 +5,11 @@
 The models' plain projections call this (`fastllm.models._decoder.project`; a decode step over
 a KV cache takes `small_linear` on fused weights instead). On the CPU in float32 with the
 compiled extension ("native") it is the registered op `fastllm::linear`, whose forward (x W^T,
-W transposed once per call), input gradient (dy W) and weight gradient (dy^T x) are products of
-the tile kernel (`torch.ops.fastllm.mm_f32_out_`, csrc/cpu/gemm.cpp), 1.4x the wheel's BLAS on
-this project's AVX2/AVX-512 CPUs (bench/README.md); the bias gradient is dy summed over rows.
+W transposed once per call) and input gradient (dy W) are products of the tile kernel
+(`torch.ops.fastllm.mm_f32_out_`, csrc/cpu/gemm.cpp), 1.2-1.4x the wheel's BLAS on this
+project's AVX2/AVX-512 CPUs (bench/README.md); the weight gradient dy^T x stays on BLAS (the
+tile kernel, reading a transposed dy across thousands of rows, measured no faster), the bias
+gradient is dy summed over rows.
 The LoRA op's base product runs the same kernel on the same shapes, so a LoRA layer at
 initialisation (B = 0) gives exactly its base layer's output.
 Everywhere else, for the reference backend and inside torch.compile (whose compiler plans its
@@ -70,9 +72,8 @@ def _backward(ctx, grad_out):
         dx = dy.new_empty((dy.shape[0], weight.shape[1]))
         torch.ops.fastllm.mm_f32_out_(dx, dy, weight.contiguous(), False)
         dx = dx.view(x.shape)
-    if need_w:
-        dw = weight.new_empty(weight.shape)
-        torch.ops.fastllm.mm_f32_out_(dw, dy.t(), _rows(x), False)
+    if need_w:  # dy^T x through BLAS: a transposed A over 2048+ rows runs no faster on the tile kernel
+        dw = torch.mm(dy.t(), _rows(x))
     if need_b and ctx.has_bias:
         db = dy.sum(0)
     return dx, dw, db
