@@ -449,13 +449,72 @@ void bwd_dq_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q, c
   });
 }
 
+// A key tile of kv head hk for the backward: K and V rows as acc_t (pointers into the tensors
+// when no widening is needed) and their transposes for the score products (nullptr where the
+// tile kernel does not run).
+template <typename acc_t>
+struct KeyTile {
+  const acc_t *k, *v, *kT, *vT;
+  int64_t ldk, ldv;
+};
+
+template <typename scalar_t, typename acc_t>
+KeyTile<acc_t> key_tile(const Problem& pb, const scalar_t* k, const scalar_t* v, int64_t krow0, int64_t cols,
+                        int64_t hk, std::vector<acc_t>& kbuf, std::vector<acc_t>& vbuf, std::vector<acc_t>& kT_buf,
+                        std::vector<acc_t>& vT_buf) {
+  KeyTile<acc_t> t{};
+  t.k = tile<scalar_t, acc_t>(k, pb.k_row, krow0, cols, hk, pb.D, kbuf, t.ldk);
+  t.v = tile<scalar_t, acc_t>(v, pb.k_row, krow0, cols, hk, pb.D, vbuf, t.ldv);
+  t.kT = transposed(t.k, t.ldk, cols, pb.D, kT_buf);
+  t.vT = transposed(t.v, t.ldv, cols, pb.D, vT_buf);
+  return t;
+}
+
+// The first query that can see key n0 of `sq` (earlier ones see none of the keys from n0 on,
+// unless those are prefix keys).
+inline int64_t first_query(const Problem& pb, const Seq& sq, int64_t n0) {
+  if (!pb.causal || n0 < pb.n_prefix) return 0;
+  return std::max<int64_t>(0, n0 - (sq.k_len - sq.q_len));
+}
+
+// Writes a key tile's accumulated dK/dV rows (cols x D, acc_t) into dk, dv at kv head hk.
+template <typename scalar_t, typename acc_t>
+void store_key_grads(const Problem& pb, int64_t krow0, int64_t cols, int64_t hk, const acc_t* dk_acc,
+                     const acc_t* dv_acc, scalar_t* dk, scalar_t* dv) {
+  const int64_t D = pb.D;
+  for (int64_t c = 0; c < cols; ++c) {
+    scalar_t* dkr = dk + (krow0 + c) * pb.k_row + hk * D;
+    scalar_t* dvr = dv + (krow0 + c) * pb.k_row + hk * D;
+    for (int64_t d = 0; d < D; ++d) {
+      dkr[d] = static_cast<scalar_t>(dk_acc[c * D + d]);
+      dvr[d] = static_cast<scalar_t>(dv_acc[c * D + d]);
+    }
+  }
+}
+
+// One (query tile, key tile) of the dK/dV accumulation for query head h: s <- P, dV += P^T dO,
+// dp <- dS, dK += scale dS^T q (the one-pass kernel then adds scale dS k to dQ from dp).
+template <typename acc_t>
+void dkdv_tile(const Problem& pb, const Seq& sq, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
+               const acc_t* qt, int64_t ldq, const acc_t* gt, int64_t lddo, const acc_t* kt, int64_t ldk,
+               const acc_t* kT, const acc_t* vt, int64_t ldv, const acc_t* vT, const acc_t* lse, const acc_t* delta,
+               acc_t* s, acc_t* dp, acc_t* dk_acc, acc_t* dv_acc) {
+  const int64_t D = pb.D, row0 = sq.q_start + m0;
+  const acc_t scale = acc_t(pb.scale);
+  scores_mm<acc_t>(rows, cols, D, scale, qt, ldq, kt, ldk, kT, s);
+  probs<acc_t>(pb, sq, m0, rows, n0, cols, lse + h * pb.total_q + row0, s);
+  gemm<acc_t>(true, false, cols, D, rows, acc_t(1), s, BLOCK_N, gt, lddo, acc_t(1), dv_acc, D);  // dV += P^T dO
+  scores_mm<acc_t>(rows, cols, D, acc_t(1), gt, lddo, vt, ldv, vT, dp);
+  dscores<acc_t>(rows, cols, s, delta + h * pb.total_q + row0, dp);
+  gemm<acc_t>(true, false, cols, D, rows, scale, dp, BLOCK_N, qt, ldq, acc_t(1), dk_acc, D);  // dK += scale dS^T Q
+}
+
 template <typename scalar_t>
 void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                      const scalar_t* v, const acc_type_t<scalar_t>* lse,
                      const acc_type_t<scalar_t>* delta, scalar_t* dk, scalar_t* dv, int64_t max_k) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t D = pb.D, n_blocks = (max_k + BLOCK_N - 1) / BLOCK_N;
-  const acc_t scale = acc_t(pb.scale);
   // A key tile meets every query head of its group.
   const int64_t grain = tile_grain(pb, std::min(BLOCK_N, max_k), max_len(pb.cu_q, pb.batch), 4 * pb.group);
   at::parallel_for(0, pb.batch * pb.n_kv_heads * n_blocks, grain, [&](int64_t begin, int64_t end) {
@@ -469,40 +528,24 @@ void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q,
       const int64_t n0 = nb * BLOCK_N;
       if (n0 >= sq.k_len) continue;
       const int64_t cols = std::min(BLOCK_N, sq.k_len - n0), krow0 = sq.k_start + n0;
-      int64_t ldk, ldv, ldq, lddo;
-      const acc_t* kt = tile<scalar_t, acc_t>(k, pb.k_row, krow0, cols, hk, D, kbuf, ldk);
-      const acc_t* vt = tile<scalar_t, acc_t>(v, pb.k_row, krow0, cols, hk, D, vbuf, ldv);
-      const acc_t* kT = transposed(kt, ldk, cols, D, kT_buf);
-      const acc_t* vT = transposed(vt, ldv, cols, D, vT_buf);
+      int64_t ldq, lddo;
+      const KeyTile<acc_t> kv = key_tile<scalar_t, acc_t>(pb, k, v, krow0, cols, hk, kbuf, vbuf, kT_buf, vT_buf);
+      const acc_t *kt = kv.k, *vt = kv.v, *kT = kv.kT, *vT = kv.vT;
+      const int64_t ldk = kv.ldk, ldv = kv.ldv;
       std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
       std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
-      // Queries before n0 - (k_len - q_len) see none of these keys (unless they are prefix keys).
-      int64_t lo = 0;
-      if (pb.causal && n0 >= pb.n_prefix) lo = std::max<int64_t>(0, n0 - (sq.k_len - sq.q_len));
+      const int64_t lo = first_query(pb, sq, n0);
       for (int64_t g = 0; g < pb.group; ++g) {
         const int64_t h = hk * pb.group + g;
         for (int64_t m0 = lo; m0 < sq.q_len; m0 += BLOCK_M) {
           const int64_t rows = std::min(BLOCK_M, sq.q_len - m0), row0 = sq.q_start + m0;
           const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
           const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
-          scores_mm<acc_t>(rows, cols, D, scale, qt, ldq, kt, ldk, kT, s.data());
-          probs<acc_t>(pb, sq, m0, rows, n0, cols, lse + h * pb.total_q + row0, s.data());
-          // dV += P^T dO
-          gemm<acc_t>(true, false, cols, D, rows, acc_t(1), s.data(), BLOCK_N, gt, lddo, acc_t(1), dv_acc.data(), D);
-          scores_mm<acc_t>(rows, cols, D, acc_t(1), gt, lddo, vt, ldv, vT, dp.data());
-          dscores<acc_t>(rows, cols, s.data(), delta + h * pb.total_q + row0, dp.data());
-          // dK += scale dS^T Q
-          gemm<acc_t>(true, false, cols, D, rows, scale, dp.data(), BLOCK_N, qt, ldq, acc_t(1), dk_acc.data(), D);
+          dkdv_tile<acc_t>(pb, sq, h, m0, rows, n0, cols, qt, ldq, gt, lddo, kt, ldk, kT, vt, ldv, vT, lse, delta,
+                           s.data(), dp.data(), dk_acc.data(), dv_acc.data());
         }
       }
-      for (int64_t c = 0; c < cols; ++c) {
-        scalar_t* dkr = dk + (krow0 + c) * pb.k_row + hk * D;
-        scalar_t* dvr = dv + (krow0 + c) * pb.k_row + hk * D;
-        for (int64_t d = 0; d < D; ++d) {
-          dkr[d] = static_cast<scalar_t>(dk_acc[c * D + d]);
-          dvr[d] = static_cast<scalar_t>(dv_acc[c * D + d]);
-        }
-      }
+      store_key_grads(pb, krow0, cols, hk, dk_acc.data(), dv_acc.data(), dk, dv);
     }
   });
 }
@@ -548,15 +591,12 @@ void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q
         if constexpr (!direct_dq) dq_buf.assign(G * sq.q_len * D, acc_t(0));  // [g][row][D]
         for (int64_t n0 = 0; n0 < sq.k_len; n0 += BLOCK_N) {
           const int64_t cols = std::min(BLOCK_N, sq.k_len - n0), krow0 = sq.k_start + n0;
-          int64_t ldk, ldv;
-          const acc_t* kt = tile<scalar_t, acc_t>(k, pb.k_row, krow0, cols, hk, D, kbuf, ldk);
-          const acc_t* vt = tile<scalar_t, acc_t>(v, pb.k_row, krow0, cols, hk, D, vbuf, ldv);
-          const acc_t* kT = transposed(kt, ldk, cols, D, kT_buf);
-          const acc_t* vT = transposed(vt, ldv, cols, D, vT_buf);
+          const KeyTile<acc_t> kv = key_tile<scalar_t, acc_t>(pb, k, v, krow0, cols, hk, kbuf, vbuf, kT_buf, vT_buf);
+          const acc_t *kt = kv.k, *vt = kv.v, *kT = kv.kT, *vT = kv.vT;
+          const int64_t ldk = kv.ldk, ldv = kv.ldv;
           std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
           std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
-          int64_t lo = 0;  // queries before lo see none of these keys (as in bwd_dkdv_kernel)
-          if (pb.causal && n0 >= pb.n_prefix) lo = std::max<int64_t>(0, n0 - (sq.k_len - sq.q_len));
+          const int64_t lo = first_query(pb, sq, n0);
           for (int64_t g = 0; g < G; ++g) {
             const int64_t h = hk * G + g;
             for (int64_t m0 = lo; m0 < sq.q_len; m0 += BLOCK_M) {
@@ -564,12 +604,8 @@ void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q
               int64_t ldq, lddo;
               const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
               const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
-              scores_mm<acc_t>(rows, cols, D, scale, qt, ldq, kt, ldk, kT, s.data());
-              probs<acc_t>(pb, sq, m0, rows, n0, cols, lse + h * pb.total_q + row0, s.data());
-              gemm<acc_t>(true, false, cols, D, rows, acc_t(1), s.data(), BLOCK_N, gt, lddo, acc_t(1), dv_acc.data(), D);
-              scores_mm<acc_t>(rows, cols, D, acc_t(1), gt, lddo, vt, ldv, vT, dp.data());
-              dscores<acc_t>(rows, cols, s.data(), delta + h * pb.total_q + row0, dp.data());
-              gemm<acc_t>(true, false, cols, D, rows, scale, dp.data(), BLOCK_N, qt, ldq, acc_t(1), dk_acc.data(), D);
+              dkdv_tile<acc_t>(pb, sq, h, m0, rows, n0, cols, qt, ldq, gt, lddo, kt, ldk, kT, vt, ldv, vT, lse, delta,
+                               s.data(), dp.data(), dk_acc.data(), dv_acc.data());
               if constexpr (direct_dq) {
                 gemm<acc_t>(false, false, rows, D, cols, scale, dp.data(), BLOCK_N, kt, ldk, acc_t(1),
                             dq + row0 * pb.q_row + h * D, pb.q_row);
@@ -579,14 +615,7 @@ void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q
               }
             }
           }
-          for (int64_t c = 0; c < cols; ++c) {
-            scalar_t* dkr = dk + (krow0 + c) * pb.k_row + hk * D;
-            scalar_t* dvr = dv + (krow0 + c) * pb.k_row + hk * D;
-            for (int64_t d = 0; d < D; ++d) {
-              dkr[d] = static_cast<scalar_t>(dk_acc[c * D + d]);
-              dvr[d] = static_cast<scalar_t>(dv_acc[c * D + d]);
-            }
-          }
+          store_key_grads(pb, krow0, cols, hk, dk_acc.data(), dv_acc.data(), dk, dv);
         }
         if constexpr (!direct_dq) {
           for (int64_t g = 0; g < G; ++g) {
