@@ -79,7 +79,6 @@ struct SerialBlas {
   SerialBlas& operator=(const SerialBlas&) = delete;
 };
 
-
 // Row-major C (m x n) = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
 // Row-major C is column-major C^T = op(B)^T op(A)^T, hence the swapped BLAS call.
 template <typename T>
@@ -118,21 +117,14 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
 }
 
-// A key tile's transpose (D x BLOCK_N, columns past `cols` up to a multiple of 16 zeroed) for
-// the tile kernel's B operand: what lets the score products s = q k^T and dp = dO v^T skip BLAS.
-// Worth it where one transpose serves many products (the one-pass backward: every query tile
-// of every head of the group); nullptr where the tile kernel does not run (float64, no AVX2).
-template <typename acc_t>
-const acc_t* transposed(const acc_t* y, int64_t ldy, int64_t cols, int64_t D, std::vector<acc_t>& buf);
+// Score columns through the tile kernel are computed in multiples of the widest vector (16),
+// up to BLOCK_N: the columns past `cols` are scratch.
+inline int64_t padded_cols(int64_t cols) { return std::min<int64_t>(BLOCK_N, (cols + 15) / 16 * 16); }
 
-// s (rows x cols, leading dimension BLOCK_N) = alpha x y^T, x a (rows x D) tile, y a key tile
-// (cols x D) and yT its transpose from `transposed` or nullptr.
-template <typename acc_t>
-void scores_mm(int64_t rows, int64_t cols, int64_t D, acc_t alpha, const acc_t* x, int64_t ldx, const acc_t* y,
-               int64_t ldy, const acc_t* yT, acc_t* s);
-
-constexpr int64_t kPad = 16;  // score columns are computed in multiples of this (vector width)
-
+// A key tile's transpose (D x BLOCK_N, the padded columns zeroed) for the tile kernel's B
+// operand: what lets the score products s = q k^T and dp = dO v^T skip BLAS. Worth it where one
+// transpose serves many products (a group's heads, every query tile of the one-pass backward);
+// nullptr where the tile kernel does not run (float64, no AVX2).
 template <typename acc_t>
 const acc_t* transposed(const acc_t* y, int64_t ldy, int64_t cols, int64_t D, std::vector<acc_t>& buf) {
   if constexpr (!std::is_same_v<acc_t, float>) {
@@ -140,7 +132,7 @@ const acc_t* transposed(const acc_t* y, int64_t ldy, int64_t cols, int64_t D, st
   } else {
     if (kTileMM == nullptr) return nullptr;
     buf.resize(D * BLOCK_N);
-    const int64_t padded = std::min<int64_t>(BLOCK_N, (cols + kPad - 1) / kPad * kPad);
+    const int64_t padded = padded_cols(cols);
     for (int64_t d = 0; d < D; ++d) {
       float* row = buf.data() + d * BLOCK_N;
       for (int64_t j = 0; j < cols; ++j) row[j] = y[j * ldy + d];
@@ -150,13 +142,14 @@ const acc_t* transposed(const acc_t* y, int64_t ldy, int64_t cols, int64_t D, st
   }
 }
 
+// s (rows x cols, leading dimension BLOCK_N) = alpha x y^T, x a (rows x D) tile, y a key tile
+// (cols x D) and yT its transpose from `transposed` or nullptr.
 template <typename acc_t>
 void scores_mm(int64_t rows, int64_t cols, int64_t D, acc_t alpha, const acc_t* x, int64_t ldx, const acc_t* y,
                int64_t ldy, const acc_t* yT, acc_t* s) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (yT != nullptr) {
-      const int64_t padded = std::min<int64_t>(BLOCK_N, (cols + kPad - 1) / kPad * kPad);
-      kTileMM(TileMM{rows, padded, D, alpha, x, ldx, 1, yT, BLOCK_N, s, BLOCK_N, false});
+      kTileMM(TileMM{rows, padded_cols(cols), D, alpha, x, ldx, 1, yT, BLOCK_N, s, BLOCK_N, false});
       return;
     }
   }
@@ -496,15 +489,14 @@ void store_key_grads(const Problem& pb, int64_t krow0, int64_t cols, int64_t hk,
 // dp <- dS, dK += scale dS^T q (the one-pass kernel then adds scale dS k to dQ from dp).
 template <typename acc_t>
 void dkdv_tile(const Problem& pb, const Seq& sq, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
-               const acc_t* qt, int64_t ldq, const acc_t* gt, int64_t lddo, const acc_t* kt, int64_t ldk,
-               const acc_t* kT, const acc_t* vt, int64_t ldv, const acc_t* vT, const acc_t* lse, const acc_t* delta,
-               acc_t* s, acc_t* dp, acc_t* dk_acc, acc_t* dv_acc) {
+               const acc_t* qt, int64_t ldq, const acc_t* gt, int64_t lddo, const KeyTile<acc_t>& kv,
+               const acc_t* lse, const acc_t* delta, acc_t* s, acc_t* dp, acc_t* dk_acc, acc_t* dv_acc) {
   const int64_t D = pb.D, row0 = sq.q_start + m0;
   const acc_t scale = acc_t(pb.scale);
-  scores_mm<acc_t>(rows, cols, D, scale, qt, ldq, kt, ldk, kT, s);
+  scores_mm<acc_t>(rows, cols, D, scale, qt, ldq, kv.k, kv.ldk, kv.kT, s);
   probs<acc_t>(pb, sq, m0, rows, n0, cols, lse + h * pb.total_q + row0, s);
   gemm<acc_t>(true, false, cols, D, rows, acc_t(1), s, BLOCK_N, gt, lddo, acc_t(1), dv_acc, D);  // dV += P^T dO
-  scores_mm<acc_t>(rows, cols, D, acc_t(1), gt, lddo, vt, ldv, vT, dp);
+  scores_mm<acc_t>(rows, cols, D, acc_t(1), gt, lddo, kv.v, kv.ldv, kv.vT, dp);
   dscores<acc_t>(rows, cols, s, delta + h * pb.total_q + row0, dp);
   gemm<acc_t>(true, false, cols, D, rows, scale, dp, BLOCK_N, qt, ldq, acc_t(1), dk_acc, D);  // dK += scale dS^T Q
 }
@@ -530,8 +522,6 @@ void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q,
       const int64_t cols = std::min(BLOCK_N, sq.k_len - n0), krow0 = sq.k_start + n0;
       int64_t ldq, lddo;
       const KeyTile<acc_t> kv = key_tile<scalar_t, acc_t>(pb, k, v, krow0, cols, hk, kbuf, vbuf, kT_buf, vT_buf);
-      const acc_t *kt = kv.k, *vt = kv.v, *kT = kv.kT, *vT = kv.vT;
-      const int64_t ldk = kv.ldk, ldv = kv.ldv;
       std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
       std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
       const int64_t lo = first_query(pb, sq, n0);
@@ -541,8 +531,8 @@ void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q,
           const int64_t rows = std::min(BLOCK_M, sq.q_len - m0), row0 = sq.q_start + m0;
           const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
           const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
-          dkdv_tile<acc_t>(pb, sq, h, m0, rows, n0, cols, qt, ldq, gt, lddo, kt, ldk, kT, vt, ldv, vT, lse, delta,
-                           s.data(), dp.data(), dk_acc.data(), dv_acc.data());
+          dkdv_tile<acc_t>(pb, sq, h, m0, rows, n0, cols, qt, ldq, gt, lddo, kv, lse, delta, s.data(), dp.data(),
+                           dk_acc.data(), dv_acc.data());
         }
       }
       store_key_grads(pb, krow0, cols, hk, dk_acc.data(), dv_acc.data(), dk, dv);
@@ -592,8 +582,6 @@ void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q
         for (int64_t n0 = 0; n0 < sq.k_len; n0 += BLOCK_N) {
           const int64_t cols = std::min(BLOCK_N, sq.k_len - n0), krow0 = sq.k_start + n0;
           const KeyTile<acc_t> kv = key_tile<scalar_t, acc_t>(pb, k, v, krow0, cols, hk, kbuf, vbuf, kT_buf, vT_buf);
-          const acc_t *kt = kv.k, *vt = kv.v, *kT = kv.kT, *vT = kv.vT;
-          const int64_t ldk = kv.ldk, ldv = kv.ldv;
           std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
           std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
           const int64_t lo = first_query(pb, sq, n0);
@@ -604,15 +592,19 @@ void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q
               int64_t ldq, lddo;
               const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
               const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
-              dkdv_tile<acc_t>(pb, sq, h, m0, rows, n0, cols, qt, ldq, gt, lddo, kt, ldk, kT, vt, ldv, vT, lse, delta,
-                               s.data(), dp.data(), dk_acc.data(), dv_acc.data());
+              dkdv_tile<acc_t>(pb, sq, h, m0, rows, n0, cols, qt, ldq, gt, lddo, kv, lse, delta, s.data(),
+                               dp.data(), dk_acc.data(), dv_acc.data());
+              // dQ += scale dS K, into dq itself (float, double) or the task's float rows
+              acc_t* dq_rows;
+              int64_t ld_dq;
               if constexpr (direct_dq) {
-                gemm<acc_t>(false, false, rows, D, cols, scale, dp.data(), BLOCK_N, kt, ldk, acc_t(1),
-                            dq + row0 * pb.q_row + h * D, pb.q_row);
+                dq_rows = dq + row0 * pb.q_row + h * D;
+                ld_dq = pb.q_row;
               } else {
-                gemm<acc_t>(false, false, rows, D, cols, scale, dp.data(), BLOCK_N, kt, ldk, acc_t(1),
-                            dq_buf.data() + (g * sq.q_len + m0) * D, D);
+                dq_rows = dq_buf.data() + (g * sq.q_len + m0) * D;
+                ld_dq = D;
               }
+              gemm<acc_t>(false, false, rows, D, cols, scale, dp.data(), BLOCK_N, kv.k, kv.ldk, acc_t(1), dq_rows, ld_dq);
             }
           }
           store_key_grads(pb, krow0, cols, hk, dk_acc.data(), dv_acc.data(), dk, dv);
