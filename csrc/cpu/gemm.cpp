@@ -7,14 +7,39 @@
 // the layout the caller happened to have.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/copy.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_mm.h"
 #include "fastllm/tile_mm.h"
 
 namespace fastllm::cpu {
+
+void tiled_mm_into(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const bool fits = c.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu() &&
+                    c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+                    b.scalar_type() == at::kFloat && (a.stride(1) == 1 || a.stride(0) == 1) &&
+                    b.stride(1) == 1 && c.stride(1) == 1;
+  if (fits && gemm_f32(a.size(0), b.size(1), a.size(1), 1.0f, a.const_data_ptr<float>(), a.stride(0),
+                       a.stride(1), b.const_data_ptr<float>(), b.stride(0), c.mutable_data_ptr<float>(),
+                       c.stride(0), accumulate)) {
+    return;
+  }
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+at::Tensor tiled_mm(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
+  tiled_mm_into(c, a, b, false);
+  return c;
+}
+
 namespace {
 
 void mm_f32_out_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
@@ -27,17 +52,7 @@ void mm_f32_out_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, boo
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(b.size(0) == K, "b: expected ", K, " rows (a's columns), got ", b.size(0));
   TORCH_CHECK(c.size(0) == M && c.size(1) == N, "c: expected shape [", M, ", ", N, "], got ", c.sizes());
-  const bool a_ok = a.stride(1) == 1 || a.stride(0) == 1;
-  if (a_ok && b.stride(1) == 1 && c.stride(1) == 1 &&
-      gemm_f32(M, N, K, 1.0f, a.const_data_ptr<float>(), a.stride(0), a.stride(1), b.const_data_ptr<float>(),
-               b.stride(0), c.mutable_data_ptr<float>(), c.stride(0), accumulate)) {
-    return;
-  }
-  if (accumulate) {
-    c.addmm_(a, b);
-  } else {
-    c.copy_(at::mm(a, b));
-  }
+  tiled_mm_into(c, a, b, accumulate);
 }
 
 }  // namespace

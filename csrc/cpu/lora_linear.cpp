@@ -11,13 +11,12 @@
 // with a tiny N 2-6x slower than the same product as (r, rows) (measured on one x86 core,
 // rows 512, r 8; bench/README.md "CPU profile"), and these are 7% of a LoRA step.
 // The two large products (x W^T, dy W) of float32 CPU tensors go through the tile kernel of
-// fastllm/tile_mm.h instead of BLAS (1.4x BLAS on this project's CPUs with AVX2 or AVX-512);
+// fastllm/tile_mm.h (tiled_mm, csrc/cpu/gemm.cpp) instead of BLAS: 1.2-1.4x BLAS here;
 // everything else is ATen calls, so the same code also serves CUDA tensors (cuBLAS does the
 // GEMMs) in builds with CUDA; the Triton kernel is the alternative there (bench/bench_lora.py
 // decides).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
@@ -26,7 +25,7 @@
 #include <tuple>
 
 #include "fastllm/checks.h"
-#include "fastllm/tile_mm.h"  // gemm_f32
+#include "fastllm/cpu_mm.h"
 
 namespace fastllm::cpu {
 namespace {
@@ -62,36 +61,13 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   }
 }
 
-// The frozen base products on the CPU in float32 through the tile kernel (fastllm/tile_mm.h),
-// which runs them 1.4x faster than the wheel's BLAS on AVX-512/AVX2 CPUs; elsewhere, and for
-// other dtypes or devices, through at::mm. x W^T needs W^T row-major: one transposed copy of W
-// per call (out * in values against rows * out * in multiply-adds).
-bool cpu_f32(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
-
+// The frozen base products go through tiled_mm (csrc/cpu/gemm.cpp): the tile kernel
+// for float32 CPU tensors, 1.2-1.4x the wheel's BLAS on AVX2/AVX-512 CPUs, at::mm otherwise.
+// x W^T needs W^T row-major for it: one transposed copy of W per call there (out * in values
+// against rows * out * in multiply-adds).
 at::Tensor base_forward(const at::Tensor& x, const at::Tensor& weight) {  // x W^T, (rows, out)
-  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
-  if (cpu_f32(x)) {
-    const at::Tensor xc = x.contiguous(), wt = weight.t().contiguous();  // (in, out)
-    at::Tensor y = at::empty({rows, out}, x.options());
-    if (gemm_f32(rows, out, in, 1.0f, xc.const_data_ptr<float>(), in, 1, wt.const_data_ptr<float>(), out,
-                 y.mutable_data_ptr<float>(), out, false)) {
-      return y;
-    }
-  }
-  return at::mm(x, weight.t());
-}
-
-at::Tensor base_input_grad(const at::Tensor& grad_out, const at::Tensor& weight) {  // dy W, (rows, in)
-  const int64_t rows = grad_out.size(0), out = weight.size(0), in = weight.size(1);
-  if (cpu_f32(grad_out)) {
-    const at::Tensor g = grad_out.contiguous(), w = weight.contiguous();
-    at::Tensor dx = at::empty({rows, in}, grad_out.options());
-    if (gemm_f32(rows, in, out, 1.0f, g.const_data_ptr<float>(), out, 1, w.const_data_ptr<float>(), in,
-                 dx.mutable_data_ptr<float>(), in, false)) {
-      return dx;
-    }
-  }
-  return at::mm(grad_out, weight);
+  const bool cpu_f32 = x.device().is_cpu() && x.scalar_type() == at::kFloat;
+  return tiled_mm(x, cpu_f32 ? weight.t().contiguous() : weight.t());
 }
 
 // x * keep / (1 - p), or x itself without a mask.
@@ -134,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == lora_a.size(0),
               "u: expected shape [", x.size(0), ", ", lora_a.size(0), "], got ", u.sizes());
   at::Tensor gt = at::mm(lora_b.t(), grad_out.t()).mul_(scale);  // g^T (r, rows), already scaled
-  at::Tensor dx = base_input_grad(grad_out, weight);               // (rows, in)
+  at::Tensor dx = tiled_mm(grad_out, weight);                      // (rows, in)
   if (keep.has_value()) {
     dx.add_(at::mm(gt.t(), lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
   } else {
