@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._backend import new_output
+from ._backend import native_has, new_output
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 CPU_MIN_ROWS = 256  # rows per logits block on the CPU: skinny chunks are memory-bound
@@ -47,21 +47,22 @@ def default_chunk_size(n_rows: int, hidden: int, vocab: int, min_rows: int = 128
     return max(1, min(max(chunk, min_rows), n_rows))
 
 
-def _tile_mm_available(hidden: Tensor, weight: Tensor) -> bool:
-    """True when the chunk products can go through the C++ tile kernel (float32 on the CPU)."""
-    from fastllm import _extension
-
-    return (hidden.device.type == "cpu" and hidden.dtype == torch.float32 and weight.dtype == torch.float32
-            and _extension.available() and hasattr(torch.ops.fastllm, "mm_f32_out_"))
+def _tile_products(backend: str, hidden: Tensor, weight: Tensor) -> bool:
+    """Whether the chunk products go through the C++ tile kernel: the caller's op chose the
+    native backend, and hidden and weight are float32 on the CPU."""
+    return (backend == "native" and hidden.device.type == "cpu" and hidden.dtype == torch.float32
+            and weight.dtype == torch.float32 and native_has("mm_f32_out_", hidden.device))
 
 
 def run_chunks(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int,
     row_fn: Callable[[Tensor, int, int], None], *,
-    need_hidden: bool, need_weight: bool, need_bias: bool, compute_grad: bool,
+    need_hidden: bool, need_weight: bool, need_bias: bool, compute_grad: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Runs the loop above. Returns (grad_hidden, grad_weight, grad_bias); each is an empty
-    (0,) tensor when not needed (or when compute_grad is False)."""
+    (0,) tensor when not needed (or when compute_grad is False). `backend` is the one the
+    calling op chose: "native" runs the products through the tile kernel where it applies, any
+    other leaves them to torch."""
     N, H = hidden.shape
     V = weight.shape[0]
     chunk = chunk_size if chunk_size > 0 else default_chunk_size(N, H, V, 256 if hidden.is_cuda else CPU_MIN_ROWS)
@@ -76,9 +77,8 @@ def run_chunks(
     grad_bias = torch.zeros(V, dtype=b_acc, device=hidden.device) if need_bias else hidden.new_empty(0)
     # float32 on the CPU: logits and grad_hidden through the tile kernel (csrc/cpu/gemm.cpp), the
     # head transposed once for all chunks (its (H, V) copy is what the kernel streams as B).
-    tile = _tile_mm_available(hidden, weight)
+    tile = _tile_products(backend, hidden, weight)
     weight_t = weight.t().contiguous() if tile else weight.t()
-    w_rows = weight.contiguous() if tile else weight
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
         h = hidden[start:end]
@@ -95,7 +95,7 @@ def run_chunks(
         # logits now holds d objective / d logits for these rows
         if need_hidden:
             if tile:
-                torch.ops.fastllm.mm_f32_out_(grad_hidden[start:end], logits, w_rows, False)
+                torch.ops.fastllm.mm_f32_out_(grad_hidden[start:end], logits, weight, False)
             else:
                 torch.mm(logits, weight, out=grad_hidden[start:end])
         if need_weight:

@@ -69,7 +69,8 @@ def _chunked_loss(hidden, weight, labels, bias, scale, options, chunk_size, need
     loss = new_output(hidden.shape[0], dtype=_xent_rows.acc_dtype(hidden.dtype), device=hidden.device)
     row_fn = _loss_rows_fn(chosen, labels, scale, loss, options, compute_grad)
     grads = run_chunks(hidden, weight, bias, chunk_size, row_fn,
-                       need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2], compute_grad=compute_grad)
+                       need_hidden=needs[0], need_weight=needs[1], need_bias=needs[2], compute_grad=compute_grad,
+                       backend=chosen)
     return (loss, *grads)
 
 

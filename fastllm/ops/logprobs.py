@@ -63,7 +63,7 @@ def _logprobs_op(
         logprob[start:end], entropy[start:end] = lp, ent
 
     run_chunks(hidden, weight, bias, chunk_size, row_fn, need_hidden=False, need_weight=False,
-               need_bias=False, compute_grad=False)
+               need_bias=False, compute_grad=False, backend=chosen)
     return logprob, entropy
 
 
@@ -89,7 +89,7 @@ def _logprobs_backward_op(
                                      ignore_index, inv_temperature)
 
     return run_chunks(hidden, weight, bias, chunk_size, row_fn, need_hidden=need_hidden,
-                      need_weight=need_weight, need_bias=need_bias, compute_grad=True)
+                      need_weight=need_weight, need_bias=need_bias, compute_grad=True, backend=chosen)
 
 
 @_logprobs_backward_op.register_fake
