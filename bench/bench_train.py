@@ -50,6 +50,8 @@ from bench.harness import default_device, environment, peak_memory_mb, time_inte
 from fastllm import models  # noqa: E402
 from fastllm.train.common import CausalLMLoss, autocast, build_optimizer  # noqa: E402
 
+HF_COMPILE = "transformers+compile"  # opt-in: --hf-compile
+FLOOR = "linear floor"  # the step's products alone, through BLAS
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = "tiny-llama"
 
@@ -141,8 +143,6 @@ def hf_step(cfg, mode, batch, seq, device, dtype, compile: bool = False):
     return step
 
 
-HF_COMPILE = "transformers+compile"  # opt-in: --hf-compile
-FLOOR = "linear floor"
 def linear_floor(cfg, mode, batch, seq, device, dtype):
     """A callable running the step's linear-layer products alone, through torch's BLAS at the step's
     batch * seq rows: for every layer's q, k, v, o, gate, up and down and for the tied head, the
