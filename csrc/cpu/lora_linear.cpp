@@ -11,7 +11,7 @@
 // with a tiny N 2-6x slower than the same product as (r, rows) (measured on one x86 core,
 // rows 512, r 8; bench/README.md "CPU profile"), and these are 7% of a LoRA step.
 // The two large products (x W^T, dy W) of float32 CPU tensors go through the tile kernel of
-// fastllm/tile_mm.h (tiled_mm, csrc/cpu/gemm.cpp) instead of BLAS: 1.2-1.4x BLAS here;
+// fastllm/tile_mm.h (tiled_mm, csrc/cpu/gemm.cpp) instead of BLAS (on par to 13% faster here);
 // everything else is ATen calls, so the same code also serves CUDA tensors (cuBLAS does the
 // GEMMs) in builds with CUDA; the Triton kernel is the alternative there (bench/bench_lora.py
 // decides).
@@ -62,7 +62,8 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 }
 
 // The frozen base products go through tiled_mm (csrc/cpu/gemm.cpp): the tile kernel
-// for float32 CPU tensors, 1.2-1.4x the wheel's BLAS on AVX2/AVX-512 CPUs, at::mm otherwise.
+// for float32 CPU tensors (on par with the wheel's BLAS for x W^T, 6-13% faster for dy W on
+// the development CPU), at::mm otherwise.
 // x W^T needs W^T row-major for it: one transposed copy of W per call there (out * in values
 // against rows * out * in multiply-adds).
 at::Tensor base_forward(const at::Tensor& x, const at::Tensor& weight) {  // x W^T, (rows, out)
