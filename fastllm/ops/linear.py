@@ -7,9 +7,10 @@ a KV cache takes `small_linear` on fused weights instead). On the CPU in float32
 compiled extension ("native") it is the registered op `fastllm::linear`, whose forward (x W^T,
 W transposed once per call) and input gradient (dy W) are products of the tile kernel
 (`torch.ops.fastllm.mm_f32_out_`, csrc/cpu/gemm.cpp): measured against torch's own BLAS call
-in one process on the development CPU, on par for x W^T and 6-13% faster for dy W (bench/README.md); the weight gradient dy^T x stays on BLAS (the
-tile kernel, reading a transposed dy across thousands of rows, measured no faster), the bias
-gradient is dy summed over rows.
+in one process on the development CPU, on par for x W^T and 6-13% faster for dy W
+(bench/README.md). The weight gradient dy^T x stays on BLAS (the tile kernel, reading a
+transposed dy across thousands of rows, measured no faster); the bias gradient is dy summed
+over rows.
 The LoRA op's base product runs the same kernel on the same shapes, so a LoRA layer at
 initialisation (B = 0) gives exactly its base layer's output.
 Everywhere else, for the reference backend and inside torch.compile (whose compiler plans its
