@@ -3,7 +3,7 @@
 // fastllm/ops/_chunked.py, fastllm/ops/linear.py): side by side with torch's own BLAS call on the
 // development CPU, on par for x W^T and 6-13% faster for dy W; a transposed a (a weight
 // gradient) runs no faster.
-// a is row-major or a transposed view (either stride 1), b and c have unit column stride.
+// a and b are each row-major or a transposed view (either stride 1), c has unit column stride.
 // Anything else (other strides, no AVX2) goes to ATen's mm, so the result never depends on
 // the layout the caller happened to have.
 #include <ATen/core/Tensor.h>
@@ -18,26 +18,58 @@
 
 namespace fastllm::cpu {
 
-void tiled_mm_into(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  const bool fits = c.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu() &&
-                    c.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
-                    b.scalar_type() == at::kFloat && (a.stride(1) == 1 || a.stride(0) == 1) &&
-                    b.stride(1) == 1 && c.stride(1) == 1;
-  if (fits && gemm_f32(a.size(0), b.size(1), a.size(1), 1.0f, a.const_data_ptr<float>(), a.stride(0),
-                       a.stride(1), b.const_data_ptr<float>(), b.stride(0), c.mutable_data_ptr<float>(),
-                       c.stride(0), accumulate)) {
-    return;
+namespace {
+
+bool unit_stride(const at::Tensor& t) { return t.stride(1) == 1 || t.stride(0) == 1; }
+
+bool tile_fits(const at::Tensor& c, std::initializer_list<MMTerm> terms) {
+  if (!c.device().is_cpu() || c.scalar_type() != at::kFloat || c.stride(1) != 1 || terms.size() > 4) return false;
+  for (const MMTerm& t : terms) {
+    if (!t.a.device().is_cpu() || !t.b.device().is_cpu() || t.a.scalar_type() != at::kFloat ||
+        t.b.scalar_type() != at::kFloat || !unit_stride(t.a) || !unit_stride(t.b)) {
+      return false;
+    }
   }
-  if (accumulate) {
-    c.addmm_(a, b);
-  } else {
-    at::mm_out(c, a, b);
-  }
+  return true;
 }
 
-at::Tensor tiled_mm(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());
-  tiled_mm_into(c, a, b, false);
+}  // namespace
+
+void tiled_mm_into(at::Tensor& c, std::initializer_list<MMTerm> terms, bool accumulate) {
+  for (const MMTerm& t : terms) {
+    TORCH_CHECK(t.a.dim() == 2 && t.b.dim() == 2 && t.a.size(1) == t.b.size(0) && t.a.size(0) == c.size(0) &&
+                    t.b.size(1) == c.size(1),
+                "tiled_mm: shapes do not chain: a ", t.a.sizes(), ", b ", t.b.sizes(), ", c ", c.sizes());
+  }
+  if (tile_fits(c, terms)) {
+    GemmTerm gt[4];
+    int n = 0;
+    for (const MMTerm& t : terms) {
+      // a row-major b is read by rows; a transposed one (stride 1 down its columns) transposed while packed
+      const bool b_rows = t.b.stride(1) == 1;
+      gt[n++] = GemmTerm{t.a.const_data_ptr<float>(), t.a.stride(0), t.a.stride(1), t.b.const_data_ptr<float>(),
+                         b_rows ? t.b.stride(0) : 1, b_rows ? 1 : t.b.stride(1), t.a.size(1),
+                         static_cast<float>(t.alpha)};
+    }
+    if (gemm_f32(c.size(0), c.size(1), gt, n, c.mutable_data_ptr<float>(), c.stride(0), accumulate)) return;
+  }
+  bool acc = accumulate;
+  for (const MMTerm& t : terms) {
+    if (!acc && t.alpha == 1.0) {
+      at::mm_out(c, t.a, t.b);
+    } else {
+      c.addmm_(t.a, t.b, /*beta=*/acc ? 1.0 : 0.0, /*alpha=*/t.alpha);
+    }
+    acc = true;
+  }
+  if (!acc) c.zero_();  // no terms
+}
+
+at::Tensor tiled_mm(std::initializer_list<MMTerm> terms) {
+  TORCH_CHECK(terms.size() > 0, "tiled_mm: expected at least one term");
+  const MMTerm& first = *terms.begin();
+  at::Tensor c = at::empty({first.a.size(0), first.b.size(1)}, first.a.options());
+  tiled_mm_into(c, terms, false);
   return c;
 }
 
@@ -53,7 +85,7 @@ void mm_f32_out_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, boo
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(b.size(0) == K, "b: expected ", K, " rows (a's columns), got ", b.size(0));
   TORCH_CHECK(c.size(0) == M && c.size(1) == N, "c: expected shape [", M, ", ", N, "], got ", c.sizes());
-  tiled_mm_into(c, a, b, accumulate);
+  tiled_mm_into(c, {{a, b}}, accumulate);
 }
 
 }  // namespace

@@ -1,22 +1,19 @@
-// LoRA linear on the CPU, built from BLAS calls ordered so that the dense update B A
-// (out, in) and the LoRA branch's own (rows, out) output are never formed:
-//   forward : u = xd A^T                       (rows, r)    one skinny GEMM
-//             y = x W^T + b, then y += s u B^T                one GEMM + one in-place addmm
-//   backward: g = s * dy B                     (rows, r)
-//             dx = dy W, then dx += g A (* keep / (1 - p))    one GEMM + one in-place addmm
-//             dA = g^T xd (r, in),  dB = dy^T (s u) (out, r)
+// LoRA linear on the CPU, as products that never form the dense update B A (out, in) or the
+// LoRA branch's own (rows, out) output:
+//   forward : u = xd A^T                          (rows, r)
+//             y = x W^T + b + s u B^T             one pass: the low-rank term is a second term
+//   backward: g = s dy B                          (rows, r)
+//             dx = dy W + g A (* keep / (1 - p))  one pass without dropout
+//             dA = g^T xd (r, in),  dB = s dy^T u (out, r)
 // xd = x * keep / (1 - p) when a dropout mask is given, else x. W and b are frozen: no dW.
-// The rank-r GEMMs are issued with r as the row count of their output (u^T = A xd^T,
-// g^T = B^T dy^T, dB^T = u^T dy) and transposed back as views: BLAS runs a (rows, r) output
-// with a tiny N 2-6x slower than the same product as (r, rows) (measured on one x86 core,
-// rows 512, r 8; bench/README.md "CPU profile"), and these are 7% of a LoRA step.
-// The two large products (x W^T, dy W) of float32 CPU tensors go through the tile kernel of
-// fastllm/tile_mm.h (tiled_mm, csrc/cpu/gemm.cpp) instead of BLAS (on par to 13% faster here);
-// everything else is ATen calls, so the same code also serves CUDA tensors (cuBLAS does the
-// GEMMs) in builds with CUDA; the Triton kernel is the alternative there (bench/bench_lora.py
-// decides).
+// Every product goes through tiled_mm (csrc/cpu/gemm.cpp): for float32 CPU tensors the tile
+// kernel of fastllm/tile_mm.h, which reads A^T, B^T, g^T and dy^T as the transposed views they
+// are (no copies) and adds the low-rank term in the same pass as the base product; the
+// rank-r products (r columns, or K = rows) on it replace BLAS calls that ran a (rows, r) output
+// 2-6x slower than the same product transposed (bench/README.md). Everything else (other
+// dtypes, CUDA tensors in builds with CUDA: cuBLAS does the GEMMs) is ATen calls, one per term;
+// the Triton kernel is the alternative on CUDA (bench/bench_lora.py decides).
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
@@ -61,16 +58,6 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   }
 }
 
-// The frozen base products go through tiled_mm (csrc/cpu/gemm.cpp): the tile kernel
-// for float32 CPU tensors (on par with the wheel's BLAS for x W^T, 6-13% faster for dy W on
-// the development CPU), at::mm otherwise.
-// x W^T needs W^T row-major for it: one transposed copy of W per call there (out * in values
-// against rows * out * in multiply-adds).
-at::Tensor base_forward(const at::Tensor& x, const at::Tensor& weight) {  // x W^T, (rows, out)
-  const bool cpu_f32 = x.device().is_cpu() && x.scalar_type() == at::kFloat;
-  return tiled_mm(x, cpu_f32 ? weight.t().contiguous() : weight.t());
-}
-
 // x * keep / (1 - p), or x itself without a mask.
 at::Tensor dropped(const at::Tensor& x, const std::optional<at::Tensor>& keep, double p) {
   if (!keep.has_value()) return x;
@@ -90,10 +77,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
                 " (same as x), got ", bias->scalar_type());
   }
   // (rows, r), formed as (r, rows) and copied back to rows-major (r * rows values: cheap)
-  at::Tensor u = at::mm(lora_a, dropped(x, keep, dropout_p).t()).t().contiguous();
-  at::Tensor y = base_forward(x, weight);
+  at::Tensor u = tiled_mm({{dropped(x, keep, dropout_p), lora_a.t()}});  // (rows, r)
+  // y = x W^T + s u B^T in one pass when the tile kernel runs; b added after, as fastllm.ops.linear
+  // does, so that at initialisation (B = 0) y is its base layer's output bit for bit
+  // (W^T copied: the kernel transposes a B while packing it, fast for the rank-r B^T and A^T, but
+  // it would transpose W once per block of rows, a copy transposes it once)
+  const bool cpu_f32 = x.device().is_cpu() && x.scalar_type() == at::kFloat;
+  at::Tensor y = tiled_mm({{x, cpu_f32 ? weight.t().contiguous() : weight.t()}, {u, lora_b.t(), scale}});
   if (bias.has_value()) y.add_(*bias);
-  y.addmm_(u, lora_b.t(), /*beta=*/1.0, /*alpha=*/scale);  // the low-rank term lands in y
   return {y, u};
 }
 
@@ -110,15 +101,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
               x.scalar_type(), " (same as x), got ", grad_out.scalar_type());
   TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == lora_a.size(0),
               "u: expected shape [", x.size(0), ", ", lora_a.size(0), "], got ", u.sizes());
-  at::Tensor gt = at::mm(lora_b.t(), grad_out.t()).mul_(scale);  // g^T (r, rows), already scaled
-  at::Tensor dx = tiled_mm(grad_out, weight);                      // (rows, in)
+  at::Tensor g = tiled_mm({{grad_out, lora_b, scale}});  // (rows, r), already scaled
+  at::Tensor dx;                                          // (rows, in) = dy W + g A (* keep / (1 - p))
   if (keep.has_value()) {
-    dx.add_(at::mm(gt.t(), lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
+    dx = tiled_mm({{grad_out, weight}});
+    dx.add_(at::mm(g, lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
   } else {
-    dx.addmm_(gt.t(), lora_a);
+    dx = tiled_mm({{grad_out, weight}, {g, lora_a}});
   }
-  at::Tensor da = at::mm(gt, dropped(x, keep, dropout_p));                  // (r, in)
-  at::Tensor db = at::mm(u.t(), grad_out).mul_(scale).t().contiguous();  // (out, r)
+  at::Tensor da = tiled_mm({{g.t(), dropped(x, keep, dropout_p)}});  // (r, in)
+  at::Tensor db = tiled_mm({{grad_out.t(), u, scale}});              // (out, r)
   return {dx, da, db};
 }
 

@@ -11,8 +11,9 @@ in one process on the development CPU, on par for x W^T and 6-13% faster for dy 
 (bench/README.md). The weight gradient dy^T x stays on BLAS (the tile kernel, reading a
 transposed dy across thousands of rows, measured no faster); the bias gradient is dy summed
 over rows.
-The LoRA op's base product runs the same kernel on the same shapes, so a LoRA layer at
-initialisation (B = 0) gives exactly its base layer's output.
+The LoRA op's base product runs the same kernel on the same shapes (its low-rank term a second
+term of the same pass), so a LoRA layer at initialisation (B = 0) gives exactly its base
+layer's output.
 Everywhere else, for the reference backend and inside torch.compile (whose compiler plans its
 own matmuls), `F.linear` itself, which is the reference.
 """

@@ -1,6 +1,6 @@
 """The CPU tile kernel's matrix product (`torch.ops.fastllm.mm_f32_out_`, csrc/cpu/gemm.cpp:
 the chunked logits-free ops' products, and through tile_mm.h the LoRA base products) against
-a float64 product: row blocks, K slices and column remainders, a transposed a, accumulation,
+a float64 product: row blocks, K slices and column remainders, a transposed a or b, accumulation,
 layouts the kernel does not take (they go to ATen), argument errors."""
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import fastllm
 
 pytestmark = pytest.mark.skipif(not fastllm.extension_available(), reason="needs the compiled extension")
 
-# (M, K, N): one row, a 48-row block and remainders, K over the 256-slice, N over a 64-column
-# panel with whole-vector and scalar remainders, the head's shapes
-SHAPES = [(1, 1, 1), (5, 3, 17), (48, 256, 64), (97, 300, 131), (200, 513, 45), (256, 576, 1000)]
+# (M, K, N): one row, 6-row blocks and remainders, K over the 256-slice, N over a 64-column
+# panel with whole-vector, 8-lane (45, 1000) and scalar remainders, rows split into parts for the threads (97) or
+# for L2 (1001: three parts, the last shorter), panel groups with a shorter last group (1050
+# columns: 17 panels in groups of 4), the head's shapes
+SHAPES = [(1, 1, 1), (5, 3, 17), (48, 256, 64), (97, 300, 131), (200, 513, 45), (256, 576, 1000),
+          (1001, 300, 1050)]
 
 
 def _check(c, a, b, c0=None):
@@ -26,10 +29,12 @@ def _check(c, a, b, c0=None):
 
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("a_transposed", [False, True])
+@pytest.mark.parametrize("b_transposed", [False, True])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_matches_float64_product(M, K, N, a_transposed, accumulate):
+def test_matches_float64_product(M, K, N, a_transposed, b_transposed, accumulate):
+    """b_transposed: a weight (N, K) passed as its .t() view, transposed by the kernel's packing."""
     a = torch.randn(K, M).t() if a_transposed else torch.randn(M, K)
-    b = torch.randn(K, N)
+    b = torch.randn(N, K).t() if b_transposed else torch.randn(K, N)
     c0 = torch.randn(M, N)
     c = c0.clone()
     torch.ops.fastllm.mm_f32_out_(c, a, b, accumulate)
@@ -46,7 +51,7 @@ def test_into_a_row_slice_of_a_larger_matrix():
 
 def test_other_layouts_go_to_aten():
     a = torch.randn(70, 90)[:, ::2]  # neither stride 1
-    b = torch.randn(80, 45).t()  # column-major
+    b = torch.randn(45, 160)[:, ::2]  # neither stride 1
     c = torch.empty(70, 80)
     torch.ops.fastllm.mm_f32_out_(c, a, b, False)
     _check(c, a, b)

@@ -4,14 +4,24 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <initializer_list>
+
 namespace fastllm::cpu {
 
-// c = a b (+ c when accumulate) for 2-D tensors: through the tile kernel for float32 CPU
-// tensors with a row-major or transposed (either stride 1), b and c with unit column stride,
-// on a CPU with AVX2; through ATen otherwise (any layout, dtype or device).
-void tiled_mm_into(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+// One term alpha a b of a product sum.
+struct MMTerm {
+  const at::Tensor& a;
+  const at::Tensor& b;
+  double alpha = 1.0;
+};
 
-// a b as a new (rows of a, columns of b) tensor, as tiled_mm_into decides.
-at::Tensor tiled_mm(const at::Tensor& a, const at::Tensor& b);
+// c = the sum of the terms (+ c when accumulate), 2-D tensors: in one pass of the tile kernel
+// for float32 CPU tensors with a and b each row-major or a transposed view (either stride 1: a
+// weight's .t() needs no copy), c with unit column stride, on a CPU with AVX2; through ATen
+// otherwise (any layout, dtype or device), one call per term.
+void tiled_mm_into(at::Tensor& c, std::initializer_list<MMTerm> terms, bool accumulate);
+
+// The sum of the terms as a new (rows of a, columns of b) tensor, as tiled_mm_into decides.
+at::Tensor tiled_mm(std::initializer_list<MMTerm> terms);
 
 }  // namespace fastllm::cpu

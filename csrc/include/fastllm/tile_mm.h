@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 
 #include "fastllm/cpu_isa.h"
 #include "fastllm/grain.h"
@@ -94,7 +95,14 @@ FASTLLM_ALWAYS_INLINE void tmm_all(const TileMM& p) {
   if constexpr (NV > 1) {
     if (rest == 1) tmm_panel<V, 6, 1>(p, j);
   }
-  for (j += rest * L; j < p.n; ++j) {
+  j += rest * L;
+  if constexpr (L == 16) {  // 8 columns left (a rank-8 LoRA term): one 8-lane vector
+    if (p.n - j >= 8) {
+      tmm_panel<v8, 6, 1>(p, j);
+      j += 8;
+    }
+  }
+  for (; j < p.n; ++j) {
     for (int64_t i = 0; i < p.m; ++i) {
       float sum = 0.0f;
       for (int64_t kk = 0; kk < p.k; ++kk) sum += p.a[i * p.a_rs + kk * p.a_cs] * p.b[kk * p.ldb + j];
@@ -126,42 +134,109 @@ inline TileMMFn pick_tile_mm() {
 
 inline const TileMMFn kTileMM = pick_tile_mm();
 
-// C (M x N, leading dimension ldc) = alpha A B (+ C when `accumulate`), A(i, p) at
-// a[i * a_rs + p * a_cs], B row-major (K x N, ldb), through the tile kernel: threads take
-// blocks of kMC rows (and column chunks when the rows are few), each walks K in slices of kKC
-// so that the slice of B it sweeps stays in L2 while its rows' A values come from L1. Returns false (nothing done) where the tile kernel
-// does not run (no AVX2); the caller then uses BLAS. On the 2-core AVX-512 development CPU it
-// runs the training step's products at 179-195 GFLOP/s; torch's own BLAS call, side by side in
-// the same process, ran x W^T at 121-198 and dy W 6-13% slower (bench/README.md).
-inline bool gemm_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t a_rs, int64_t a_cs,
-                     const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+// One term of a product sum: alpha A B, A (M x k) with A(i, p) at a[i * a_rs + p * a_cs], B (k x N)
+// with B(p, n) at b[p * b_rs + n * b_cs]: row-major (b_cs == 1), or a row-major matrix read
+// transposed (b_rs == 1: a LoRA factor A (r x k) as A^T), transposed element by element as it is
+// packed: cheap for the few columns of a rank-r factor; a large B^T (a weight) is better copied
+// transposed once by the caller, as packing transposes it again for every part of the rows.
+struct GemmTerm {
+  const float* a;
+  int64_t a_rs, a_cs;
+  const float* b;
+  int64_t b_rs, b_cs;
+  int64_t k;
+  float alpha;
+};
+
+namespace tile_mm_detail {
+// B's rows [k0, k0 + kc) x columns [n0, n0 + w) into dst as kc rows of w floats.
+inline void pack_panel(float* dst, const GemmTerm& t, int64_t k0, int64_t kc, int64_t n0, int64_t w) {
+  if (t.b_cs == 1) {
+    for (int64_t kk = 0; kk < kc; ++kk) std::memcpy(dst + kk * w, t.b + (k0 + kk) * t.b_rs + n0, w * sizeof(float));
+    return;
+  }
+  for (int64_t kb = 0; kb < kc; kb += 16) {  // 16 k at a time: the rows written stay in L1
+    const int64_t ke = std::min(kc, kb + 16);
+    for (int64_t j = 0; j < w; ++j) {
+      const float* src = t.b + (n0 + j) * t.b_cs + k0 * t.b_rs;
+      for (int64_t kk = kb; kk < ke; ++kk) dst[kk * w + j] = src[kk * t.b_rs];
+    }
+  }
+}
+}  // namespace tile_mm_detail
+
+// C (M x N, leading dimension ldc) = the sum of the terms' alpha A B (+ C when `accumulate`),
+// through the tile kernel: the LoRA op's base product and low-rank term in one pass (x W^T +
+// s u B^T, dy W + g A). Returns false (nothing done) where the tile kernel does not run (no
+// AVX2); the caller then uses BLAS.
+//
+// Tasks are groups of 64-column panels of B, split into parts of at most kMaxRows rows when the
+// groups are too few to keep every thread busy (or the rows too many for L2). For each K slice
+// of kKC a task copies its panels of B into one contiguous buffer, panel-major (kKC rows of 64
+// floats per panel, which L2 holds; a transposed B is transposed in this copy), and the kernel
+// sweeps each panel once per block of 6 of the part's rows, their A values coming from L2. So
+// each slice of B is read from memory once per part, however large B is, and the panels' rows
+// sit next to each other: read in place, a panel strides by B's row length, which for the LM
+// head transposed (196 KB) maps its rows onto a few cache sets. On the 2-core AVX-512
+// development CPU, side by side with torch's own BLAS call in one process: the head's 256-row
+// chunks at 180-188 GFLOP/s (BLAS 131-181), the training step's products on par to 10% faster at
+// 2048 rows and 5-25% faster at 64-512 rows (bench/README.md).
+inline bool gemm_f32(int64_t M, int64_t N, const GemmTerm* terms, int nterms, float* c, int64_t ldc,
+                     bool accumulate) {
   if (kTileMM == nullptr) return false;
-  constexpr int64_t kMC = 48, kKC = 256;
   if (M == 0 || N == 0) return true;
+  int64_t K = 0, kc_max = 0;
+  constexpr int64_t kNP = 64, kKC = 256, kMaxRows = 480, kMaxPanels = 4;
+  for (int t = 0; t < nterms; ++t) {
+    K += terms[t].k;
+    kc_max = std::max(kc_max, std::min(kKC, terms[t].k));
+  }
   if (K == 0) {
     if (!accumulate) {
       for (int64_t i = 0; i < M; ++i) std::fill_n(c + i * ldc, N, 0.0f);
     }
     return true;
   }
-  // Tasks: row blocks, and column chunks (whole 64-column panels) when there are too few row
-  // blocks to keep every thread busy (a few rows against a wide B: the logits of short chunks).
-  const int64_t blocks = (M + kMC - 1) / kMC;
   const int64_t want = 4 * int64_t(at::get_num_threads());
-  int64_t chunks = blocks >= want ? 1 : std::min((N + 63) / 64, (want + blocks - 1) / blocks);
-  const int64_t nc = ((N + chunks - 1) / chunks + 63) / 64 * 64;
-  chunks = (N + nc - 1) / nc;
-  at::parallel_for(0, blocks * chunks, grain_for(kMC * nc * K / 8), [&](int64_t begin, int64_t end) {
+  const int64_t panels = (N + kNP - 1) / kNP;
+  const int64_t per_group = std::clamp<int64_t>(panels / want, 1, kMaxPanels);
+  const int64_t groups = (panels + per_group - 1) / per_group;
+  int64_t parts = (M + kMaxRows - 1) / kMaxRows;
+  while (groups * parts < 2 * want && M / (2 * parts) >= 48) parts *= 2;
+  const int64_t part_rows = ((M + parts - 1) / parts + 5) / 6 * 6;  // whole 6-row blocks
+  parts = (M + part_rows - 1) / part_rows;
+  at::parallel_for(0, groups * parts, grain_for(part_rows * per_group * kNP * K / 8), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> buf(new float[kc_max * per_group * kNP]);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i0 = task / chunks * kMC, rows = std::min(kMC, M - i0);
-      const int64_t j0 = task % chunks * nc, cols = std::min(nc, N - j0);
-      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-        kTileMM(TileMM{rows, cols, std::min(kKC, K - k0), alpha, a + i0 * a_rs + k0 * a_cs, a_rs, a_cs,
-                       b + k0 * ldb + j0, ldb, c + i0 * ldc + j0, ldc, accumulate || k0 > 0});
+      const int64_t i0 = task % parts * part_rows, rows = std::min(part_rows, M - i0);
+      const int64_t p0 = task / parts * per_group, p1 = std::min(panels, p0 + per_group);
+      bool acc = accumulate;
+      for (int t = 0; t < nterms; ++t) {
+        const GemmTerm& term = terms[t];
+        for (int64_t k0 = 0; k0 < term.k; k0 += kKC) {
+          const int64_t kc = std::min(kKC, term.k - k0);
+          for (int64_t p = p0; p < p1; ++p) {
+            tile_mm_detail::pack_panel(buf.get() + (p - p0) * kc_max * kNP, term, k0, kc, p * kNP,
+                                       std::min(kNP, N - p * kNP));
+          }
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t w = std::min(kNP, N - p * kNP);
+            kTileMM(TileMM{rows, w, kc, term.alpha, term.a + i0 * term.a_rs + k0 * term.a_cs, term.a_rs, term.a_cs,
+                           buf.get() + (p - p0) * kc_max * kNP, w, c + i0 * ldc + p * kNP, ldc, acc});
+          }
+          acc = true;
+        }
       }
     }
   });
   return true;
+}
+
+// One product: C = alpha A B (+ C), B row-major (b_cs == 1) or read transposed (b_rs == 1).
+inline bool gemm_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t a_rs, int64_t a_cs,
+                     const float* b, int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
+  const GemmTerm term{a, a_rs, a_cs, b, b_rs, b_cs, K, alpha};
+  return gemm_f32(M, N, &term, 1, c, ldc, accumulate);
 }
 
 }  // namespace fastllm::cpu
