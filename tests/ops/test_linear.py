@@ -14,7 +14,7 @@ from fastllm.ops import linear
 
 pytestmark = pytest.mark.skipif(not fastllm.extension_available(), reason="needs the compiled extension")
 
-# (leading shape, in, out): rows around the 48-row block,
+# (leading shape, in, out): rows around 6-row blocks and a two-part split,
 # K over the 256-slice, out with vector and scalar remainders
 SHAPES = [((1,), 1, 1), ((3, 5), 7, 9), ((65,), 40, 70), ((2, 97), 300, 131), ((4, 64), 576, 192)]
 
