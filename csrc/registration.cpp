@@ -20,9 +20,13 @@ extern "C" PyObject* PyInit__C(void) {
 std::string cpu_isa_op() { return fastllm::cpu::cpu_isa_name(); }
 
 TORCH_LIBRARY(fastllm, m) {
-  // c = a b (+ c when accumulate) in float32 on the CPU (csrc/cpu/gemm.cpp): a row-major or a
-  // transposed view, b and c with unit column stride; the chunked logits-free ops' products.
+  // c = a b (+ c when accumulate) in float32 on the CPU (csrc/cpu/gemm.cpp): a and b each
+  // row-major or a transposed view, c with unit column stride; the chunked logits-free ops'
+  // products and fastllm.ops.linear's.
   m.def("mm_f32_out_(Tensor(a!) c, Tensor a, Tensor b, bool accumulate) -> ()");
+  // w.t().contiguous() for a 2-D w: a blocked transposed copy for float32 (the chunked ops' head
+  // transposed once for all their chunks), ATen's copy for other dtypes.
+  m.def("transpose_f32(Tensor w) -> Tensor");
   // The vector ISA of the CPU kernels' dispatched bodies: "avx512", "avx2" or "none" (the CPU's
   // widest, capped by FASTLLM_CPU_ISA; csrc/include/fastllm/cpu_isa.h).
   m.def("cpu_isa() -> str", &cpu_isa_op);

@@ -8,7 +8,8 @@
 // xd = x * keep / (1 - p) when a dropout mask is given, else x. W and b are frozen: no dW.
 // Every product goes through tiled_mm (csrc/cpu/gemm.cpp): for float32 CPU tensors the tile
 // kernel of fastllm/tile_mm.h, which reads A^T, B^T, g^T and dy^T as the transposed views they
-// are (no copies) and adds the low-rank term in the same pass as the base product; the
+// are (W^T is one blocked transposed copy per call) and adds the low-rank term in the same
+// pass as the base product; the
 // rank-r products (r columns, or K = rows) on it run 1.1-2.3x faster than the BLAS calls they
 // replace, themselves already issued in BLAS's faster orientation (bench/README.md). Everything else (other
 // dtypes, CUDA tensors in builds with CUDA: cuBLAS does the GEMMs) is ATen calls, one per term;
@@ -79,10 +80,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   at::Tensor u = tiled_mm({{dropped(x, keep, dropout_p), lora_a.t()}});  // (rows, r)
   // y = x W^T + s u B^T in one pass when the tile kernel runs; b added after, as fastllm.ops.linear
   // does, so that at initialisation (B = 0) y is its base layer's output bit for bit
-  // (W^T copied: the kernel transposes a B while packing it, fast for the rank-r B^T and A^T, but
-  // it would transpose W again for every part of the rows, a copy transposes it once)
-  const bool cpu_f32 = x.device().is_cpu() && x.scalar_type() == at::kFloat;
-  at::Tensor y = tiled_mm({{x, cpu_f32 ? weight.t().contiguous() : weight.t()}, {u, lora_b.t(), scale}});
+  at::Tensor y = tiled_mm({{x, weight.t()}, {u, lora_b.t(), scale}});
   if (bias.has_value()) y.add_(*bias);
   return {y, u};
 }

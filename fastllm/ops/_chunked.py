@@ -13,7 +13,7 @@ so the (N, V) logits never exist: the largest temporary is one (chunk, V) block,
 default chunk size keeps about as large as hidden itself. The three matmuls are the same
 FLOPs as the unfused forward+backward. On the CPU in float32 the logits and grad_hidden
 products go through the C++ tile kernel (`torch.ops.fastllm.mm_f32_out_`), with the head
-transposed once per call; grad_weight stays on BLAS.
+transposed once per call (`torch.ops.fastllm.transpose_f32`); grad_weight stays on BLAS.
 
 grad_weight accumulates in float32 for bfloat16/float16 off CUDA (each chunk's product is
 upcast before it is added, so summing over chunks loses nothing); on CUDA it accumulates in
@@ -78,7 +78,7 @@ def run_chunks(
     # float32 on the CPU: logits and grad_hidden through the tile kernel (csrc/cpu/gemm.cpp), the
     # head transposed once for all chunks (its (H, V) copy is what the kernel streams as B).
     tile = _tile_products(backend, hidden, weight)
-    weight_t = weight.t().contiguous() if tile else weight.t()
+    weight_t = torch.ops.fastllm.transpose_f32(weight) if tile else weight.t()
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
         h = hidden[start:end]

@@ -5,7 +5,8 @@
 The models' plain projections call this (`fastllm.models._decoder.project`; a decode step over
 a KV cache takes `small_linear` on fused weights instead). On the CPU in float32 with the
 compiled extension ("native") it is the registered op `fastllm::linear`, whose forward (x W^T,
-W transposed once per call) and input gradient (dy W) are products of the tile kernel
+W given as its .t() view, which the kernel's entry copies transposed in 8 x 8 tiles) and input
+gradient (dy W) are products of the tile kernel
 (`torch.ops.fastllm.mm_f32_out_`, csrc/cpu/gemm.cpp): measured against torch's own BLAS call
 in one process on the development CPU, on par for x W^T and 6-13% faster for dy W
 (bench/README.md). The weight gradient dy^T x stays on BLAS (the tile kernel, reading a
@@ -48,7 +49,7 @@ def _rows(x: Tensor) -> Tensor:
 def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     x2 = _rows(x)
     y = x2.new_empty((x2.shape[0], weight.shape[0]))
-    torch.ops.fastllm.mm_f32_out_(y, x2, weight.t().contiguous(), False)
+    torch.ops.fastllm.mm_f32_out_(y, x2, weight.t(), False)
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], weight.shape[0])

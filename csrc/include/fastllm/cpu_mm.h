@@ -21,6 +21,11 @@ struct MMTerm {
 // otherwise (any layout, dtype or device), one call per term.
 void tiled_mm_into(at::Tensor& c, std::initializer_list<MMTerm> terms, bool accumulate);
 
+// b as a row-major tensor: for a float32 CPU matrix given as a transposed view (stride 1 down
+// its columns: a weight's .t()), a blocked transposed copy (ATen's element-wise copy of that
+// layout ran at ~1 GB/s here); b.contiguous() otherwise.
+at::Tensor contiguous_f32(const at::Tensor& b);
+
 // The sum of the terms as a new (rows of a, columns of b) tensor, as tiled_mm_into decides.
 at::Tensor tiled_mm(std::initializer_list<MMTerm> terms);
 
