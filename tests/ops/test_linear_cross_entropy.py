@@ -64,6 +64,25 @@ def test_matches_reference(backend, reduction, opts, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [0, 37])
+def test_weight_gradient_ignores_uninitialised_memory(backend, rows, monkeypatch):
+    """The head's gradient buffer is not zeroed (the first chunk overwrites it): with every
+    torch.empty filled with NaN, as uninitialised memory may be, the gradients still match the
+    reference; with no rows at all the weight's gradient is zero."""
+    hidden, weight, bias, labels = _inputs(rows, 24, 101)
+    h2, w2, b2 = _req(hidden, weight, bias)
+    ref = linear_cross_entropy_reference(h2, w2, labels, b2, reduction="sum")
+    expected = _grads(ref, (h2, w2, b2)) if rows else (None, torch.zeros_like(weight), torch.zeros_like(bias))
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    h, w, b = _req(hidden, weight, bias)
+    ours = linear_cross_entropy(h, w, labels, b, chunk_size=8, backend=backend, reduction="sum")
+    for name, a, e in zip(("hidden", "weight", "bias"), _grads(ours, (h, w, b)), expected):
+        if e is not None:
+            assert_close(a, e, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_default_chunking_3d_no_bias_and_partial_grads(backend):
     hidden, weight, _, labels = _inputs(2 * 21, 32, 203, bias=False)
     hidden, labels = hidden.view(2, 21, 32), labels.view(2, 21)
