@@ -9,11 +9,11 @@
 // Every product goes through tiled_mm (csrc/cpu/gemm.cpp): for float32 CPU tensors the tile
 // kernel of fastllm/tile_mm.h, which reads A^T, B^T, g^T and dy^T as the transposed views they
 // are (W^T is one blocked transposed copy per call) and adds the low-rank term in the same
-// pass as the base product; the
-// rank-r products (r columns, or K = rows) on it run 1.1-2.3x faster than the BLAS calls they
-// replace, themselves already issued in BLAS's faster orientation (bench/README.md). Everything else (other
-// dtypes, CUDA tensors in builds with CUDA: cuBLAS does the GEMMs) is ATen calls, one per term;
-// the Triton kernel is the alternative on CUDA (bench/bench_lora.py decides).
+// pass as the base product; the rank-r products (r columns, or K = rows) on it run 1.05-2.3x
+// faster than the BLAS calls they replace, themselves already issued in BLAS's faster
+// orientation (bench/README.md). Everything else (other dtypes, CUDA tensors in builds with
+// CUDA: cuBLAS does the GEMMs) is ATen calls, one per term; the Triton kernel is the
+// alternative on CUDA (bench/bench_lora.py decides).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>

@@ -180,7 +180,7 @@ inline void pack_panel(float* dst, const GemmTerm& t, int64_t k0, int64_t kc, in
 // head transposed (196 KB) maps its rows onto a few cache sets. On the 2-core AVX-512
 // development CPU, side by side with torch's own BLAS call in one process: the head's 256-row
 // chunks at 180-188 GFLOP/s (BLAS 131-181), the training step's products on par to 10% faster at
-// 2048 rows and 5-25% faster at 64-512 rows (bench/README.md).
+// 2048 rows and 3-25% faster at 64-512 rows (bench/README.md).
 inline bool gemm_f32(int64_t M, int64_t N, const GemmTerm* terms, int nterms, float* c, int64_t ldc,
                      bool accumulate) {
   if (kTileMM == nullptr) return false;
