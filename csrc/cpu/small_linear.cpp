@@ -58,9 +58,16 @@ struct Problem {
   }
 };
 
+// How many weight tiles ahead `tile` prefetches, into L2 (locality hint 2: prefetcht1). One tile
+// ahead into L1 (prefetcht0) left the weight stream short of the memory: alternating processes on
+// the development CPU (2 threads, the SmolLM2 decode step's 121 products), 4 tiles ahead into L2
+// took batch 1 from 28-33 to 22-24 ms and batch 16 from 43-46 to 33-40 ms (bench/README.md).
+constexpr int64_t kPrefetchTiles = 4;
+
 #ifdef FASTLLM_HAVE_VECTORS
-// y[i, j] for i < MR rows of x at x, j < NR rows of W at w. Prefetches the next tile's
-// weight rows as it goes (the stream the hardware prefetcher sees is NR interleaved rows).
+// y[i, j] for i < MR rows of x at x, j < NR rows of W at w. Prefetches the weight rows
+// kPrefetchTiles tiles ahead as it goes (the stream the hardware prefetcher sees is NR
+// interleaved rows).
 template <class V, class I, int MR, int NR>
 FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n) {
   const float* x = p.x + m * p.ldx;
@@ -74,7 +81,7 @@ FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n) {
   for (; k + L <= K; k += L) {
     V wv[NR];
     for (int j = 0; j < NR; ++j) {
-      __builtin_prefetch(w + (NR + j) * p.ldw + k);
+      __builtin_prefetch(w + (kPrefetchTiles * NR + j) * p.ldw + k, 0, 2);
       wv[j] = load<V>(w + j * p.ldw + k);
     }
     for (int i = 0; i < MR; ++i) {
