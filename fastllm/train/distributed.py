@@ -5,6 +5,7 @@ transformer block plus the root."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ def init_distributed(mode: str, device: torch.device) -> tuple[DistInfo, torch.d
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
+        # leave the group before the interpreter tears down: a group left to the exit's static
+        # destructors can abort a rank whose communication threads are still running
+        # ("terminate called without an active exception", exit code -6, after a finished run)
+        atexit.register(destroy)
     return DistInfo(rank, world_size, local_rank, "ddp" if mode == "auto" else mode), device
 
 
