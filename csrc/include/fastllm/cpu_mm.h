@@ -16,9 +16,10 @@ struct MMTerm {
 };
 
 // c = the sum of the terms (+ c when accumulate), 2-D tensors: in one pass of the tile kernel
-// for float32 CPU tensors with a and b each row-major or a transposed view (either stride 1: a
-// weight's .t() needs no copy), c with unit column stride, on a CPU with AVX2; through ATen
-// otherwise (any layout, dtype or device), one call per term.
+// for float32 CPU tensors with a and b each row-major or a transposed view (either stride 1; a
+// large transposed b, such as a weight's .t(), is first copied by contiguous_f32), c with unit
+// column stride, on a CPU with AVX2; through ATen otherwise (any layout, dtype or device), one
+// call per term.
 void tiled_mm_into(at::Tensor& c, std::initializer_list<MMTerm> terms, bool accumulate);
 
 // b as a row-major tensor: for a float32 CPU matrix given as a transposed view (stride 1 down

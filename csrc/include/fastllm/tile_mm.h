@@ -232,11 +232,4 @@ inline bool gemm_f32(int64_t M, int64_t N, const GemmTerm* terms, int nterms, fl
   return true;
 }
 
-// One product: C = alpha A B (+ C), B row-major (b_cs == 1) or read transposed (b_rs == 1).
-inline bool gemm_f32(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t a_rs, int64_t a_cs,
-                     const float* b, int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
-  const GemmTerm term{a, a_rs, a_cs, b, b_rs, b_cs, K, alpha};
-  return gemm_f32(M, N, &term, 1, c, ldc, accumulate);
-}
-
 }  // namespace fastllm::cpu
