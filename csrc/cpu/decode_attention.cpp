@@ -123,44 +123,65 @@ FASTLLM_CLONES_AVX2 void decode_task_f32(const float* q, const float* kc, const 
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// float32 with D in {64, 128} on AVX-512 CPUs (picked at load time): the same task on 16-lane
-// vectors with D a compile-time constant. Scores of 16 keys for one query head accumulate in
-// 16 vectors and are reduced together (lane_reduce.h) instead of one horizontal sum per key
-// and head; the output accumulator of a query head (D / 16 vectors) stays in registers while
-// a block's values stream through. ~2.5x fewer instructions per (key, head) than the 8-lane
-// body; the softmax between the two is the 8-lane code above, compiled for this target.
+// float32 with D in {64, 128} on AVX-512 CPUs (picked at load time): the same attention on
+// 16-lane vectors with D a compile-time constant. Scores of 16 keys for one query head
+// accumulate in 16 vectors and are reduced together (lane_reduce.h) instead of one horizontal
+// sum per key and head; the output accumulator of a query head (D / 16 vectors) stays in
+// registers while a block's values stream through. ~2.5x fewer instructions per (key, head)
+// than the 8-lane body; the softmax between the two is the 8-lane code above, compiled for
+// this target.
+//
+// A task here is H consecutive kv heads of one sequence (H * G query heads): with every kv
+// head of the sequence, a task reads whole cache rows (H * D floats) in order, which the
+// memory streams at full rate; per-head tasks read a D-float slice every H * D floats, and
+// measured at half that rate (bench/README.md). The thread's next task's rows are prefetched
+// into L2 while this one computes.
+template <int D>
+FASTLLM_ALWAYS_INLINE void prefetch_rows(const float* base, int64_t stride, int64_t j0, int64_t j1, int64_t lines,
+                                         int hint) {
+  for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t c = 0; c < lines; ++c) {
+      if (hint == 3) {
+        __builtin_prefetch(base + j * stride + 16 * c, 0, 3);
+      } else {
+        __builtin_prefetch(base + j * stride + 16 * c, 0, 2);
+      }
+    }
+  }
+}
+
 template <int D>
 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void decode_task_f32_avx512(
-    const float* q, const float* kc, const float* vc, int64_t stride, int64_t len, int64_t G, float scale,
-    float* out, float* scratch) {
+    const float* q, const float* kc, const float* vc, int64_t stride, int64_t len, int64_t G, int64_t H,
+    float scale, float* out, float* scratch, const float* next_k, const float* next_v, int64_t next_len) {
   constexpr int C = D / 16;
-  float* acc = scratch;              // G * D
-  float* scores = acc + G * D;       // G * kKeyBlock
-  for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.0f;
-  float m[8], l[8];  // G <= 8 on this path
-  for (int64_t g = 0; g < G; ++g) m[g] = -std::numeric_limits<float>::infinity(), l[g] = 0.0f;
+  const int64_t NQ = G * H;            // query heads of the task
+  const int64_t lines = H * D / 16;    // cache lines (of 16 floats) per row of the task's heads
+  float* acc = scratch;                // NQ * D
+  float* scores = acc + NQ * D;        // NQ * kKeyBlock
+  float* m = scores + NQ * kKeyBlock;  // NQ running maxima
+  float* l = m + NQ;                   // NQ running sums
+  for (int64_t i = 0; i < NQ * D; ++i) acc[i] = 0.0f;
+  for (int64_t g = 0; g < NQ; ++g) m[g] = -std::numeric_limits<float>::infinity(), l[g] = 0.0f;
   for (int64_t j0 = 0; j0 < len; j0 += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, len - j0);
-    for (int64_t g = 0; g < G; ++g) {
+    // The cache is cold (a layer's keys and values were last touched a whole step ago): fetch
+    // this block's value rows and the next block's key rows while this block's scores compute,
+    // and the same rows of the thread's next task into L2.
+    prefetch_rows<D>(vc, stride, j0, j0 + n, lines, 2);
+    prefetch_rows<D>(kc, stride, j0 + n, std::min(len, j0 + n + kKeyBlock), lines, 2);
+    prefetch_rows<D>(next_k, stride, j0, std::min(next_len, j0 + n), lines, 2);
+    prefetch_rows<D>(next_v, stride, j0, std::min(next_len, j0 + n), lines, 2);
+    for (int64_t g = 0; g < NQ; ++g) {
+      const float* kh = kc + (g / G) * D;
       v16 qg[C];
       for (int c = 0; c < C; ++c) qg[c] = load<v16>(q + g * D + 16 * c) * scale;
       for (int64_t jj = 0; jj < n; jj += 16) {
         const int64_t cnt = std::min<int64_t>(16, n - jj);
-        if (g == 0) {
-          // The cache is cold (a layer's keys and values were last touched a whole step ago):
-          // fetch the next chunk's key rows and this chunk's value rows while this one computes.
-          for (int64_t t = 0; t < 16; ++t) {
-            const int64_t next = j0 + jj + 16 + t, here = j0 + jj + t;
-            for (int c = 0; c < C; ++c) {
-              if (next < len) __builtin_prefetch(kc + next * stride + 16 * c);
-              if (here < len) __builtin_prefetch(vc + here * stride + 16 * c);
-            }
-          }
-        }
         v16 a[16];
         for (int t = 0; t < 16; ++t) {
           // rows past the block's end repeat its last key (read, never stored)
-          const float* kr = kc + (j0 + jj + std::min<int64_t>(t, cnt - 1)) * stride;
+          const float* kr = kh + (j0 + jj + std::min<int64_t>(t, cnt - 1)) * stride;
           v16 s = qg[0] * load<v16>(kr);
           for (int c = 1; c < C; ++c) s += qg[c] * load<v16>(kr + 16 * c);
           a[t] = s;
@@ -171,24 +192,28 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void decode_task_f
       }
       float* s = scores + g * kKeyBlock;
       const float correction = softmax_step(s, n, m[g], l[g]);
+      const float* vh = vc + (g / G) * D;
       v16 o[C];
       for (int c = 0; c < C; ++c) o[c] = load<v16>(acc + g * D + 16 * c) * correction;
       for (int64_t jv = 0; jv < n; ++jv) {
-        const float* vr = vc + (j0 + jv) * stride;
+        const float* vr = vh + (j0 + jv) * stride;
         const float p = s[jv];
         for (int c = 0; c < C; ++c) o[c] += p * load<v16>(vr + 16 * c);
       }
       for (int c = 0; c < C; ++c) std::memcpy(acc + g * D + 16 * c, &o[c], sizeof(v16));
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
+  // the next task's rows past this one's length
+  prefetch_rows<D>(next_k, stride, std::max<int64_t>(len, 0), next_len, lines, 2);
+  prefetch_rows<D>(next_v, stride, std::max<int64_t>(len, 0), next_len, lines, 2);
+  for (int64_t g = 0; g < NQ; ++g) {
     const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv;
   }
 }
 
-using DecodeTaskFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, float, float*,
-                              float*);
+using DecodeTaskFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, float,
+                              float*, float*, const float*, const float*, int64_t);
 
 // The AVX-512 body for head size D on this CPU, or nullptr.
 DecodeTaskFn avx512_task(int64_t D) {
@@ -216,12 +241,20 @@ void decode_attention_rows(const scalar_t* q, const scalar_t* kc, const scalar_t
     if (D % 8 == 0 && G <= 8) {
 #ifdef FASTLLM_DECODE_F32_AVX512
       if (const DecodeTaskFn wide = avx512_task(D)) {
-        at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
-          std::vector<float> scratch(G * D + G * kKeyBlock);
+        // Tasks of whole sequences (every kv head: whole cache rows in order) when there are
+        // enough of them for the threads, else of single kv heads.
+        const int64_t H = B >= 2 * at::get_num_threads() ? Hkv : 1;
+        const int64_t per_seq = Hkv / H;
+        at::parallel_for(0, B * per_seq, std::max<int64_t>(1, grain / H), [&](int64_t begin, int64_t end) {
+          std::vector<float> scratch(H * G * (D + kKeyBlock + 2));
           for (int64_t task = begin; task < end; ++task) {
-            const int64_t b = task / Hkv, h = task % Hkv;
+            const int64_t b = task / per_seq, h = (task % per_seq) * H;
+            // the thread's next task, whose rows this one prefetches (none after its last)
+            const int64_t nb = (task + 1) / per_seq, nh = ((task + 1) % per_seq) * H;
+            const int64_t next_len = task + 1 < end ? std::max<int32_t>(lengths[nb], 0) : 0;
             wide(q + (b * Hq + h * G) * D, kc + (b * Smax * Hkv + h) * D, vc + (b * Smax * Hkv + h) * D, Hkv * D,
-                 lengths[b], G, static_cast<float>(scale), out + (b * Hq + h * G) * D, scratch.data());
+                 std::max<int32_t>(lengths[b], 0), G, H, static_cast<float>(scale), out + (b * Hq + h * G) * D,
+                 scratch.data(), kc + (nb * Smax * Hkv + nh) * D, vc + (nb * Smax * Hkv + nh) * D, next_len);
           }
         });
         return;

@@ -80,6 +80,24 @@ def test_only_the_first_lengths_keys_are_read():
     torch.testing.assert_close(decode_attention(q, k2, v2, lengths), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("shape", [(6, 9, 3, 64, 150), (3, 8, 2, 128, 70), (1, 4, 4, 64, 90)])
+def test_task_shapes_agree(threads, shape):
+    """The CPU kernel's tasks are whole sequences (every kv head) when there are at least two per
+    thread, single kv heads otherwise: both against the reference, keys past each length NaN."""
+    q, k, v, lengths = _inputs(*shape, torch.float32, "cpu")
+    past = torch.arange(shape[-1])[None, :, None, None] >= lengths.long()[:, None, None, None]
+    k, v = k.masked_fill(past, float("nan")), v.masked_fill(past, float("nan"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = decode_attention(q, k, v, lengths)
+    finally:
+        torch.set_num_threads(before)
+    want = decode_attention_reference(q, k.nan_to_num(), v.nan_to_num(), lengths)
+    assert_close(got, want, torch.float32)
+
+
 def test_custom_scale():
     q, k, v, lengths = _inputs(3, 6, 2, 16, 37, torch.float32, "cpu")
     assert_close(decode_attention(q, k, v, lengths, 0.3), decode_attention_reference(q, k, v, lengths, 0.3))
