@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastllm
-from fastllm.ops import SMALL_LINEAR_MAX_ROWS, small_linear, small_linear_reference
+from fastllm.ops import SMALL_LINEAR_MAX_ROWS, linear, small_linear, small_linear_reference
 
 pytestmark = pytest.mark.skipif(not fastllm.extension_available(), reason="needs the compiled extension")
 
@@ -108,7 +108,12 @@ def test_wrapper_falls_back_to_f_linear():
     torch.testing.assert_close(w.grad, x.sum(0).expand(24, 40))
     big = torch.randn(SMALL_LINEAR_MAX_ROWS + 1, 40)
     with torch.no_grad():
-        assert torch.equal(small_linear(big, w), F.linear(big, w))  # too many rows: BLAS
+        # too many rows (a prefill): the tile kernel's linear, bit for bit
+        assert torch.equal(small_linear(big, w), linear(big, w))
+        parts = small_linear(big, w, split=[10, 14])
+        assert torch.equal(torch.cat(parts, -1), linear(big, w))
+        check(small_linear(big, w), big, w.detach(), None)
+        assert torch.equal(small_linear(big, w, backend="reference"), F.linear(big, w))
         assert torch.equal(small_linear(x.double(), w.double()), F.linear(x.double(), w.double()))
         assert torch.equal(small_linear(x, w, backend="reference"), small_linear_reference(x, w))
 
