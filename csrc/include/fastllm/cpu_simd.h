@@ -39,9 +39,9 @@
 #endif
 
 // target_clones: the function is compiled for the baseline and for a wider ISA, picked at load
-// time, so one wheel runs everywhere. Two sets, kept as the kernels were checked with them:
-// AVX2 alone (no FMA contraction: the f8 kernels), and x86-64-v3 (AVX2 + FMA: the loops the
-// compiler vectorises).
+// time, so one wheel runs everywhere. Three sets, kept as the kernels were checked with them:
+// AVX2 alone (no FMA contraction: the f8 kernels), x86-64-v3 (AVX2 + FMA: the loops the
+// compiler vectorises), and x86-64-v4 before it (AVX-512 first: SwiGLU's loops).
 #if defined(__x86_64__) && !defined(__clang__)
 #define FASTLLM_CLONES_AVX2 __attribute__((target_clones("avx2", "default")))
 #else
@@ -49,8 +49,10 @@
 #endif
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(_WIN32)
 #define FASTLLM_CLONES_X86_64_V3 __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FASTLLM_CLONES_X86_64_V4 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTLLM_CLONES_X86_64_V3
+#define FASTLLM_CLONES_X86_64_V4
 #endif
 
 namespace fastllm::cpu {
