@@ -118,16 +118,16 @@ inline void logprob_grad_t(const T* z, int64_t n, T lse, T a, T b, T mean, T* g)
 }
 
 // The float versions, compiled for AVX2+FMA and for the baseline ISA.
-FASTLLM_CLONES_X86_64_V3 float row_max(const float* z, int64_t n) { return row_max_t(z, n); }
-FASTLLM_CLONES_X86_64_V3 float sum_exp(const float* z, int64_t n, float s) { return sum_exp_t(z, n, s); }
-FASTLLM_CLONES_X86_64_V3 float sum_exp_z(const float* z, int64_t n, float s) { return sum_exp_z_t(z, n, s); }
-FASTLLM_CLONES_X86_64_V3 float row_sum(const float* z, int64_t n) { return sum_t(z, n); }
-FASTLLM_CLONES_X86_64_V3 void softcap(float* z, int64_t n, float c) { softcap_t(z, n, c); }
-FASTLLM_CLONES_X86_64_V3 void xent_grad(const float* z, int64_t n, float lse, float a, float b, float c,
+FASTLLM_CLONES_X86_64_V4 float row_max(const float* z, int64_t n) { return row_max_t(z, n); }
+FASTLLM_CLONES_X86_64_V4 float sum_exp(const float* z, int64_t n, float s) { return sum_exp_t(z, n, s); }
+FASTLLM_CLONES_X86_64_V4 float sum_exp_z(const float* z, int64_t n, float s) { return sum_exp_z_t(z, n, s); }
+FASTLLM_CLONES_X86_64_V4 float row_sum(const float* z, int64_t n) { return sum_t(z, n); }
+FASTLLM_CLONES_X86_64_V4 void softcap(float* z, int64_t n, float c) { softcap_t(z, n, c); }
+FASTLLM_CLONES_X86_64_V4 void xent_grad(const float* z, int64_t n, float lse, float a, float b, float c,
                                         float* g) {
   xent_grad_t(z, n, lse, a, b, c, g);
 }
-FASTLLM_CLONES_X86_64_V3 void logprob_grad(const float* z, int64_t n, float lse, float a, float b,
+FASTLLM_CLONES_X86_64_V4 void logprob_grad(const float* z, int64_t n, float lse, float a, float b,
                                            float mean, float* g) {
   logprob_grad_t(z, n, lse, a, b, mean, g);
 }

@@ -41,7 +41,8 @@
 // target_clones: the function is compiled for the baseline and for a wider ISA, picked at load
 // time, so one wheel runs everywhere. Three sets, kept as the kernels were checked with them:
 // AVX2 alone (no FMA contraction: the f8 kernels), x86-64-v3 (AVX2 + FMA: the loops the
-// compiler vectorises), and x86-64-v4 before it (AVX-512 first: SwiGLU's loops).
+// compiler vectorises), and x86-64-v4 before it (AVX-512 first: the SwiGLU and cross-entropy
+// loops).
 #if defined(__x86_64__) && !defined(__clang__)
 #define FASTLLM_CLONES_AVX2 __attribute__((target_clones("avx2", "default")))
 #else
