@@ -1,8 +1,9 @@
 // Decode attention on the CPU: one new query per sequence against a preallocated KV cache.
 //   out[b, hq] = softmax(scale * q[b, hq] . K[b, :len_b, hkv]) @ V[b, :len_b, hkv],
 //   hkv = hq / G with G = Hq / Hkv query heads per key/value head (grouped-query attention).
-// Work is split over (sequence, kv head); each task loads every key and value row of its
-// head once and uses it for all G query heads of the group. Within a task the keys are
+// Work is split over (sequence, kv head) tasks (the AVX-512 body: whole sequences when there
+// are at least two per thread); each task loads every key and value row of its heads once and
+// uses it for all G query heads of each group. Within a task the keys are
 // walked in blocks with an online softmax (running max m, running sum l, rescaled
 // accumulator), so the scratch stays a block of scores whatever the cache length.
 // Computed in float (double for float64); a sequence with length 0 gets zeros.
