@@ -7,10 +7,11 @@ A decode step multiplies a handful of rows (the batch) by every weight of the mo
 its time is the read of the weights; the BLAS in the torch wheel is far from that bound at
 these shapes on the CPU (bench/README.md, "small-rows linear"). On the CPU, for float32 and at
 most SMALL_LINEAR_MAX_ROWS rows, with no gradient needed, this runs `fastllm::small_linear_fwd`
-(csrc/cpu/small_linear.cpp). With more rows (a prefill over a KV cache) it is
-`fastllm.ops.linear`, the tile kernel's product, which on the SmolLM2 prefill's products
-(2048 rows) measured 20% faster than the wheel's BLAS in one process (bench/README.md).
-Everywhere else, and for the reference backend, `F.linear` itself, which is the reference.
+(csrc/cpu/small_linear.cpp). Everywhere else it is `fastllm.ops.linear`: with more rows (a
+prefill over a KV cache) the tile kernel's product, which on the SmolLM2 prefill's products
+(2048 rows) measured 20% faster than the wheel's BLAS in one process (bench/README.md); and
+`F.linear` itself, which is the reference, where that does not apply (other devices and dtypes,
+the reference backend).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ._backend import choose
 from .linear import linear
 
 # rows up to which the native kernel beat the wheel's BLAS on every shape of the SmolLM2 decode
-# step (1 and 2 threads, bench/README.md); above it BLAS's packed GEMM wins
+# step (1 and 2 threads, bench/README.md); above it packed products win (fastllm.ops.linear)
 SMALL_LINEAR_MAX_ROWS = 64
 
 
@@ -33,9 +34,7 @@ def small_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None
     return F.linear(x, weight, bias)
 
 
-def _native_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool | None:
-    """True: the small-rows kernel applies; None: everything but the row count does (more rows:
-    the tile kernel's linear); False: F.linear."""
+def _native_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if x.dim() == 0 or weight.dim() != 2 or weight.stride(-1) != 1 or x.shape[-1] != weight.shape[1]:
@@ -46,7 +45,7 @@ def _native_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool | None:
                                     (bias is not None and bias.requires_grad)):
         return False  # the kernel has no backward
     rows = x.numel() // max(x.shape[-1], 1)
-    return True if 0 < rows <= SMALL_LINEAR_MAX_ROWS else None if rows else False
+    return 0 < rows <= SMALL_LINEAR_MAX_ROWS
 
 
 def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, split: Sequence[int] | None = None,
@@ -55,15 +54,11 @@ def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, split
     the module docstring); the same values up to float32 rounding of the sums' order. With
     `split` (widths summing to weight's rows) the output's column blocks, as a list: contiguous
     tensors from the kernel (a fused projection's parts without copies), views otherwise."""
-    fits = _native_fits(x, weight, bias)
-    if fits is None:  # more rows than the kernel is for (a prefill): the tile kernel's product
+    if not _native_fits(x, weight, bias) or choose(
+        "small_linear", x.device, backend, native_op="small_linear_fwd", has_triton=False
+    ) != "native":
+        # fastllm.ops.linear: the tile kernel where it applies (a prefill's many rows), else F.linear
         y = linear(x, weight, bias, backend=backend)
-    elif not fits or choose("small_linear", x.device, backend, native_op="small_linear_fwd",
-                            has_triton=False) != "native":
-        y = F.linear(x, weight, bias)
-    else:
-        y = None
-    if y is not None:
         return y if split is None else list(y.split_with_sizes(list(split), -1))
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:

@@ -100,10 +100,11 @@ def test_split_outputs(rows):
     assert torch.equal(torch.cat(fallback, -1), F.linear(x, w, b))
 
 
-def test_wrapper_falls_back_to_f_linear():
+def test_wrapper_falls_back_to_linear():
+    """Where the small-rows kernel does not apply, fastllm.ops.linear: the tile kernel, or F.linear."""
     w = torch.randn(24, 40, requires_grad=True)
     x = torch.randn(3, 40)
-    y = small_linear(x, w)  # a gradient is needed: F.linear (the kernel has no backward)
+    y = small_linear(x, w)  # a gradient is needed: fastllm.ops.linear (the kernel has no backward)
     y.sum().backward()
     torch.testing.assert_close(w.grad, x.sum(0).expand(24, 40))
     big = torch.randn(SMALL_LINEAR_MAX_ROWS + 1, 40)
@@ -114,7 +115,7 @@ def test_wrapper_falls_back_to_f_linear():
         assert torch.equal(torch.cat(parts, -1), linear(big, w))
         check(small_linear(big, w), big, w.detach(), None)
         assert torch.equal(small_linear(big, w, backend="reference"), F.linear(big, w))
-        assert torch.equal(small_linear(x.double(), w.double()), F.linear(x.double(), w.double()))
+        assert torch.equal(small_linear(x.double(), w.double()), F.linear(x.double(), w.double()))  # not float32
         assert torch.equal(small_linear(x, w, backend="reference"), small_linear_reference(x, w))
 
 
