@@ -137,17 +137,10 @@ FASTLLM_CLONES_AVX2 void decode_task_f32(const float* q, const float* kc, const 
 // memory streams better: per-head tasks, reading a D-float slice of every H * D-float row, read
 // the SmolLM2 b16 cache at 8.6-11.7 GB/s, whole-sequence tasks at 14.8-17.4 (bench/README.md).
 // The thread's next task's rows are prefetched into L2 while this one computes.
-template <int D>
-FASTLLM_ALWAYS_INLINE void prefetch_rows(const float* base, int64_t stride, int64_t j0, int64_t j1, int64_t lines,
-                                         int hint) {
+// Rows [j0, j1) of a task's heads (`lines` cache lines each, `stride` floats apart) into L2.
+FASTLLM_ALWAYS_INLINE void prefetch_rows(const float* base, int64_t stride, int64_t j0, int64_t j1, int64_t lines) {
   for (int64_t j = j0; j < j1; ++j) {
-    for (int64_t c = 0; c < lines; ++c) {
-      if (hint == 3) {
-        __builtin_prefetch(base + j * stride + 16 * c, 0, 3);
-      } else {
-        __builtin_prefetch(base + j * stride + 16 * c, 0, 2);
-      }
-    }
+    for (int64_t c = 0; c < lines; ++c) __builtin_prefetch(base + j * stride + 16 * c, 0, 2);
   }
 }
 
@@ -169,10 +162,10 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void decode_task_f
     // The cache is cold (a layer's keys and values were last touched a whole step ago): fetch
     // this block's value rows and the next block's key rows while this block's scores compute,
     // and the same rows of the thread's next task into L2.
-    prefetch_rows<D>(vc, stride, j0, j0 + n, lines, 2);
-    prefetch_rows<D>(kc, stride, j0 + n, std::min(len, j0 + n + kKeyBlock), lines, 2);
-    prefetch_rows<D>(next_k, stride, j0, std::min(next_len, j0 + n), lines, 2);
-    prefetch_rows<D>(next_v, stride, j0, std::min(next_len, j0 + n), lines, 2);
+    prefetch_rows(vc, stride, j0, j0 + n, lines);
+    prefetch_rows(kc, stride, j0 + n, std::min(len, j0 + n + kKeyBlock), lines);
+    prefetch_rows(next_k, stride, j0, std::min(next_len, j0 + n), lines);
+    prefetch_rows(next_v, stride, j0, std::min(next_len, j0 + n), lines);
     for (int64_t g = 0; g < NQ; ++g) {
       const float* kh = kc + (g / G) * D;
       v16 qg[C];
@@ -205,8 +198,8 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void decode_task_f
     }
   }
   // the next task's rows past this one's length
-  prefetch_rows<D>(next_k, stride, std::max<int64_t>(len, 0), next_len, lines, 2);
-  prefetch_rows<D>(next_v, stride, std::max<int64_t>(len, 0), next_len, lines, 2);
+  prefetch_rows(next_k, stride, len, next_len, lines);
+  prefetch_rows(next_v, stride, len, next_len, lines);
   for (int64_t g = 0; g < NQ; ++g) {
     const float inv = l[g] > 0 ? 1.0f / l[g] : 0.0f;
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv;
@@ -252,9 +245,9 @@ void decode_attention_rows(const scalar_t* q, const scalar_t* kc, const scalar_t
             const int64_t b = task / per_seq, h = (task % per_seq) * H;
             // the thread's next task, whose rows this one prefetches (none after its last)
             const int64_t nb = (task + 1) / per_seq, nh = ((task + 1) % per_seq) * H;
-            const int64_t next_len = task + 1 < end ? std::max<int32_t>(lengths[nb], 0) : 0;
+            const int64_t next_len = task + 1 < end ? lengths[nb] : 0;  // lengths checked >= 0
             wide(q + (b * Hq + h * G) * D, kc + (b * Smax * Hkv + h) * D, vc + (b * Smax * Hkv + h) * D, Hkv * D,
-                 std::max<int32_t>(lengths[b], 0), G, H, static_cast<float>(scale), out + (b * Hq + h * G) * D,
+                 lengths[b], G, H, static_cast<float>(scale), out + (b * Hq + h * G) * D,
                  scratch.data(), kc + (nb * Smax * Hkv + nh) * D, vc + (nb * Smax * Hkv + nh) * D, next_len);
           }
         });
