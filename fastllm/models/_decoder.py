@@ -305,7 +305,14 @@ def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | No
     if fused is None:
         return [_call(getattr(owner, name), x) for name in names]
     weight, bias, low_rank, sizes = fused
-    # a decode step's few rows: the native kernel on the CPU, each part written contiguously
+    # a decode step's few rows: the native kernel on the CPU, each part written contiguously;
+    # called directly in the decode branch (small_linear's own checks cost more than its
+    # arithmetic at these sizes: the fused weight is float32 and row-major, x is the step's)
+    kernel = step.kv_cache.kernels.small_linear if step.decode is not None else None
+    if (kernel is not None and low_rank is None and x.dtype == weight.dtype == torch.float32
+            and weight.stride(-1) == 1 and x.is_contiguous()):
+        lead = x.shape[:-1]
+        return [o.view(*lead, o.shape[-1]) for o in kernel(x.view(-1, x.shape[-1]), weight, bias, sizes)]
     if low_rank is None:
         return small_linear(x, weight, bias, split=sizes)
     y = small_linear(x, weight, bias)

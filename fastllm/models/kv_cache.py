@@ -28,6 +28,7 @@ from fastllm.ops import _backend
 from fastllm.ops.decode_attention import decode_attention_reference
 from fastllm.ops.kv_append_rope import kv_append_rope_reference
 from fastllm.ops.sampling import sample_reference
+from fastllm.ops.small_linear import SMALL_LINEAR_MAX_ROWS
 
 # inference op -> (its C++/CUDA forward in torch.ops.fastllm, its reference)
 _INFERENCE_OPS = {
@@ -52,15 +53,19 @@ class DecodeKernels:
 
     With the native backend the branch also calls the C++/CUDA RMSNorm and SwiGLU forwards
     directly (rms_norm, swiglu; None otherwise), skipping their autograd-aware wrappers: a
-    decode step needs no gradients, and on the CPU the wrappers cost more than the kernels."""
+    decode step needs no gradients, and on the CPU the wrappers cost more than the kernels.
+    Likewise `small_linear`, the CPU small-rows product (fastllm.ops.small_linear's kernel),
+    when a step's `rows` (the cache batch) are few enough for it; None otherwise."""
 
-    def __init__(self, device: torch.device, backend: str = "auto"):
+    def __init__(self, device: torch.device, backend: str = "auto", rows: int = 1):
         self.attention = inference_kernel("decode_attention", device, backend)
         self.append_rope = inference_kernel("kv_append_rope", device, backend)
         native = backend != "reference" and self.attention is not decode_attention_reference
         ops = torch.ops.fastllm
         self.rms_norm = ops.rms_norm_fwd if native and _backend.native_has("rms_norm_fwd", device) else None
         self.swiglu = ops.swiglu_fwd if native and _backend.native_has("swiglu_fwd", device) else None
+        self.small_linear = (ops.small_linear_fwd if native and 0 < rows <= SMALL_LINEAR_MAX_ROWS
+                             and _backend.native_has("small_linear_fwd", device) else None)
 
 
 class KVCache:
@@ -97,7 +102,7 @@ class KVCache:
         self._max_length: int | None = 0  # host copy of lengths.max() (None: unknown)
         self._equal = True  # whether every sequence has the same length
         self.rows = torch.arange(batch, device=self.k.device)  # (B,) row index of each sequence
-        self.kernels = DecodeKernels(self.k.device, backend)
+        self.kernels = DecodeKernels(self.k.device, backend, batch)
         self.lora = lora  # how an inference forward runs LoRA-adapted projections (fused_projection)
         # (id(owner), names) -> (owner, modules, tensors, version sum, adapter states, fused)
         self._fused: dict[tuple, tuple] = {}

@@ -11,7 +11,9 @@ most SMALL_LINEAR_MAX_ROWS rows, with no gradient needed, this runs `fastllm::sm
 prefill over a KV cache) the tile kernel's product, which on the SmolLM2 prefill's products
 (2048 rows) measured 20% faster than the wheel's BLAS in one process (bench/README.md); and
 `F.linear` itself, which is the reference, where that does not apply (other devices and dtypes,
-the reference backend).
+the reference backend). With `split` on the CPU kernels, each part is a product of its own
+weight rows (contiguous outputs, as the native kernel gives); elsewhere the parts are views of
+one product.
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ def small_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, split
         "small_linear", x.device, backend, native_op="small_linear_fwd", has_triton=False
     ) != "native":
         # fastllm.ops.linear: the tile kernel where it applies (a prefill's many rows), else F.linear
+        if split is not None and choose("linear", x.device, backend, native_op="mm_f32_out_",
+                                        has_triton=False) == "native":
+            # on fastllm's CPU kernels each part is its own product, written contiguously as the
+            # native kernel writes them: a prefill's q/k/v and gate/up as strided views of one
+            # output would each be copied by the op that reads them next (RoPE, SwiGLU)
+            parts, start = [], 0
+            for n in split:
+                stop = start + n
+                parts.append(linear(x, weight[start:stop], None if bias is None else bias[start:stop],
+                                    backend=backend))
+                start = stop
+            return parts
         y = linear(x, weight, bias, backend=backend)
         return y if split is None else list(y.split_with_sizes(list(split), -1))
     x2 = x.reshape(-1, x.shape[-1])

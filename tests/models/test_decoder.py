@@ -274,6 +274,18 @@ def test_decode_branch_equals_full_forward(name, backend):
         assert sum(len(f[3]) > 1 for f in fused) == 2 * 2
 
 
+def test_decode_kernels_call_the_small_rows_product_where_it_applies():
+    """The decode branch calls small_linear's kernel directly for a cache of at most
+    SMALL_LINEAR_MAX_ROWS sequences with the native kernels; otherwise small_linear itself."""
+    from fastllm.ops import SMALL_LINEAR_MAX_ROWS
+    from fastllm.ops._backend import native_has
+
+    native = native_has("small_linear_fwd", torch.device("cpu"))
+    assert (KVCache(1, SMALL_LINEAR_MAX_ROWS, 8, 1, 8).kernels.small_linear is not None) == native
+    assert KVCache(1, SMALL_LINEAR_MAX_ROWS + 1, 8, 1, 8).kernels.small_linear is None
+    assert KVCache(1, 4, 8, 1, 8, backend="reference").kernels.small_linear is None
+
+
 def _lora_model(**overrides):
     from fastllm.peft import apply_lora
 

@@ -111,8 +111,18 @@ def test_wrapper_falls_back_to_linear():
     with torch.no_grad():
         # too many rows (a prefill): the tile kernel's linear, bit for bit
         assert torch.equal(small_linear(big, w), linear(big, w))
-        parts = small_linear(big, w, split=[10, 14])
-        assert torch.equal(torch.cat(parts, -1), linear(big, w))
+        # with a split: each part the tile kernel's product of its weight rows, contiguous
+        parts = small_linear(big, w, split=[10, 0, 14])
+        assert [tuple(t.shape) for t in parts] == [(SMALL_LINEAR_MAX_ROWS + 1, n) for n in (10, 0, 14)]
+        assert all(t.is_contiguous() for t in parts)
+        assert torch.equal(parts[0], linear(big, w[:10])) and torch.equal(parts[2], linear(big, w[10:]))
+        check(torch.cat(parts, -1), big, w.detach(), None)
+        b = torch.randn(24)
+        parts = small_linear(big, w, b, split=[10, 14])
+        assert torch.equal(parts[1], linear(big, w[10:], b[10:]))
+        # the reference backend: views of one F.linear
+        parts = small_linear(big, w, split=[10, 14], backend="reference")
+        assert torch.equal(torch.cat(parts, -1), F.linear(big, w))
         check(small_linear(big, w), big, w.detach(), None)
         assert torch.equal(small_linear(big, w, backend="reference"), F.linear(big, w))
         assert torch.equal(small_linear(x.double(), w.double()), F.linear(x.double(), w.double()))  # not float32
