@@ -23,6 +23,9 @@ term per projection group (`fastllm_lora_low_rank`), Hugging Face with peft's Lo
     blas ms         = the same products through F.linear (the wheel's BLAS), what Hugging Face's
                       step runs.
 
+The providers of a case take turns, call after call (`reps` rounds of the whole call, then of
+the 1-token call), so that a slow spell of a shared machine falls on both sides of a ratio.
+
 Rows are appended as JSON lines to bench/results/generate.jsonl (device, versions, commit).
 """
 
@@ -191,18 +194,30 @@ def main(argv=None):
             floor = matmul_floor(model, batch, device, reps, small_linear)
             blas = matmul_floor(model, batch, device, reps, torch.nn.functional.linear)
             results = {}
-            for pname, fn in providers(model, hf, device, sampling, policy).items():
+            fns = providers(model, hf, device, sampling, policy)
+            for fn in fns.values():
                 fn(ids, 2)  # warm-up: kernel selection, allocator, graph capture path
-                full = _time(lambda fn=fn, ids=ids: fn(ids, args.new), device, reps)
-                first = _time(lambda fn=fn, ids=ids: fn(ids, 1), device, reps)
-                med = statistics.median(full)
-                decode = (med - statistics.median(first)) / (args.new - 1)
+            # interleaved turns (each provider's call in turn, rep after rep): a slow spell of the
+            # machine falls on every provider alike instead of on whichever ran during it
+            full, first = {p: [] for p in fns}, {p: [] for p in fns}
+            for _ in range(reps):
+                for pname, fn in fns.items():
+                    full[pname] += _time(lambda fn=fn, ids=ids: fn(ids, args.new), device, 1)
+            for _ in range(reps):
+                for pname, fn in fns.items():
+                    first[pname] += _time(lambda fn=fn, ids=ids: fn(ids, 1), device, 1)
+            for pname in fns:
+                full_t, first_t = full[pname], first[pname]
+                med = statistics.median(full_t)
+                decode = (med - statistics.median(first_t)) / (args.new - 1)
                 ctx = args.prompt + args.new / 2
                 kv_bytes = 2 * cfg.num_hidden_layers * batch * ctx * cfg.num_key_value_heads * cfg.head_dim * \
                     torch.finfo(dtype).bits // 8
                 bound = (weight_bytes + kv_bytes) / decode / bw if decode > 0 else float("nan")
-                results[pname] = (med, decode, bound, full)
-                print(f"  ({cname} b{batch} {sampling} {pname}: {med:.2f} s for {args.new} tokens)", flush=True)
+                results[pname] = (med, decode, bound, full_t)
+                print(f"  ({cname} b{batch} {sampling} {pname}: {med:.2f} s for {args.new} tokens; calls "
+                      f"{' '.join(f'{t:.2f}' for t in full_t)} s, 1 token {' '.join(f'{t:.2f}' for t in first_t)} s)",
+                      flush=True)
             base_name = next(iter(results))  # the Hugging Face provider of this case
             base = results[base_name][0]
             for pname, (med, decode, bound, full) in results.items():
