@@ -9,8 +9,9 @@ For hidden (N, H), weight (V, H) and bias (V,), rows are processed `chunk` at a 
     grad_weight      += g.T @ hidden[s:e]         (V, H)
     grad_bias        += g.sum(0)                  (V,)
 
-so the (N, V) logits never exist: the largest temporary is one (chunk, V) block, which the
-default chunk size keeps about as large as hidden itself. The three matmuls are the same
+so the (N, V) logits never exist: the largest temporary is one (chunk, V) block, allocated
+once per call and reused by every chunk, which the default chunk size keeps about as large as
+hidden itself. The three matmuls are the same
 FLOPs as the unfused forward+backward. On the CPU in float32 the logits and grad_hidden
 products go through the C++ tile kernel (`torch.ops.fastllm.mm_f32_out_`), with the head
 transposed once per call (`torch.ops.fastllm.transpose_f32`); grad_weight stays on BLAS.
@@ -81,20 +82,22 @@ def run_chunks(
     # head transposed once for all chunks (its (H, V) copy is what the kernel streams as B).
     tile = _tile_products(backend, hidden, weight)
     weight_t = torch.ops.fastllm.transpose_f32(weight) if tile else weight.t()
-    # one logits block for every chunk: a (chunk, V) tensor per chunk is a fresh mapping each time
-    # (50 MB for SmolLM2's head at 256 rows: 12k first-touch page faults); the loss and its
-    # gradients over 2048 rows measured 1378-1524 against 1494-1552 ms (bench/README.md)
-    block = hidden.new_empty((min(chunk, N), V)) if tile else None
+    # one logits block for every chunk, whichever product fills it: a (chunk, V) tensor per chunk
+    # is a fresh allocation each time (on the CPU a fresh mapping: 50 MB for SmolLM2's head at 256
+    # rows, 12k first-touch page faults; bench/README.md)
+    block = hidden.new_empty((min(chunk, N), V))
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
         h = hidden[start:end]
+        logits = block[: end - start]  # (chunk, V)
         if tile:
-            logits = block[: end - start]
             if bias is not None:
                 logits.copy_(bias.expand_as(logits))
             torch.ops.fastllm.mm_f32_out_(logits, h, weight_t, bias is not None)
+        elif bias is None:
+            torch.mm(h, weight_t, out=logits)
         else:
-            logits = h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)  # (chunk, V)
+            torch.addmm(bias, h, weight_t, out=logits)
         row_fn(logits, start, end)
         if not compute_grad:
             continue
