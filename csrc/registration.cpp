@@ -6,6 +6,7 @@
 #include <string>
 
 #include "fastllm/cpu_isa.h"
+#include "fastllm/cpu_mm.h"
 
 // Python's `import fastllm._C` needs a module init function; the ops themselves are
 // registered by the static initialisers below when the shared library is loaded.
@@ -24,12 +25,14 @@ TORCH_LIBRARY(fastllm, m) {
   // row-major or a transposed view, c with unit column stride; the chunked logits-free ops'
   // products and fastllm.ops.linear's.
   m.def("mm_f32_out_(Tensor(a!) c, Tensor a, Tensor b, bool accumulate) -> ()");
-  // w.t().contiguous() for a 2-D w: a blocked transposed copy for float32 (the chunked ops' head
-  // transposed once for all their chunks), ATen's copy for other dtypes.
-  m.def("transpose_f32(Tensor w) -> Tensor");
   // The vector ISA of the CPU kernels' dispatched bodies: "avx512", "avx2" or "none" (the CPU's
   // widest, capped by FASTLLM_CPU_ISA; csrc/include/fastllm/cpu_isa.h).
   m.def("cpu_isa() -> str", &cpu_isa_op);
+  // Who runs the large float32 products of the CPU ops: "tile" (the tile kernel) or "blas"
+  // (torch's BLAS); the CPU's default, or FASTLLM_CPU_PRODUCTS (csrc/include/fastllm/cpu_isa.h),
+  // until set_cpu_products("tile" | "blas" | "default") changes it for the process.
+  m.def("cpu_products() -> str", &fastllm::cpu::cpu_products_name);
+  m.def("set_cpu_products(str name) -> ()", &fastllm::cpu::set_cpu_products);
   // RMSNorm: x (..., H) contiguous, weight (H,). y = x * rsqrt(mean(x^2) + eps) * weight,
   // computed in float32 (float64 for float64 inputs).
   m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> Tensor");

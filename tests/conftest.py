@@ -95,3 +95,24 @@ def backend_env(monkeypatch):
         _backend.clear_cache()
 
     return set_env
+
+
+def _cpu_products_choices() -> list[str]:
+    if not fastllm.extension_available() or not hasattr(torch.ops.fastllm, "cpu_products"):
+        return ["default"]
+    return ["tile", "blas"] if torch.ops.fastllm.cpu_isa() != "none" else ["blas"]
+
+
+@pytest.fixture(params=_cpu_products_choices())
+def cpu_products(request):
+    """Runs the test once per engine of the CPU ops' large float32 products ("tile": fastllm's
+    tile kernel, "blas": torch's BLAS; `torch.ops.fastllm.set_cpu_products`), whichever this
+    CPU picks by default, and restores the default afterwards."""
+    if request.param == "default":
+        yield request.param
+        return
+    torch.ops.fastllm.set_cpu_products(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.ops.fastllm.set_cpu_products("default")

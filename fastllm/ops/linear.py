@@ -5,13 +5,13 @@
 The models' plain projections call this (`fastllm.models._decoder.project`; a decode step over
 a KV cache takes `small_linear` on fused weights instead). On the CPU in float32 with the
 compiled extension ("native") it is the registered op `fastllm::linear`, whose forward (x W^T,
-W given as its .t() view, which the kernel's entry copies transposed in 8 x 8 tiles) and input
-gradient (dy W) are products of the tile kernel
-(`torch.ops.fastllm.mm_f32_out_`, csrc/cpu/gemm.cpp): measured against torch's own BLAS call
-in one process on the development CPU, on par for x W^T and 6-13% faster for dy W
-(bench/README.md). The weight gradient dy^T x stays on BLAS (the tile kernel, reading a
-transposed dy across thousands of rows, measured no faster); the bias gradient is dy summed
-over rows.
+W given as its .t() view, which the kernel transposes in 8 x 8 register blocks as it packs it)
+and input gradient (dy W) are products of `torch.ops.fastllm.mm_f32_out_` (csrc/cpu/gemm.cpp):
+the tile kernel where it is the CPU's engine for large products (on an AMD Zen 4, against
+torch's own BLAS call in one process, on par for x W^T and 6-13% faster for dy W), torch's
+BLAS where that is faster (MKL on an Intel CPU; bench/README.md). The weight gradient dy^T x
+stays on BLAS (the tile kernel, reading a transposed dy across thousands of rows, measured no
+faster); the bias gradient is dy summed over rows.
 The LoRA op's base product runs the same kernel on the same shapes (its low-rank term a second
 term of the same pass), so a LoRA layer at initialisation (B = 0) gives exactly its base
 layer's output.

@@ -71,3 +71,58 @@ def test_narrower_bodies_match_the_references(isa):
     out = _run(code, isa)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
+
+
+def _products(env_value: str | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.pop("FASTLLM_CPU_PRODUCTS", None)
+    if env_value is not None:
+        env["FASTLLM_CPU_PRODUCTS"] = env_value
+    return subprocess.run([sys.executable, "-c", "import fastllm, torch; print(torch.ops.fastllm.cpu_products())"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _intel() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" in f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU vendor from")
+
+
+def test_products_engine_default_follows_the_cpu_and_its_blas():
+    """MKL on an Intel CPU: BLAS; otherwise the tile kernel (where the ISA runs it)."""
+    out = _products(None)
+    assert out.returncode == 0, out.stderr
+    blas = (torch.backends.mkl.is_available() and _intel()) or torch.ops.fastllm.cpu_isa() == "none"
+    assert out.stdout.strip().splitlines()[-1] == ("blas" if blas else "tile")
+
+
+@pytest.mark.parametrize("name", ["tile", "blas"])
+def test_products_engine_env_override(name):
+    out = _products(name)
+    assert out.returncode == 0, out.stderr
+    expected = "blas" if name == "tile" and torch.ops.fastllm.cpu_isa() == "none" else name
+    assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_products_engine_bad_env_value_is_named_and_ignored():
+    out, default = _products("fast"), _products(None)
+    assert out.returncode == 0, out.stderr
+    assert "FASTLLM_CPU_PRODUCTS=fast ignored" in out.stderr
+    assert out.stdout.strip().splitlines()[-1] == default.stdout.strip().splitlines()[-1]
+
+
+def test_set_products_engine_round_trip_and_errors():
+    default = torch.ops.fastllm.cpu_products()
+    try:
+        torch.ops.fastllm.set_cpu_products("blas")
+        assert torch.ops.fastllm.cpu_products() == "blas"
+        if torch.ops.fastllm.cpu_isa() != "none":
+            torch.ops.fastllm.set_cpu_products("tile")
+            assert torch.ops.fastllm.cpu_products() == "tile"
+        with pytest.raises(RuntimeError, match="name: expected 'tile', 'blas' or 'default', got 'gpu'"):
+            torch.ops.fastllm.set_cpu_products("gpu")
+    finally:
+        torch.ops.fastllm.set_cpu_products("default")
+    assert torch.ops.fastllm.cpu_products() == default

@@ -10,7 +10,8 @@ import torch
 
 import fastllm
 
-pytestmark = pytest.mark.skipif(not fastllm.extension_available(), reason="needs the compiled extension")
+pytestmark = [pytest.mark.skipif(not fastllm.extension_available(), reason="needs the compiled extension"),
+              pytest.mark.usefixtures("cpu_products")]  # every test on the tile kernel and on BLAS
 
 # (M, K, N): one row, 6-row blocks and remainders, K over the 256-slice, N over a 64-column
 # panel with whole-vector, 8-lane (45, 1000) and scalar remainders, rows split into parts for the threads (97) or
@@ -64,14 +65,3 @@ def test_errors_name_the_argument():
         torch.ops.fastllm.mm_f32_out_(torch.empty(3, 6), torch.randn(3, 4), torch.randn(4, 5), False)
     with pytest.raises(RuntimeError, match="a"):
         torch.ops.fastllm.mm_f32_out_(torch.empty(3, 5), torch.randn(3, 4).double(), torch.randn(4, 5), False)
-
-
-@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 5), (8, 8), (37, 45), (64, 33), (100, 257)])
-def test_transpose_is_the_transposed_copy(rows, cols):
-    """`transpose_f32` (8 x 8 tiles and the edges they leave) equals ATen's copy, also from a
-    matrix whose rows are a slice of longer ones."""
-    w = torch.randn(rows, cols)
-    assert torch.equal(torch.ops.fastllm.transpose_f32(w), w.t().contiguous())
-    wide = torch.randn(rows, cols + 7)[:, 3:3 + cols]
-    assert torch.equal(torch.ops.fastllm.transpose_f32(wide), wide.t().contiguous())
-    assert torch.ops.fastllm.transpose_f32(w.double()).equal(w.double().t().contiguous())

@@ -31,7 +31,7 @@ def _check(got, x, w, b, dy=None):
 
 @pytest.mark.parametrize("shape,K,N", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_float64_with_every_gradient(shape, K, N, bias):
+def test_matches_float64_with_every_gradient(shape, K, N, bias, cpu_products):
     x = torch.randn(*shape, K, requires_grad=True)
     w = torch.randn(N, K, requires_grad=True)
     b = torch.randn(N, requires_grad=True) if bias else None

@@ -49,7 +49,7 @@ def _req(*tensors):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", list(OPTIONS), ids=list(OPTIONS))
 @pytest.mark.parametrize("shape", [(37, 24, 101), (19, 16, 257)], ids=["37x24x101", "19x16x257"])
-def test_matches_reference(backend, reduction, opts, shape):
+def test_matches_reference(backend, reduction, opts, shape, cpu_products):
     hidden, weight, bias, labels = _inputs(*shape)
     kw = dict(reduction=reduction, **OPTIONS[opts])
     h, w, b = _req(hidden, weight, bias)

@@ -40,7 +40,7 @@ def _run(fn, x, a, bb, dy):
 @pytest.mark.parametrize("backend,device", [pytest.param(b, d, marks=_marks(d)) for b, d in BACKEND_DEVICE])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias,dropout_p", [(True, 0.0), (False, 0.0), (True, 0.25)])
-def test_float32_matches_reference(backend, device, shape, bias, dropout_p):
+def test_float32_matches_reference(backend, device, shape, bias, dropout_p, cpu_products):
     x, w, b, a, bb, keep, dy = _inputs(*shape, torch.float32, device, bias, dropout_p)
     s = 0.75
     ours = _run(lambda x_, a_, b_: lora_linear(x_, w, b, a_, b_, s, keep=keep, dropout_p=dropout_p,

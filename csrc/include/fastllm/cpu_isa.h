@@ -54,4 +54,30 @@ inline const char* cpu_isa_name() {
   }
 }
 
+// Who runs the CPU ops' large float32 products (csrc/cpu/gemm.cpp: the LoRA op's, fastllm.ops.linear's,
+// the chunked LM head's): the tile kernel (fastllm/tile_mm.h) or torch's BLAS. Side by side on the
+// development CPUs (bench/README.md): on an AMD Zen 4 the tile kernel ran on par with or up to 1.3x
+// faster than torch's BLAS (MKL, whose fastest kernels are dispatched for Intel CPUs only); on an
+// Intel Xeon with AVX-512, MKL ran 1.6-2.3x faster than the tile kernel. So the default is BLAS
+// when torch's BLAS is MKL (`mkl`, from the caller) and the CPU is Intel's, the tile kernel
+// otherwise (where it runs: AVX2 or wider); FASTLLM_CPU_PRODUCTS = tile | blas overrides it.
+// Decided once per process; `torch.ops.fastllm.cpu_products()` reports the choice and
+// `torch.ops.fastllm.set_cpu_products("tile" | "blas" | "default")` changes it (csrc/cpu/gemm.cpp).
+enum class CpuProducts { kTile = 0, kBlas = 1 };
+
+inline CpuProducts detect_cpu_products(bool mkl) {
+  bool intel = false;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  intel = __builtin_cpu_is("intel");
+#endif
+  CpuProducts best = (mkl && intel) || cpu_isa() == CpuIsa::kNone ? CpuProducts::kBlas : CpuProducts::kTile;
+  const char* choice = std::getenv("FASTLLM_CPU_PRODUCTS");
+  if (choice == nullptr || *choice == '\0') return best;
+  if (std::strcmp(choice, "blas") == 0) return CpuProducts::kBlas;
+  if (std::strcmp(choice, "tile") == 0) return cpu_isa() == CpuIsa::kNone ? CpuProducts::kBlas : CpuProducts::kTile;
+  std::fprintf(stderr, "fastllm: FASTLLM_CPU_PRODUCTS=%s ignored (expected tile or blas)\n", choice);
+  return best;
+}
+
 }  // namespace fastllm::cpu

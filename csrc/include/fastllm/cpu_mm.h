@@ -5,8 +5,16 @@
 #include <ATen/core/Tensor.h>
 
 #include <initializer_list>
+#include <string>
 
 namespace fastllm::cpu {
+
+// Whether tiled_mm_into runs the tile kernel (else ATen's BLAS): the CPU's default
+// (detect_cpu_products, fastllm/cpu_isa.h, decided at the first product) until
+// set_cpu_products("tile" | "blas" | "default") changes it. cpu_products_name() is "tile" or "blas".
+bool tile_products();
+std::string cpu_products_name();
+void set_cpu_products(const std::string& name);
 
 // One term alpha a b of a product sum.
 struct MMTerm {
@@ -17,15 +25,10 @@ struct MMTerm {
 
 // c = the sum of the terms (+ c when accumulate), 2-D tensors: in one pass of the tile kernel
 // for float32 CPU tensors with a and b each row-major or a transposed view (either stride 1; a
-// large transposed b, such as a weight's .t(), is first copied by contiguous_f32), c with unit
-// column stride, on a CPU with AVX2; through ATen otherwise (any layout, dtype or device), one
-// call per term.
+// transposed b, such as a weight's .t(), is transposed as it is packed), c with unit column
+// stride, on a CPU with AVX2, when tile_products(); through ATen otherwise (any layout, dtype or
+// device, or BLAS chosen), one call per term.
 void tiled_mm_into(at::Tensor& c, std::initializer_list<MMTerm> terms, bool accumulate);
-
-// b as a row-major tensor: for a float32 CPU matrix given as a transposed view (stride 1 down
-// its columns: a weight's .t()), a blocked transposed copy (ATen's element-wise copy of that
-// layout ran at ~1 GB/s here); b.contiguous() otherwise.
-at::Tensor contiguous_f32(const at::Tensor& b);
 
 // The sum of the terms as a new (rows of a, columns of b) tensor, as tiled_mm_into decides.
 at::Tensor tiled_mm(std::initializer_list<MMTerm> terms);

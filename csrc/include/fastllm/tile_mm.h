@@ -136,9 +136,7 @@ inline const TileMMFn kTileMM = pick_tile_mm();
 
 // One term of a product sum: alpha A B, A (M x k) with A(i, p) at a[i * a_rs + p * a_cs], B (k x N)
 // with B(p, n) at b[p * b_rs + n * b_cs]: row-major (b_cs == 1), or a row-major matrix read
-// transposed (b_rs == 1: a LoRA factor A (r x k) as A^T), transposed element by element as it is
-// packed: cheap for the few columns of a rank-r factor; a large B^T (a weight) is better copied
-// transposed once by the caller, as packing transposes it again for every part of the rows.
+// transposed (b_rs == 1: a weight's or a LoRA factor's .t()), transposed as it is packed.
 struct GemmTerm {
   const float* a;
   int64_t a_rs, a_cs;
@@ -149,18 +147,65 @@ struct GemmTerm {
 };
 
 namespace tile_mm_detail {
-// B's rows [k0, k0 + kc) x columns [n0, n0 + w) into dst as kc rows of w floats.
+#if defined(FASTLLM_HAVE_VECTORS) && defined(__x86_64__)
+// dst (8 rows, row stride ldd) = the transpose of src's 8 x 8 block (row stride ld): 8 row loads,
+// 24 in-register shuffles, 8 row stores.
+__attribute__((target("avx2"))) inline void transpose_8x8(const float* src, int64_t ld, float* dst, int64_t ldd) {
+  v8 r[8], t[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], src + i * ld, sizeof(v8));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int h = 0; h < 2; ++h) {
+      r[i + h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      r[i + h + 2] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  // r[0..3] hold rows (0, 2, 1, 3) of the 128-bit halves' transposes for source rows 0-3, r[4..7]
+  // the same for rows 4-7; joining their halves gives the destination rows
+  constexpr int order[4] = {0, 2, 1, 3};
+  for (int q = 0; q < 4; ++q) {
+    const v8 lo = __builtin_shufflevector(r[order[q]], r[4 + order[q]], 0, 1, 2, 3, 8, 9, 10, 11);
+    const v8 hi = __builtin_shufflevector(r[order[q]], r[4 + order[q]], 4, 5, 6, 7, 12, 13, 14, 15);
+    std::memcpy(dst + q * ldd, &lo, sizeof(v8));
+    std::memcpy(dst + (q + 4) * ldd, &hi, sizeof(v8));
+  }
+}
+
+// dst (kc rows of w floats) = the transpose of src's w rows (row stride ld) x kc columns, in 8 x 8
+// blocks; returns the whole blocks' extent (kc8, w8) for the caller to finish the edges.
+__attribute__((target("avx2"))) inline void pack_transposed_8x8(float* dst, const float* src, int64_t ld, int64_t kc8,
+                                                               int64_t w8, int64_t w) {
+  for (int64_t kk = 0; kk < kc8; kk += 8) {
+    for (int64_t j = 0; j < w8; j += 8) transpose_8x8(src + j * ld + kk, ld, dst + kk * w + j, w);
+  }
+}
+inline const bool kTranspose8 = cpu_isa() != CpuIsa::kNone;
+#else
+inline const bool kTranspose8 = false;
+#endif
+
+// B's rows [k0, k0 + kc) x columns [n0, n0 + w) into dst as kc rows of w floats. A transposed B
+// (b_rs == 1: a weight's or a LoRA factor's .t()) is read as the rows of the matrix it views, in
+// 8 x 8 blocks transposed in registers, so packing it costs what packing a row-major B does.
 inline void pack_panel(float* dst, const GemmTerm& t, int64_t k0, int64_t kc, int64_t n0, int64_t w) {
   if (t.b_cs == 1) {
     for (int64_t kk = 0; kk < kc; ++kk) std::memcpy(dst + kk * w, t.b + (k0 + kk) * t.b_rs + n0, w * sizeof(float));
     return;
   }
-  for (int64_t kb = 0; kb < kc; kb += 16) {  // 16 k at a time: the rows written stay in L1
-    const int64_t ke = std::min(kc, kb + 16);
-    for (int64_t j = 0; j < w; ++j) {
-      const float* src = t.b + (n0 + j) * t.b_cs + k0 * t.b_rs;
-      for (int64_t kk = kb; kk < ke; ++kk) dst[kk * w + j] = src[kk * t.b_rs];
-    }
+  const float* src = t.b + n0 * t.b_cs + k0 * t.b_rs;  // B(k0, n0): row n0 of the viewed matrix
+  int64_t kc8 = 0, w8 = 0;
+#if defined(FASTLLM_HAVE_VECTORS) && defined(__x86_64__)
+  if (kTranspose8 && t.b_rs == 1) {
+    kc8 = kc / 8 * 8;
+    w8 = w / 8 * 8;
+    pack_transposed_8x8(dst, src, t.b_cs, kc8, w8, w);
+  }
+#endif
+  for (int64_t kk = 0; kk < kc; ++kk) {  // what the 8 x 8 blocks left: the last rows and columns
+    for (int64_t j = (kk < kc8 ? w8 : 0); j < w; ++j) dst[kk * w + j] = src[kk * t.b_rs + j * t.b_cs];
   }
 }
 }  // namespace tile_mm_detail
