@@ -167,3 +167,18 @@ def test_cpp_checks_name_the_argument():
         torch.ops.fastllm.lora_linear_fwd(x, w, b, a, bb.t().contiguous(), 1.0, None, 0.0)
     with pytest.raises(RuntimeError, match="keep: expected dtype bool"):
         torch.ops.fastllm.lora_linear_fwd(x, w, b, a, bb, 1.0, torch.ones_like(x), 0.5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_at_initialisation_the_output_is_the_base_layers_bit_for_bit(bias, cpu_products):
+    """B = 0 (a fresh adapter): the native op's y equals fastllm.ops.linear's base output exactly,
+    on either engine of the CPU products (the BLAS engine's merged weight W + s B A is W)."""
+    from fastllm.ops import linear
+
+    if "native" not in compiled_backends("cpu"):
+        pytest.skip("needs the compiled extension")
+    x, w = torch.randn(2, 65, 96), torch.randn(160, 96)
+    b = torch.randn(160) if bias else None
+    a, bb = torch.randn(8, 96), torch.zeros(160, 8)
+    y = lora_linear(x, w, b, a, bb, 2.0, backend="native")
+    assert torch.equal(y, linear(x, w, b))
