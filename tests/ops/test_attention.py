@@ -91,14 +91,14 @@ def _compare_float(case, causal, backend, device, dtype=torch.float32):
     for bd in BD for i, case in enumerate(SMALL) if _fast(*bd.values) or case in SMALL_INTERPRETED
 ])
 @pytest.mark.parametrize("causal", [False, True])
-def test_float32_matches_float64_reference(backend, device, causal, case):
+def test_float32_matches_float64_reference(backend, device, causal, case, cpu_products):
     _compare_float(case, causal, backend, device)
 
 
 @pytest.mark.parametrize("backend,device", BD_FAST)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", LONG)
-def test_float32_long_sequences(backend, device, causal, case):
+def test_float32_long_sequences(backend, device, causal, case, cpu_products):
     _compare_float(case, causal, backend, device)
 
 
@@ -151,7 +151,7 @@ CPU_PLANS = [
 @pytest.mark.parametrize("threads,lens,Hq,Hkv,D,P", CPU_PLANS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_backward_plans_match_reference(threads, lens, Hq, Hkv, D, P, dtype, causal):
+def test_cpu_backward_plans_match_reference(threads, lens, Hq, Hkv, D, P, dtype, causal, cpu_products):
     tensors, cu, dout = _varlen_inputs(lens, Hq, Hkv, D, P, dtype, "cpu")
     kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=causal)
     previous = torch.get_num_threads()
