@@ -91,19 +91,23 @@ def split_worker_main(run) -> None:
 def assert_split_update_matches(worker: str, tmp_path) -> None:
     """Run tests/train/<worker> on 1 and on 2 gloo processes (each rank its slice of the same
     rollout) and assert, for every aggregation, the same loss and updated weights, and that the
-    weights moved."""
+    weights moved (on row-invariant products: tests.conftest.row_invariant_products)."""
     import os
     import subprocess
     import sys
 
     import pytest
 
+    from tests.conftest import row_invariant_products
+
     from .conftest import ROOT
 
     outs = {}
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}.pt"
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+        with row_invariant_products():  # the workers inherit FASTLLM_CPU_PRODUCTS
+            env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                       OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(ROOT, "tests", "train", worker), str(out)]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

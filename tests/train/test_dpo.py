@@ -133,10 +133,12 @@ def test_reference_precomputed_equals_live(tmp_path, tok_dir, peft):
 
 def test_grad_accum_split_does_not_change_the_step(tmp_path, tok_dir):
     """The same 4 pairs per step as 1 x 4, 2 x 2 and 4 x 1 micro-batches: the loss and the
-    gradient's norm (before clipping) of every step agree."""
+    gradient's norm (before clipping) of every step agree. (Not the logged margin: a difference
+    of summed log-probabilities ~1000x its size, whose float32 rounding alone, summed in another
+    order by another split, is ~1e-6 on some CPUs; the loss bounds it to 2x its own error.)"""
     assert_grad_accum_splits_agree(
         lambda out, bs, accum: dpo(_fields(tok_dir, out, max_steps=3, batch_size=bs, grad_accum=accum),
-                                  model=_model(0), records=RECORDS), tmp_path)
+                                  model=_model(0), records=RECORDS), tmp_path, keys=("loss", "grad_norm"))
 
 
 def test_resume_uses_the_initial_reference(tmp_path, tok_dir):
