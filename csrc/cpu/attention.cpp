@@ -723,7 +723,7 @@ int64_t max_len(const int32_t* cu, int64_t B) {
 }
 
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
+  at::Tensor out = output_empty(sizes, options);
   maybe_poison(out);
   return out;
 }

@@ -14,11 +14,17 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/core/Allocator.h>  // reportMemoryUsageToProfiler
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 #include <cstring>
 
 #include "fastllm/checks.h"
@@ -115,10 +121,78 @@ void tiled_mm_into(at::Tensor& c, std::initializer_list<MMTerm> terms, bool accu
   if (!acc) c.zero_();  // no terms
 }
 
+namespace {
+// Freed large outputs kept for the next output of the same size (see output_empty). The
+// profiler is told of every block handed out and given back, as the CPU allocator tells it, so
+// that memory profiles (bench/harness.py's peak) count the pooled outputs like any other.
+struct OutputPool {
+  std::mutex mu;
+  std::unordered_map<size_t, std::vector<void*>> free;
+  size_t cached = 0, live = 0;
+  const size_t cap = [] {
+    const char* v = std::getenv("FASTLLM_CPU_POOL_MB");
+    const long long mb = v != nullptr && *v != '\0' ? std::atoll(v) : 256;
+    return mb > 0 ? size_t(mb) << 20 : size_t(0);
+  }();
+};
+OutputPool& pool() {
+  static OutputPool* p = new OutputPool();  // never destroyed: tensors may outlive static teardown
+  return *p;
+}
+constexpr size_t kPoolMin = size_t(1) << 20;
+
+void give_back(void* ptr, size_t bytes) {
+  OutputPool& p = pool();
+  bool kept = false;
+  size_t live = 0, reserved = 0;
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    p.live -= bytes;
+    if (p.cached + bytes <= p.cap) {
+      p.free[bytes].push_back(ptr);
+      p.cached += bytes;
+      kept = true;
+    }
+    live = p.live;
+    reserved = p.live + p.cached;
+  }
+  c10::reportMemoryUsageToProfiler(ptr, -static_cast<int64_t>(bytes), live, reserved, c10::Device(c10::kCPU));
+  if (!kept) std::free(ptr);
+}
+}  // namespace
+
+at::Tensor output_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t n = 1;
+  for (int64_t s : sizes) n *= s;
+  const size_t bytes = size_t(n) * options.dtype().itemsize();
+  OutputPool& p = pool();
+  if (!options.device().is_cpu() || bytes < kPoolMin || p.cap == 0) return at::empty(sizes, options);
+  void* ptr = nullptr;
+  size_t live = 0, reserved = 0;
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    auto it = p.free.find(bytes);
+    if (it != p.free.end() && !it->second.empty()) {
+      ptr = it->second.back();
+      it->second.pop_back();
+      p.cached -= bytes;
+    }
+  }
+  if (ptr == nullptr && posix_memalign(&ptr, 64, bytes) != 0) return at::empty(sizes, options);
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    p.live += bytes;
+    live = p.live;
+    reserved = p.live + p.cached;
+  }
+  c10::reportMemoryUsageToProfiler(ptr, static_cast<int64_t>(bytes), live, reserved, c10::Device(c10::kCPU));
+  return at::from_blob(ptr, sizes, [bytes](void* q) { give_back(q, bytes); }, options);
+}
+
 at::Tensor tiled_mm(std::initializer_list<MMTerm> terms) {
   TORCH_CHECK(terms.size() > 0, "tiled_mm: expected at least one term");
   const MMTerm& first = *terms.begin();
-  at::Tensor c = at::empty({first.a.size(0), first.b.size(1)}, first.a.options());
+  at::Tensor c = output_empty({first.a.size(0), first.b.size(1)}, first.a.options());
   tiled_mm_into(c, terms, false);
   return c;
 }

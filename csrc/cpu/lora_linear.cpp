@@ -91,7 +91,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
     if (!merged.defined() || merged.scalar_type() != weight.scalar_type()) merged = at::empty({0}, weight.options());
     merged.resize_(weight.sizes());
     at::addmm_out(merged, weight, lora_b, lora_a, 1.0, scale);
-    y = at::mm(x, merged.t());
+    y = output_empty({x.size(0), weight.size(0)}, x.options());
+    at::mm_out(y, x, merged.t());
   } else {
     // y = x W^T + s u B^T in one pass when the tile kernel runs; b added after, as fastllm.ops.linear
     // does, so that at initialisation (B = 0) y is its base layer's output bit for bit

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_mm.h"  // output_empty
 #include "fastllm/rms_norm_checks.h"
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
@@ -76,7 +77,7 @@ void rms_norm_bwd_rows(const scalar_t* dy, const scalar_t* x, const acc_type_t<s
 }
 
 at::Tensor new_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options());
+  at::Tensor out = output_empty(like.sizes(), like.options());
   maybe_poison(out);
   return out;
 }

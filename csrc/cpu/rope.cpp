@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_mm.h"  // output_empty
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
 
@@ -66,7 +67,7 @@ void rope_rows(const scalar_t* q, const scalar_t* k, const acc_type_t<scalar_t>*
 }
 
 at::Tensor new_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options());
+  at::Tensor out = output_empty(like.sizes(), like.options());
   maybe_poison(out);
   return out;
 }

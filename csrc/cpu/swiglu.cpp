@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_mm.h"  // output_empty
 #include "fastllm/cpu_simd.h"  // exp_taylor
 #include "fastllm/cpu_vec.h"  // acc_type_t, bf16_to_float, float_to_bf16
 #include "fastllm/grain.h"
@@ -148,7 +149,7 @@ void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b, co
 }
 
 at::Tensor new_output(const at::Tensor& like) {
-  at::Tensor out = at::empty(like.sizes(), like.options());
+  at::Tensor out = output_empty(like.sizes(), like.options());
   maybe_poison(out);
   return out;
 }

@@ -30,6 +30,14 @@ struct MMTerm {
 // device, or BLAS chosen), one call per term.
 void tiled_mm_into(at::Tensor& c, std::initializer_list<MMTerm> terms, bool accumulate);
 
+// An uninitialised CPU tensor for an op's output. One of at least 1 MiB comes from a pool of the
+// ops' freed outputs, by exact size (FASTLLM_CPU_POOL_MB of them kept, default 256; 0: no pool):
+// a fresh large tensor is a fresh mapping whose every page faults on first touch (~1-2 us a page
+// on the Intel development CPU), and a training step makes the same outputs again and again.
+// Measured on the SmolLM2 LoRA step (bench/README.md): ~4% of the step. Anything else, and every
+// non-CPU tensor, is at::empty.
+at::Tensor output_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // The sum of the terms as a new (rows of a, columns of b) tensor, as tiled_mm_into decides.
 at::Tensor tiled_mm(std::initializer_list<MMTerm> terms);
 
