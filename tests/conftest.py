@@ -9,6 +9,7 @@ run in the low precision (plus a floor for values that round exactly).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # Set before fastllm/triton are imported: run Triton kernels on the CPU, and poison
@@ -118,30 +119,25 @@ def cpu_products(request):
         torch.ops.fastllm.set_cpu_products("default")
 
 
+@contextlib.contextmanager
 def row_invariant_products():
-    """A context that runs the CPU ops' large products on the tile kernel where this CPU has it:
-    its rounding of a row does not depend on how many rows the product has, while MKL's does
-    (its blocking follows the shape), so a micro-batch or rank split would move the last bits
-    and, over a few optimizer steps, ~1e-5 of a loss. The split-invariance tests compare to
-    1e-5, a bound on our aggregation, not on BLAS's rounding. Also sets FASTLLM_CPU_PRODUCTS for
-    the worker processes such a test starts."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        if _cpu_products_choices() != ["tile", "blas"]:
-            yield
-            return
-        previous = os.environ.get("FASTLLM_CPU_PRODUCTS")
-        os.environ["FASTLLM_CPU_PRODUCTS"] = "tile"
-        torch.ops.fastllm.set_cpu_products("tile")
-        try:
-            yield
-        finally:
-            torch.ops.fastllm.set_cpu_products("default")
-            if previous is None:
-                os.environ.pop("FASTLLM_CPU_PRODUCTS", None)
-            else:
-                os.environ["FASTLLM_CPU_PRODUCTS"] = previous
-
-    return ctx()
+    """Runs the CPU ops' large products on the tile kernel where this CPU has it: its rounding of
+    a row does not depend on how many rows the product has, while MKL's does (its blocking
+    follows the shape), so a micro-batch or rank split would move the last bits and, over a few
+    optimizer steps, ~1e-5 of a loss. The split-invariance tests compare to 1e-5, a bound on our
+    aggregation, not on BLAS's rounding. Also sets FASTLLM_CPU_PRODUCTS for the worker processes
+    such a test starts."""
+    if _cpu_products_choices() != ["tile", "blas"]:
+        yield
+        return
+    previous = os.environ.get("FASTLLM_CPU_PRODUCTS")
+    os.environ["FASTLLM_CPU_PRODUCTS"] = "tile"
+    torch.ops.fastllm.set_cpu_products("tile")
+    try:
+        yield
+    finally:
+        torch.ops.fastllm.set_cpu_products("default")
+        if previous is None:
+            os.environ.pop("FASTLLM_CPU_PRODUCTS", None)
+        else:
+            os.environ["FASTLLM_CPU_PRODUCTS"] = previous

@@ -15,17 +15,17 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <c10/core/Allocator.h>  // reportMemoryUsageToProfiler
 #include <ATen/ops/mm.h>
+#include <c10/core/Allocator.h>  // reportMemoryUsageToProfiler
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
-#include <cstring>
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_isa.h"
@@ -51,9 +51,6 @@ bool tile_fits(const at::Tensor& c, std::initializer_list<MMTerm> terms) {
   return true;
 }
 
-}  // namespace
-
-namespace {
 // -1: not decided yet; else a CpuProducts
 std::atomic<int> g_products{-1};
 

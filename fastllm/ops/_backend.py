@@ -52,16 +52,6 @@ def native_has(op: str, device: torch.device) -> bool:
         return False
 
 
-def cpu_tile_products() -> bool:
-    """Whether the CPU ops' large float32 products run on fastllm's tile kernel (else on torch's
-    BLAS): the extension's choice, `torch.ops.fastllm.cpu_products()` (by default MKL on an Intel
-    CPU: BLAS, elsewhere the tile kernel; FASTLLM_CPU_PRODUCTS = tile | blas overrides it, and
-    `torch.ops.fastllm.set_cpu_products` changes it; csrc/include/fastllm/cpu_isa.h)."""
-    if not _extension.available() or not hasattr(torch.ops.fastllm, "cpu_products"):
-        return False
-    return torch.ops.fastllm.cpu_products() == "tile"
-
-
 def _why_unavailable(backend: str, native_op: str | None, device: torch.device) -> str | None:
     if backend == "reference":
         return None

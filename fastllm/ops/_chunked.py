@@ -13,9 +13,9 @@ so the (N, V) logits never exist: the largest temporary is one (chunk, V) block,
 once per call and reused by every chunk, which the default chunk size keeps about as large as
 hidden itself. The three matmuls are the same
 FLOPs as the unfused forward+backward. On the CPU in float32 the logits and grad_hidden
-products go through the C++ tile kernel (`torch.ops.fastllm.mm_f32_out_`, which transposes the
-head's .t() view as it packs it) where it is this CPU's engine for large products
-(`_backend.cpu_tile_products`), else through torch's BLAS; grad_weight stays on BLAS.
+products go through `torch.ops.fastllm.mm_f32_out_` (csrc/cpu/gemm.cpp: the CPU's products
+engine, the tile kernel, which transposes the head's .t() view as it packs it, or torch's BLAS
+where that is faster); grad_weight stays on BLAS.
 
 grad_weight accumulates in float32 for bfloat16/float16 off CUDA (each chunk's product is
 upcast before it is added, so summing over chunks loses nothing); on CUDA it accumulates in
@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._backend import cpu_tile_products, native_has, new_output
+from ._backend import native_has, new_output
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 CPU_MIN_ROWS = 256  # rows per logits block on the CPU: skinny chunks are memory-bound
@@ -50,12 +50,11 @@ def default_chunk_size(n_rows: int, hidden: int, vocab: int, min_rows: int = 128
 
 
 def _tile_products(backend: str, hidden: Tensor, weight: Tensor) -> bool:
-    """Whether the chunk products go through the C++ tile kernel: the caller's op chose the
-    native backend, hidden and weight are float32 on the CPU, and the tile kernel is this CPU's
-    choice for large products (`_backend.cpu_tile_products`)."""
+    """Whether the chunk products go through the C++ products entry (`mm_f32_out_`, which runs
+    the CPU's products engine: the tile kernel, or torch's BLAS where that is faster): the
+    caller's op chose the native backend, and hidden and weight are float32 on the CPU."""
     return (backend == "native" and hidden.device.type == "cpu" and hidden.dtype == torch.float32
-            and weight.dtype == torch.float32 and native_has("mm_f32_out_", hidden.device)
-            and cpu_tile_products())
+            and weight.dtype == torch.float32 and native_has("mm_f32_out_", hidden.device))
 
 
 def run_chunks(
@@ -81,8 +80,8 @@ def run_chunks(
     grad_weight = torch.empty((V, H), dtype=w_acc, device=weight.device) if need_weight else hidden.new_empty(0)
     b_acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     grad_bias = torch.zeros(V, dtype=b_acc, device=hidden.device) if need_bias else hidden.new_empty(0)
-    # float32 on the CPU: logits and grad_hidden through the tile kernel (csrc/cpu/gemm.cpp), which
-    # transposes the head's .t() view as it packs it
+    # float32 on the CPU: logits and grad_hidden through mm_f32_out_ (csrc/cpu/gemm.cpp), on the
+    # CPU's products engine
     tile = _tile_products(backend, hidden, weight)
     weight_t = weight.t()
     # one logits block for every chunk, whichever product fills it: a (chunk, V) tensor per chunk
