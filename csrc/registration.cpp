@@ -94,7 +94,7 @@ TORCH_LIBRARY(fastllm, m) {
 
 // ---------------------------------------------------------------------------- generation
 // Inference-only ops of the rollout engine (no autograd). Shapes and semantics are
-// documented in fastllm/ops/{decode_attention,sampling,kv_append_rope}.py.
+// documented in fastllm/ops/{decode_attention,sampling,kv_append_rope,decode_layer}.py.
 TORCH_LIBRARY_FRAGMENT(fastllm, m) {
   // One new query per sequence against a preallocated cache: q (B, Hq, D), k_cache/v_cache
   // (B, Smax, Hkv, D), lengths (B,) int32 keys to attend to -> out (B, Hq, D).
@@ -107,4 +107,11 @@ TORCH_LIBRARY_FRAGMENT(fastllm, m) {
   // those positions: q (B, Hq, D), k/v (B, Hkv, D), caches (B, Smax, Hkv, D),
   // inv_freq (D/2,) float32 -> rotated q (B, Hq, D).
   m.def("kv_append_rope_fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor inv_freq) -> Tensor");
+  // One Llama-family block's decode step in one call (CPU; csrc/cpu/decode_layer.cpp):
+  // x (B, H) float32, the block's norms and fused inference weights (q/k/v rows, gate/up rows),
+  // the layer's caches as for kv_append_rope_fwd -> the block's output (B, H).
+  m.def("decode_layer_fwd(Tensor x, Tensor norm1, float eps1, Tensor w_qkv, Tensor? b_qkv, Tensor w_o, "
+        "Tensor? b_o, Tensor norm2, float eps2, Tensor w_gate_up, Tensor? b_gate_up, Tensor w_down, "
+        "Tensor? b_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor lengths, "
+        "Tensor inv_freq, float scale) -> Tensor");
 }

@@ -55,7 +55,9 @@ class DecodeKernels:
     directly (rms_norm, swiglu; None otherwise), skipping their autograd-aware wrappers: a
     decode step needs no gradients, and on the CPU the wrappers cost more than the kernels.
     Likewise `small_linear`, the CPU small-rows product (fastllm.ops.small_linear's kernel),
-    when a step's `rows` (the cache batch) are few enough for it; None otherwise."""
+    when a step's `rows` (the cache batch) are few enough for it, and `decode_layer`, a
+    Llama-family block's whole decode step in one call (fastllm.ops.decode_layer's CPU kernel,
+    made of those same kernels); None otherwise."""
 
     def __init__(self, device: torch.device, backend: str = "auto", rows: int = 1):
         self.attention = inference_kernel("decode_attention", device, backend)
@@ -66,6 +68,9 @@ class DecodeKernels:
         self.swiglu = ops.swiglu_fwd if native and _backend.native_has("swiglu_fwd", device) else None
         self.small_linear = (ops.small_linear_fwd if native and 0 < rows <= SMALL_LINEAR_MAX_ROWS
                              and _backend.native_has("small_linear_fwd", device) else None)
+        self.decode_layer = (ops.decode_layer_fwd if self.small_linear is not None and self.rms_norm is not None
+                             and self.swiglu is not None and _backend.native_has("decode_layer_fwd", device)
+                             else None)
 
 
 class KVCache:

@@ -17,6 +17,8 @@ fastllm.ops.rms_norm.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -84,6 +86,10 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: _decoder.Step) -> Tensor:
+        if step.decode is not None and step.kv_cache.kernels.decode_layer is not None:
+            out = self._decode_in_one_call(x, step)
+            if out is not None:
+                return out
         # each norm's output is recomputed from its input (kept by the norm's backward) where
         # the projections' backward needs it, instead of kept
         x = x + _decoder.recompute_saved(_decoder.norm(self.input_layernorm, x, step),
@@ -92,6 +98,31 @@ class LlamaDecoderLayer(nn.Module):
         return x + _decoder.recompute_saved(_decoder.norm(self.post_attention_layernorm, x, step),
                                             lambda x=x: self.post_attention_layernorm(x),
                                             lambda h: self.mlp(h, step), step)
+
+
+    def _decode_in_one_call(self, x: Tensor, step: _decoder.Step) -> Tensor | None:
+        """This block's decode step as one native call (fastllm.ops.decode_layer: the same
+        kernels as the per-op branch below, in its order, so the same result bit for bit), or
+        None where it does not apply: a projection that is not a plain or LoRA-merged linear
+        (LoRA as a low-rank term, another wrapper), or a tensor that is not float32."""
+        attn, mlp, cache, d = self.self_attn, self.mlp, step.kv_cache, step.decode
+        parts = (cache.fused_projection(attn, ("q_proj", "k_proj", "v_proj")),
+                 cache.fused_projection(attn, ("o_proj",)),
+                 cache.fused_projection(mlp, ("gate_proj", "up_proj")),
+                 cache.fused_projection(mlp, ("down_proj",)))
+        for p in parts:
+            if p is None or p[2] is not None or p[0].dtype != torch.float32 or p[0].stride(-1) != 1:
+                return None
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        if x.dtype != torch.float32 or n1.weight.dtype != torch.float32 or n2.weight.dtype != torch.float32:
+            return None
+        (qkv, b_qkv, _, _), (o, b_o, _, _), (gu, b_gu, _, _), (down, b_down, _, _) = parts
+        i = attn.layer_idx
+        B = x.shape[0]
+        y = cache.kernels.decode_layer(x.view(B, x.shape[-1]), n1.weight, n1.eps, qkv, b_qkv, o, b_o, n2.weight, n2.eps,
+                                       gu, b_gu, down, b_down, cache.layer_k[i], cache.layer_v[i], d.positions,
+                                       d.lengths, d.inv_freq, 1.0 / math.sqrt(attn.head_dim))
+        return y.view(B, 1, y.shape[-1])
 
 
 class LlamaModel(nn.Module):

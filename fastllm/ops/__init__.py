@@ -15,6 +15,7 @@ from .attention import (
 )
 from .cross_entropy import cross_entropy, cross_entropy_reference, linear_cross_entropy_reference
 from .decode_attention import decode_attention, decode_attention_reference
+from .decode_layer import decode_layer, decode_layer_reference
 from .kv_append_rope import kv_append_rope, kv_append_rope_reference
 from .linear import linear, linear_reference
 from .linear_cross_entropy import linear_cross_entropy, mlm_loss, mlm_loss_reference, next_token_loss
@@ -68,6 +69,8 @@ __all__ = [
     "swiglu_backward_reference",
     "decode_attention",
     "decode_attention_reference",
+    "decode_layer",
+    "decode_layer_reference",
     "kv_append_rope",
     "kv_append_rope_reference",
     "sample",

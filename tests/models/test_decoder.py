@@ -286,6 +286,58 @@ def test_decode_kernels_call_the_small_rows_product_where_it_applies():
     assert KVCache(1, 4, 8, 1, 8, backend="reference").kernels.small_linear is None
 
 
+def _decode_steps(model, lora="merge", one_call=True):
+    """Logits of three decode steps after a ragged prefill, and how many blocks ran as one call
+    (KVCache.kernels.decode_layer; one_call=False switches it off: the per-op branch)."""
+    torch.manual_seed(6)
+    ids = torch.randint(0, 128, (3, 6))
+    mask = (torch.arange(6)[None] < torch.tensor([[6], [2], [4]])).long()
+    calls = [0]
+    with torch.no_grad():
+        cache = model.new_kv_cache(batch=3, max_len=10)
+        cache.lora = lora
+        kernel = cache.kernels.decode_layer
+        if kernel is not None:
+            def counted(*args):
+                calls[0] += 1
+                return kernel(*args)
+            cache.kernels.decode_layer = counted if one_call else None
+        model(ids, attention_mask=mask, kv_cache=cache)
+        pos, out = mask.sum(1).to(torch.int32), []
+        for step in range(3):
+            out.append(model.logits(model.decode(torch.tensor([7, 8, 9]) + step, pos, cache)))
+            pos = pos + 1
+    return torch.stack(out), calls[0], cache
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_decode_block_in_one_call_equals_the_per_op_branch(name):
+    """A Llama block's decode step runs as one native call where it applies (plain or merged
+    projections, float32 on the CPU) and gives the per-op branch's result bit for bit."""
+    from fastllm.ops._backend import native_has
+
+    model = _model(name, mlp_bias=True) if name == "tiny-llama" else _model(name)
+    got, calls, cache = _decode_steps(model)
+    want, none, _ = _decode_steps(model, one_call=False)
+    native = native_has("decode_layer_fwd", torch.device("cpu"))
+    assert calls == (3 * model.config.num_hidden_layers if native else 0) and none == 0
+    assert torch.equal(got, want)
+    assert KVCache(1, 4, 8, 1, 8, backend="reference").kernels.decode_layer is None
+
+
+@pytest.mark.parametrize("lora", ["merge", "low_rank"])
+def test_decode_block_in_one_call_with_lora(lora):
+    """Merged adapters run in the one call; a low-rank term keeps the per-op branch."""
+    from fastllm.ops._backend import native_has
+
+    model = _lora_model()
+    got, calls, _ = _decode_steps(model, lora=lora)
+    want, _, _ = _decode_steps(model, lora=lora, one_call=False)
+    native = native_has("decode_layer_fwd", torch.device("cpu"))
+    assert calls == (3 * model.config.num_hidden_layers if native and lora == "merge" else 0)
+    assert torch.equal(got, want)
+
+
 def _lora_model(**overrides):
     from fastllm.peft import apply_lora
 
