@@ -86,6 +86,17 @@ def _check(x, norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gate_up, b_gate_up, w_down
             raise ValueError(f"{name}: expected shape [{B}] int32, got {list(t.shape)} {t.dtype}")
 
 
+def _register_native_fake() -> None:
+    from fastllm import _extension
+
+    if _extension.available():
+        torch.library.register_fake("fastllm::decode_layer_fwd")(
+            lambda x, *rest: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+_register_native_fake()
+
+
 def decode_layer(x: Tensor, norm1: Tensor, eps1: float, w_qkv: Tensor, b_qkv: Tensor | None, w_o: Tensor,
                  b_o: Tensor | None, norm2: Tensor, eps2: float, w_gate_up: Tensor, b_gate_up: Tensor | None,
                  w_down: Tensor, b_down: Tensor | None, k_cache: Tensor, v_cache: Tensor, positions: Tensor,

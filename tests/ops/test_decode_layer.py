@@ -115,3 +115,9 @@ def test_native_kernel_checks_shapes_itself():
     vals[3] = a["w_qkv"][:-1].contiguous()  # w_qkv: not a whole number of heads
     with pytest.raises(RuntimeError, match="w_qkv"):
         torch.ops.fastllm.decode_layer_fwd(*vals)
+
+
+@pytest.mark.skipif(not NATIVE, reason="needs the compiled extension")
+def test_opcheck_native_kernel():
+    a = _inputs(*SHAPES[0], bias=True)
+    torch.library.opcheck(torch.ops.fastllm.decode_layer_fwd.default, tuple(a.values()) + (0.125,))
