@@ -6,7 +6,10 @@
 //
 // Why not BLAS: for these shapes the BLAS in the torch wheel reads the weights at ~12 GB/s at
 // M = 1 (a third of the machine's read bandwidth) and reaches ~45 GFLOP/s per core at M = 16
-// (half the FMA peak); bench/README.md has the numbers. Here each tile of NR weight rows is
+// (half the FMA peak) on an AMD CPU; bench/README.md has the numbers. Where the CPU's products
+// engine is BLAS (MKL on an Intel CPU, fastllm/cpu_isa.h), one row (M = 1) goes to it: MKL's
+// matrix-vector product streams the decode step's weights ~4% faster than this kernel there,
+// while from 2 rows on this kernel is faster (at M = 16, 35 against 47 ms a step). Here each tile of NR weight rows is
 // read once from memory into L1 and multiplied there by every row of x, as dot products along
 // K (no packing, no transposed copy of W), MR rows of x x NR rows of W at a time in vector
 // accumulators, reduced across lanes at the end of the row. Threads split N.
@@ -19,7 +22,9 @@
 // body, picked once at load time from the CPU's features.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,6 +34,7 @@
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_isa.h"
+#include "fastllm/cpu_mm.h"  // tile_products
 #include "fastllm/cpu_simd.h"  // FASTLLM_ALWAYS_INLINE
 #include "fastllm/grain.h"
 #include "fastllm/lane_reduce.h"  // load, lane_sum, reduce_all
@@ -206,6 +212,15 @@ std::vector<at::Tensor> small_linear_fwd_cpu(const at::Tensor& x, const at::Tens
   Problem p{x.const_data_ptr<float>(), x.stride(0), weight.const_data_ptr<float>(), weight.stride(0), b, M, N, K,
             static_cast<int>(sizes.size()), {}, {}};
   std::vector<at::Tensor> outs;
+  if (M == 1 && N > 0 && K > 0 && !tile_products()) {  // one row on BLAS: see the top of the file
+    at::Tensor y = b ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    int64_t start = 0;
+    for (int64_t n : sizes) {
+      outs.push_back(y.narrow(1, start, n));  // a (1, n) slice of one row: contiguous
+      start += n;
+    }
+    return outs;
+  }
   for (size_t s = 0; s < sizes.size(); ++s) {
     outs.push_back(at::empty({M, sizes[s]}, x.options()));
     p.start[s + 1] = p.start[s] + sizes[s];
