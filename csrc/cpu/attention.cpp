@@ -186,10 +186,6 @@ struct Problem {
     if (!causal || n0 + cols <= n_prefix) return false;
     return n0 + cols - 1 > m0 + s.k_len - s.q_len;
   }
-  bool visible(const Seq& s, int64_t i, int64_t j) const {
-    if (keep != nullptr && keep[s.k_start + j] == 0) return false;
-    return !causal || j < n_prefix || j <= i + s.k_len - s.q_len;
-  }
 };
 
 template <typename acc_t>
@@ -262,13 +258,23 @@ inline acc_t exp_shifted_one(acc_t x, acc_t shift) {
   return x == NEG_INF<acc_t> ? acc_t(0) : exp_nonpos(std::min(x - shift, acc_t(0)));
 }
 
-// Sets the scores of keys a query may not see to -inf (only tiles that need it).
+// Sets the scores of keys a query may not see to -inf (only tiles that need it): visible(i, j) of
+// the file's header, row by row. Causally, query i sees keys j < max(n_prefix, i + k_len - q_len + 1), so a row's
+// hidden keys are one run at its end; padded keys (keep) are hidden wherever they are.
 template <typename acc_t>
 void mask_tile(const Problem& pb, const Seq& sq, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
                acc_t* s) {
+  const int8_t* keep = pb.keep != nullptr ? pb.keep + sq.k_start + n0 : nullptr;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) {
-      if (!pb.visible(sq, m0 + r, n0 + c)) s[r * BLOCK_N + c] = NEG_INF<acc_t>;
+    acc_t* sr = s + r * BLOCK_N;
+    if (pb.causal) {
+      const int64_t seen = std::max(pb.n_prefix, m0 + r + sq.k_len - sq.q_len + 1) - n0;
+      std::fill(sr + std::clamp<int64_t>(seen, 0, cols), sr + cols, NEG_INF<acc_t>);
+    }
+    if (keep != nullptr) {
+      for (int64_t c = 0; c < cols; ++c) {
+        if (keep[c] == 0) sr[c] = NEG_INF<acc_t>;
+      }
     }
   }
 }
