@@ -45,6 +45,7 @@
 #include "fastllm/cpu_simd.h"
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
+#include "fastllm/lane_reduce.h"  // v16, i16v, load
 #include "fastllm/tile_mm.h"
 
 // Fortran BLAS, resolved at load time if the process has it (torch's MKL does); weak so the
@@ -211,13 +212,55 @@ inline double row_sum(const double* x, int64_t n) {
 }
 
 #if defined(__GNUC__) || defined(__clang__)
-FASTLLM_CLONES_AVX2 void exp_shifted(float* x, int64_t n, float shift) {
+#if defined(__x86_64__)
+// 16-lane versions of exp_shifted and row_max for AVX-512 CPUs, picked per call from cpu_isa():
+// the same per-lane operations as the 8-lane ones (no FMA contraction), so the same results bit
+// for bit, in half the instructions (the exponential is ~15% of the attention's time).
+#if defined(__clang__)
+#define FASTLLM_AVX512_NO_CONTRACT __attribute__((target("avx512f,avx512dq,avx512vl,avx2")))
+#else
+#define FASTLLM_AVX512_NO_CONTRACT \
+  __attribute__((target("avx512f,avx512dq,avx512vl,avx2"), optimize("fp-contract=off")))
+#endif
+FASTLLM_ALWAYS_INLINE v16 splat16(float a) { return v16{} + a; }
+
+FASTLLM_AVX512_NO_CONTRACT void exp_shifted_avx512(float* x, int64_t n, float shift) {
+  const v16 neg_inf = splat16(-std::numeric_limits<float>::infinity()), lo = splat16(-87.0f), zero = splat16(0.0f);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const v16 raw = load<v16>(x + c);
+    v16 t = raw - shift;
+    t = t < lo ? lo : t;
+    t = t > zero ? zero : t;
+    const v16 e = exp_cephes(t);
+    const v16 out = raw == neg_inf ? zero : e;
+    std::memcpy(x + c, &out, sizeof(out));
+  }
+  for (; c < n; ++c) x[c] = x[c] == NEG_INF<float> ? 0.0f : exp_nonpos(std::min(x[c] - shift, 0.0f));
+}
+
+FASTLLM_AVX512_NO_CONTRACT float row_max_avx512(const float* x, int64_t n, float init) {
+  v16 m = splat16(init);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const v16 v = load<v16>(x + c);
+    m = v > m ? v : m;
+  }
+  for (int l = 0; l < 16; ++l) init = std::max(init, m[l]);
+  for (; c < n; ++c) init = std::max(init, x[c]);
+  return init;
+}
+
+const bool kAttentionAvx512 = cpu_isa() == CpuIsa::kAvx512;
+#endif
+
+FASTLLM_CLONES_AVX2 void exp_shifted_8(float* x, int64_t n, float shift) {
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) store8(x + c, exp8_nonpos_masked(load8(x + c) - shift));
   for (; c < n; ++c) x[c] = x[c] == NEG_INF<float> ? 0.0f : exp_nonpos(std::min(x[c] - shift, 0.0f));
 }
 
-FASTLLM_CLONES_AVX2 float row_max(const float* x, int64_t n, float init) {
+FASTLLM_CLONES_AVX2 float row_max_8(const float* x, int64_t n, float init) {
   f8 m = splat8(init);
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
@@ -228,6 +271,18 @@ FASTLLM_CLONES_AVX2 float row_max(const float* x, int64_t n, float init) {
   for (; c < n; ++c) init = std::max(init, x[c]);
   return init;
 }
+
+#if defined(__x86_64__)
+inline void exp_shifted(float* x, int64_t n, float shift) {
+  kAttentionAvx512 ? exp_shifted_avx512(x, n, shift) : exp_shifted_8(x, n, shift);
+}
+inline float row_max(const float* x, int64_t n, float init) {
+  return kAttentionAvx512 ? row_max_avx512(x, n, init) : row_max_8(x, n, init);
+}
+#else
+inline void exp_shifted(float* x, int64_t n, float shift) { exp_shifted_8(x, n, shift); }
+inline float row_max(const float* x, int64_t n, float init) { return row_max_8(x, n, init); }
+#endif
 
 FASTLLM_CLONES_AVX2 float row_sum(const float* x, int64_t n) {
   f8 s = splat8(0.0f);
