@@ -77,6 +77,12 @@ class LlamaMLP(nn.Module):
                                         lambda h: _decoder.linear(self, "down_proj", h, step), step)
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook (the module's own, or a global one) would run on these modules."""
+    return (bool(nn.modules.module._global_forward_hooks) or bool(nn.modules.module._global_forward_pre_hooks)
+            or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -99,13 +105,16 @@ class LlamaDecoderLayer(nn.Module):
                                             lambda x=x: self.post_attention_layernorm(x),
                                             lambda h: self.mlp(h, step), step)
 
-
     def _decode_in_one_call(self, x: Tensor, step: _decoder.Step) -> Tensor | None:
         """This block's decode step as one native call (fastllm.ops.decode_layer: the same
         kernels as the per-op branch below, in its order, so the same result bit for bit), or
-        None where it does not apply: a projection that is not a plain or LoRA-merged linear
-        (LoRA as a low-rank term, another wrapper), or a tensor that is not float32."""
+        None where it does not apply: an attention or MLP module replaced by another class or
+        carrying forward hooks (the per-op branch calls those modules, so their hooks run), a
+        projection that is not a plain or LoRA-merged linear (LoRA as a low-rank term, another
+        wrapper), or a tensor that is not float32."""
         attn, mlp, cache, d = self.self_attn, self.mlp, step.kv_cache, step.decode
+        if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP or _hooked(attn, mlp):
+            return None
         parts = (cache.fused_projection(attn, ("q_proj", "k_proj", "v_proj")),
                  cache.fused_projection(attn, ("o_proj",)),
                  cache.fused_projection(mlp, ("gate_proj", "up_proj")),

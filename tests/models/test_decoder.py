@@ -325,6 +325,26 @@ def test_decode_block_in_one_call_equals_the_per_op_branch(name):
     assert KVCache(1, 4, 8, 1, 8, backend="reference").kernels.decode_layer is None
 
 
+def test_decode_block_with_hooks_keeps_the_per_op_branch():
+    """A forward hook on a block's attention or MLP still runs in a decode step: those blocks
+    keep the per-op branch (which calls the modules), with the same result."""
+    model = _model("tiny-llama")
+    want, _, _ = _decode_steps(model, one_call=False)
+    seen = []
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    try:
+        got, calls, _ = _decode_steps(model)
+    finally:
+        handle.remove()
+    layers = model.config.num_hidden_layers
+    assert len(seen) == 1 + 3  # the prefill and three decode steps
+    from fastllm.ops._backend import native_has
+
+    if native_has("decode_layer_fwd", torch.device("cpu")):
+        assert calls == 3 * (layers - 1)  # every other block in one call
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("lora", ["merge", "low_rank"])
 def test_decode_block_in_one_call_with_lora(lora):
     """Merged adapters run in the one call; a low-rank term keeps the per-op branch."""
