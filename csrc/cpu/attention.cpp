@@ -45,7 +45,7 @@
 #include "fastllm/cpu_simd.h"
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
-#include "fastllm/lane_reduce.h"  // v16, i16v, load
+#include "fastllm/lane_reduce.h"  // load
 #include "fastllm/tile_mm.h"
 
 // Fortran BLAS, resolved at load time if the process has it (torch's MKL does); weak so the
@@ -212,72 +212,59 @@ inline double row_sum(const double* x, int64_t n) {
 }
 
 #if defined(__GNUC__) || defined(__clang__)
+// exp_shifted and row_max on the lanes of V (f8; f16l on AVX-512), inlined into each ISA's copy
+// below. The 16-lane copies run the same per-lane operations as the 8-lane ones (no FMA
+// contraction), so they give the same results bit for bit in half the instructions (the
+// exponential is ~15% of the attention's time); picked per call from cpu_isa().
+template <typename V>
+FASTLLM_ALWAYS_INLINE void exp_shifted_lanes(float* x, int64_t n, float shift) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  int64_t c = 0;
+  for (; c + L <= n; c += L) {
+    const V e = exp_nonpos_masked(load<V>(x + c) - shift);
+    std::memcpy(x + c, &e, sizeof(e));
+  }
+  for (; c < n; ++c) x[c] = x[c] == NEG_INF<float> ? 0.0f : exp_nonpos(std::min(x[c] - shift, 0.0f));
+}
+
+template <typename V>
+FASTLLM_ALWAYS_INLINE float row_max_lanes(const float* x, int64_t n, float init) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  V m = splat_as(V{}, init);
+  int64_t c = 0;
+  for (; c + L <= n; c += L) {
+    const V v = load<V>(x + c);
+    m = v > m ? v : m;
+  }
+  for (int64_t l = 0; l < L; ++l) init = std::max(init, m[l]);
+  for (; c < n; ++c) init = std::max(init, x[c]);
+  return init;
+}
+
+FASTLLM_CLONES_AVX2 void exp_shifted_8(float* x, int64_t n, float shift) { exp_shifted_lanes<f8>(x, n, shift); }
+FASTLLM_CLONES_AVX2 float row_max_8(const float* x, int64_t n, float init) { return row_max_lanes<f8>(x, n, init); }
+
 #if defined(__x86_64__)
-// 16-lane versions of exp_shifted and row_max for AVX-512 CPUs, picked per call from cpu_isa():
-// the same per-lane operations as the 8-lane ones (no FMA contraction), so the same results bit
-// for bit, in half the instructions (the exponential is ~15% of the attention's time).
 #if defined(__clang__)
 #define FASTLLM_AVX512_NO_CONTRACT __attribute__((target("avx512f,avx512dq,avx512vl,avx2")))
 #else
 #define FASTLLM_AVX512_NO_CONTRACT \
   __attribute__((target("avx512f,avx512dq,avx512vl,avx2"), optimize("fp-contract=off")))
 #endif
-FASTLLM_ALWAYS_INLINE v16 splat16(float a) { return v16{} + a; }
-
-FASTLLM_AVX512_NO_CONTRACT void exp_shifted_avx512(float* x, int64_t n, float shift) {
-  const v16 neg_inf = splat16(-std::numeric_limits<float>::infinity()), lo = splat16(-87.0f), zero = splat16(0.0f);
-  int64_t c = 0;
-  for (; c + 16 <= n; c += 16) {
-    const v16 raw = load<v16>(x + c);
-    v16 t = raw - shift;
-    t = t < lo ? lo : t;
-    t = t > zero ? zero : t;
-    const v16 e = exp_cephes(t);
-    const v16 out = raw == neg_inf ? zero : e;
-    std::memcpy(x + c, &out, sizeof(out));
-  }
-  for (; c < n; ++c) x[c] = x[c] == NEG_INF<float> ? 0.0f : exp_nonpos(std::min(x[c] - shift, 0.0f));
+FASTLLM_AVX512_NO_CONTRACT void exp_shifted_16(float* x, int64_t n, float shift) {
+  exp_shifted_lanes<f16l>(x, n, shift);
 }
-
-FASTLLM_AVX512_NO_CONTRACT float row_max_avx512(const float* x, int64_t n, float init) {
-  v16 m = splat16(init);
-  int64_t c = 0;
-  for (; c + 16 <= n; c += 16) {
-    const v16 v = load<v16>(x + c);
-    m = v > m ? v : m;
-  }
-  for (int l = 0; l < 16; ++l) init = std::max(init, m[l]);
-  for (; c < n; ++c) init = std::max(init, x[c]);
-  return init;
+FASTLLM_AVX512_NO_CONTRACT float row_max_16(const float* x, int64_t n, float init) {
+  return row_max_lanes<f16l>(x, n, init);
 }
 
 const bool kAttentionAvx512 = cpu_isa() == CpuIsa::kAvx512;
-#endif
 
-FASTLLM_CLONES_AVX2 void exp_shifted_8(float* x, int64_t n, float shift) {
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8) store8(x + c, exp8_nonpos_masked(load8(x + c) - shift));
-  for (; c < n; ++c) x[c] = x[c] == NEG_INF<float> ? 0.0f : exp_nonpos(std::min(x[c] - shift, 0.0f));
-}
-
-FASTLLM_CLONES_AVX2 float row_max_8(const float* x, int64_t n, float init) {
-  f8 m = splat8(init);
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    const f8 v = load8(x + c);
-    m = v > m ? v : m;
-  }
-  for (int l = 0; l < 8; ++l) init = std::max(init, m[l]);
-  for (; c < n; ++c) init = std::max(init, x[c]);
-  return init;
-}
-
-#if defined(__x86_64__)
 inline void exp_shifted(float* x, int64_t n, float shift) {
-  kAttentionAvx512 ? exp_shifted_avx512(x, n, shift) : exp_shifted_8(x, n, shift);
+  kAttentionAvx512 ? exp_shifted_16(x, n, shift) : exp_shifted_8(x, n, shift);
 }
 inline float row_max(const float* x, int64_t n, float init) {
-  return kAttentionAvx512 ? row_max_avx512(x, n, init) : row_max_8(x, n, init);
+  return kAttentionAvx512 ? row_max_16(x, n, init) : row_max_8(x, n, init);
 }
 #else
 inline void exp_shifted(float* x, int64_t n, float shift) { exp_shifted_8(x, n, shift); }
@@ -314,8 +301,8 @@ inline acc_t exp_shifted_one(acc_t x, acc_t shift) {
 }
 
 // Sets the scores of keys a query may not see to -inf (only tiles that need it): visible(i, j) of
-// the file's header, row by row. Causally, query i sees keys j < max(n_prefix, i + k_len - q_len + 1), so a row's
-// hidden keys are one run at its end; padded keys (keep) are hidden wherever they are.
+// the file's header, row by row. Causally, query i sees keys j < max(n_prefix, i + k_len - q_len
+// + 1), so a row's hidden keys are one run at its end; padded keys (keep) wherever they are.
 template <typename acc_t>
 void mask_tile(const Problem& pb, const Seq& sq, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
                acc_t* s) {

@@ -9,8 +9,9 @@
 // (half the FMA peak) on an AMD CPU; bench/README.md has the numbers. Where the CPU's products
 // engine is BLAS (MKL on an Intel CPU, fastllm/cpu_isa.h), one row (M = 1) goes to it: MKL's
 // matrix-vector product streams the decode step's weights ~4% faster than this kernel there,
-// while from 2 rows on this kernel is faster (at M = 16, 35 against 47 ms a step). Here each tile of NR weight rows is
-// read once from memory into L1 and multiplied there by every row of x, as dot products along
+// while from 2 rows on this kernel is faster (at M = 16, 35 against 47 ms a step).
+//
+// Here each tile of NR weight rows is read once from memory into L1 and multiplied there by every row of x, as dot products along
 // K (no packing, no transposed copy of W), MR rows of x x NR rows of W at a time in vector
 // accumulators, reduced across lanes at the end of the row. Threads split N.
 //
@@ -209,8 +210,6 @@ std::vector<at::Tensor> small_linear_fwd_cpu(const at::Tensor& x, const at::Tens
     total += n;
   }
   TORCH_CHECK(total == N, "split: expected widths summing to ", N, " (weight rows), got ", split);
-  Problem p{x.const_data_ptr<float>(), x.stride(0), weight.const_data_ptr<float>(), weight.stride(0), b, M, N, K,
-            static_cast<int>(sizes.size()), {}, {}};
   std::vector<at::Tensor> outs;
   if (M == 1 && N > 0 && K > 0 && !tile_products()) {  // one row on BLAS: see the top of the file
     at::Tensor y = b ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
@@ -221,6 +220,8 @@ std::vector<at::Tensor> small_linear_fwd_cpu(const at::Tensor& x, const at::Tens
     }
     return outs;
   }
+  Problem p{x.const_data_ptr<float>(), x.stride(0), weight.const_data_ptr<float>(), weight.stride(0), b, M, N, K,
+            static_cast<int>(sizes.size()), {}, {}};
   for (size_t s = 0; s < sizes.size(); ++s) {
     outs.push_back(at::empty({M, sizes[s]}, x.options()));
     p.start[s + 1] = p.start[s] + sizes[s];

@@ -320,13 +320,19 @@ def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | No
     return y.split_with_sizes(sizes, -1) if len(sizes) > 1 else [y]
 
 
+def has_forward_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run a forward hook (their own, or a global one): a
+    path that skips the module call must not be taken then."""
+    return (bool(nn.modules.module._global_forward_hooks) or bool(nn.modules.module._global_forward_pre_hooks)
+            or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
 def _call(module: nn.Module, x: Tensor) -> Tensor:
     """module(x); a plain nn.Linear without forward hooks through fastllm.ops.linear (fastllm's
     own CPU kernels; F.linear elsewhere). Subclasses and wrappers (LoRA, quantised layers) keep
     their forward, and a module with hooks (the user's, or any registered globally) is called
     as a module so that they run."""
-    if (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
-            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks):
+    if type(module) is nn.Linear and not has_forward_hooks(module):
         return ops_linear(x, module.weight, module.bias)
     return module(x)
 

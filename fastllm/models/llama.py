@@ -77,12 +77,6 @@ class LlamaMLP(nn.Module):
                                         lambda h: _decoder.linear(self, "down_proj", h, step), step)
 
 
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook (the module's own, or a global one) would run on these modules."""
-    return (bool(nn.modules.module._global_forward_hooks) or bool(nn.modules.module._global_forward_pre_hooks)
-            or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
-
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -113,7 +107,7 @@ class LlamaDecoderLayer(nn.Module):
         projection that is not a plain or LoRA-merged linear (LoRA as a low-rank term, another
         wrapper), or a tensor that is not float32."""
         attn, mlp, cache, d = self.self_attn, self.mlp, step.kv_cache, step.decode
-        if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP or _hooked(attn, mlp):
+        if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP or _decoder.has_forward_hooks(attn, mlp):
             return None
         parts = (cache.fused_projection(attn, ("q_proj", "k_proj", "v_proj")),
                  cache.fused_projection(attn, ("o_proj",)),

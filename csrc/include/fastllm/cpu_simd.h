@@ -5,7 +5,7 @@
 // bits, written with plain arithmetic and no branches so that the loops calling it vectorise.
 // The variants differ on purpose (polynomial, clamp range, what happens below the range); each
 // kernel keeps the one its accuracy statement was checked with:
-//   exp_nonpos / exp8_nonpos / exp8_nonpos_masked  Cephes polynomial (~1 ulp), x clamped at -87;
+//   exp_nonpos / exp8_nonpos / exp_nonpos_masked   Cephes polynomial (~1 ulp), x clamped at -87;
 //                                                  attention, decode attention
 //   exp_neg_flush                                  degree-6 polynomial (<= 2.6e-7), 0 below -87.3;
 //                                                  sampling
@@ -135,14 +135,13 @@ static inline f8 exp8_nonpos(f8 x) {
   return exp_cephes(x);
 }
 
-// exp(x) on 8 lanes for the scores of a masked softmax: x clamped to [-87, 0], and -inf (a
-// masked score) gives exactly 0.
-static inline f8 exp8_nonpos_masked(f8 x) {
-  const f8 is_neg_inf = (f8)(x == splat8(-std::numeric_limits<float>::infinity()));
-  x = x < splat8(-87.0f) ? splat8(-87.0f) : x;
-  x = x > splat8(0.0f) ? splat8(0.0f) : x;
-  const f8 e = exp_cephes(x);
-  return (i8)is_neg_inf != 0 ? splat8(0.0f) : e;
+// exp(x) on the lanes of an f8 (or an f16l) for the scores of a masked softmax: x clamped to
+// [-87, 0], and -inf (a masked score) gives exactly 0.
+template <typename V>
+FASTLLM_ALWAYS_INLINE V exp_nonpos_masked(V x) {
+  const V zero = splat_as(x, 0.0f), lo = splat_as(x, -87.0f);
+  const V e = exp_cephes(x < lo ? lo : (x > zero ? zero : x));
+  return x == splat_as(x, -std::numeric_limits<float>::infinity()) ? zero : e;
 }
 #endif
 static inline double exp_nonpos(double x) { return std::exp(x); }
