@@ -234,6 +234,7 @@ def generate(
         state = _Rollout(ids, plens, max_new_tokens, pad_token_id, stop)
         cache = model.new_kv_cache(B, P + max_new_tokens, backend=backend)
         cache.lora = lora
+        cache.fixed_model = True  # the model is not changed during this call
         # Prefill: every prompt in one right-padded forward; the logits at each prompt's last
         # token draw its first response token.
         mask = torch.arange(P, device=device)[None] < plens[:, None]  # (B, P)

@@ -327,6 +327,39 @@ def has_forward_hooks(*modules: nn.Module) -> bool:
             or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
+def decode_plan(blocks, cache: KVCache) -> list | None:
+    """Every block's one-call decode arguments (`block.decode_args(cache)`, see
+    LlamaDecoderLayer), or None when a block has none or carries forward hooks (skipping its
+    module call would skip them). Checked and built at every step; once per cache while
+    `cache.fixed_model` is set (generate's decode loop: the model does not change during it),
+    kept in `cache.plan`. At batch 1 the blocks' module calls and these checks, run between
+    weight streams that evict the interpreter's data from the caches, cost ~7% of a step
+    (bench/README.md)."""
+    held = cache.plan
+    if held is not None and held[0] is blocks:
+        return held[1]
+    if has_forward_hooks(*blocks):
+        return None
+    plan = []
+    for block in blocks:
+        get = getattr(block, "decode_args", None)
+        block_args = get(cache) if get is not None else None
+        if block_args is None:
+            return None
+        plan.append(block_args)
+    if cache.fixed_model:
+        cache.plan = (blocks, plan)
+    return plan
+
+
+def decode_in_one_call(kernel, x: Tensor, block_args: tuple[tuple, float], step: Step) -> Tensor:
+    """A block's decode step through the native one-call kernel (fastllm.ops.decode_layer):
+    x (B, 1, H) float32 -> (B, 1, H); block_args from the block's `decode_args`."""
+    d, (weights, scale) = step.decode, block_args
+    B, H = x.shape[0], x.shape[-1]
+    return kernel(x.view(B, H), *weights, d.positions, d.lengths, d.inv_freq, scale).view(B, 1, H)
+
+
 def _call(module: nn.Module, x: Tensor) -> Tensor:
     """module(x); a plain nn.Linear without forward hooks through fastllm.ops.linear (fastllm's
     own CPU kernels; F.linear elsewhere). Subclasses and wrappers (LoRA, quantised layers) keep
@@ -414,7 +447,20 @@ def recompute_saved(value: Tensor, recompute: Callable[[], Tensor], consumer: Ca
 def run_blocks(blocks, x: Tensor, *args, checkpoint: bool = False) -> Tensor:
     """x through every block in order. With checkpoint (and gradients enabled) each block runs
     under torch.utils.checkpoint: its activations are recomputed in the backward pass instead
-    of kept (the model's `activation_checkpointing` switch)."""
+    of kept (the model's `activation_checkpointing` switch). A decode step (args ending in a
+    Step with `decode`) whose blocks all have a one-call decode step (`decode_plan`) runs those
+    calls in a row, without the blocks' module calls."""
+    step = args[-1] if args else None
+    if isinstance(step, Step) and step.decode is not None and x.dtype == torch.float32:
+        plan = decode_plan(blocks, step.kv_cache)
+        if plan is not None:
+            kernel, d = step.kv_cache.kernels.decode_layer, step.decode
+            positions, lengths, inv_freq = d.positions, d.lengths, d.inv_freq
+            B, H = x.shape[0], x.shape[-1]
+            y = x.view(B, H)
+            for weights, scale in plan:
+                y = kernel(y, *weights, positions, lengths, inv_freq, scale)
+            return y.view(B, 1, H)
     for block in blocks:
         if checkpoint and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)

@@ -111,6 +111,12 @@ class KVCache:
         self.lora = lora  # how an inference forward runs LoRA-adapted projections (fused_projection)
         # (id(owner), names) -> (owner, modules, tensors, version sum, adapter states, fused)
         self._fused: dict[tuple, tuple] = {}
+        # Set by generate for its own cache: the model is not changed while this cache decodes
+        # (as a captured CUDA graph of the step also assumes), so the decode branch builds its
+        # blocks' one-call arguments once (`plan`: (blocks, arguments), models._decoder.decode_plan)
+        # instead of checking them at every step.
+        self.fixed_model = False
+        self.plan: tuple | None = None
 
     @property
     def num_layers(self) -> int:

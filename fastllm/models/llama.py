@@ -86,10 +86,10 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, step: _decoder.Step) -> Tensor:
-        if step.decode is not None and step.kv_cache.kernels.decode_layer is not None:
-            out = self._decode_in_one_call(x, step)
-            if out is not None:
-                return out
+        if step.decode is not None and x.dtype == torch.float32:
+            args = self.decode_args(step.kv_cache)
+            if args is not None:  # this block's decode step in one native call
+                return _decoder.decode_in_one_call(step.kv_cache.kernels.decode_layer, x, args, step)
         # each norm's output is recomputed from its input (kept by the norm's backward) where
         # the projections' backward needs it, instead of kept
         x = x + _decoder.recompute_saved(_decoder.norm(self.input_layernorm, x, step),
@@ -99,15 +99,18 @@ class LlamaDecoderLayer(nn.Module):
                                             lambda x=x: self.post_attention_layernorm(x),
                                             lambda h: self.mlp(h, step), step)
 
-    def _decode_in_one_call(self, x: Tensor, step: _decoder.Step) -> Tensor | None:
-        """This block's decode step as one native call (fastllm.ops.decode_layer: the same
-        kernels as the per-op branch below, in its order, so the same result bit for bit), or
-        None where it does not apply: an attention or MLP module replaced by another class or
-        carrying forward hooks (the per-op branch calls those modules, so their hooks run), a
-        projection that is not a plain or LoRA-merged linear (LoRA as a low-rank term, another
-        wrapper), or a tensor that is not float32."""
-        attn, mlp, cache, d = self.self_attn, self.mlp, step.kv_cache, step.decode
-        if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP or _decoder.has_forward_hooks(attn, mlp):
+    def decode_args(self, cache: KVCache) -> tuple[tuple, float] | None:
+        """The arguments of this block's decode step as one native call (fastllm.ops.decode_layer:
+        the same kernels as the per-op branch of `forward`, in its order, so the same result bit
+        for bit) other than the step's input and positions: (the block's weights and its layer's
+        caches, the attention scale); None where that call does not apply: no native kernel, an
+        attention or MLP module replaced by another class or carrying forward hooks (the per-op
+        branch calls those modules, so their hooks run), a projection that is not a plain or
+        LoRA-merged linear (LoRA as a low-rank term, another wrapper), or a tensor that is not
+        float32."""
+        attn, mlp = self.self_attn, self.mlp
+        if (cache.kernels.decode_layer is None or type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP
+                or _decoder.has_forward_hooks(attn, mlp)):
             return None
         parts = (cache.fused_projection(attn, ("q_proj", "k_proj", "v_proj")),
                  cache.fused_projection(attn, ("o_proj",)),
@@ -117,15 +120,12 @@ class LlamaDecoderLayer(nn.Module):
             if p is None or p[2] is not None or p[0].dtype != torch.float32 or p[0].stride(-1) != 1:
                 return None
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
-        if x.dtype != torch.float32 or n1.weight.dtype != torch.float32 or n2.weight.dtype != torch.float32:
+        if n1.weight.dtype != torch.float32 or n2.weight.dtype != torch.float32:
             return None
         (qkv, b_qkv, _, _), (o, b_o, _, _), (gu, b_gu, _, _), (down, b_down, _, _) = parts
         i = attn.layer_idx
-        B = x.shape[0]
-        y = cache.kernels.decode_layer(x.view(B, x.shape[-1]), n1.weight, n1.eps, qkv, b_qkv, o, b_o, n2.weight, n2.eps,
-                                       gu, b_gu, down, b_down, cache.layer_k[i], cache.layer_v[i], d.positions,
-                                       d.lengths, d.inv_freq, 1.0 / math.sqrt(attn.head_dim))
-        return y.view(B, 1, y.shape[-1])
+        return ((n1.weight, n1.eps, qkv, b_qkv, o, b_o, n2.weight, n2.eps, gu, b_gu, down, b_down, cache.layer_k[i],
+                 cache.layer_v[i]), 1.0 / math.sqrt(attn.head_dim))
 
 
 class LlamaModel(nn.Module):

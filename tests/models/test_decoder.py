@@ -286,7 +286,7 @@ def test_decode_kernels_call_the_small_rows_product_where_it_applies():
     assert KVCache(1, 4, 8, 1, 8, backend="reference").kernels.small_linear is None
 
 
-def _decode_steps(model, lora="merge", one_call=True):
+def _decode_steps(model, lora="merge", one_call=True, fixed_model=False):
     """Logits of three decode steps after a ragged prefill, and how many blocks ran as one call
     (KVCache.kernels.decode_layer; one_call=False switches it off: the per-op branch)."""
     torch.manual_seed(6)
@@ -296,6 +296,7 @@ def _decode_steps(model, lora="merge", one_call=True):
     with torch.no_grad():
         cache = model.new_kv_cache(batch=3, max_len=10)
         cache.lora = lora
+        cache.fixed_model = fixed_model
         kernel = cache.kernels.decode_layer
         if kernel is not None:
             def counted(*args):
@@ -343,6 +344,72 @@ def test_decode_block_with_hooks_keeps_the_per_op_branch():
     if native_has("decode_layer_fwd", torch.device("cpu")):
         assert calls == 3 * (layers - 1)  # every other block in one call
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fixed_model", [False, True])
+def test_decode_plan_built_every_step_or_once(monkeypatch, fixed_model):
+    """The blocks' one-call arguments (decode_plan) are checked and built at every decode step,
+    or once per cache when the cache says the model is fixed (generate's own cache); the
+    result is the per-op branch's either way."""
+    from fastllm.models.llama import LlamaDecoderLayer
+    from fastllm.ops._backend import native_has
+
+    if not native_has("decode_layer_fwd", torch.device("cpu")):
+        pytest.skip("the native extension is not built")
+    model = _model("tiny-llama")
+    built, real = [0], LlamaDecoderLayer.decode_args
+
+    def counted(self, cache):
+        built[0] += 1
+        return real(self, cache)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "decode_args", counted)
+    got, calls, cache = _decode_steps(model, fixed_model=fixed_model)
+    layers = model.config.num_hidden_layers
+    assert calls == 3 * layers
+    assert built[0] == (layers if fixed_model else 3 * layers)
+    assert (cache.plan is not None) == fixed_model
+    monkeypatch.setattr(LlamaDecoderLayer, "decode_args", real)
+    want, _, _ = _decode_steps(model, one_call=False)
+    assert torch.equal(got, want)
+
+
+def test_decode_block_hook_runs_at_every_step():
+    """A forward hook on a block itself runs at every decode step: the blocks are then called
+    as modules (each still in one native call), with the same result."""
+    model = _model("tiny-llama")
+    want, _, _ = _decode_steps(model, one_call=False)
+    seen = []
+    handle = model.model.layers[0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    try:
+        got, calls, cache = _decode_steps(model, fixed_model=True)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 + 3 and cache.plan is None
+    from fastllm.ops._backend import native_has
+
+    if native_has("decode_layer_fwd", torch.device("cpu")):
+        assert calls == 3 * model.config.num_hidden_layers
+    assert torch.equal(got, want)
+
+
+def test_generate_holds_one_decode_plan(monkeypatch):
+    """generate marks its cache fixed_model: its decode loop builds the plan once."""
+    from fastllm.generation import generate
+    from fastllm.models import _decoder
+    from fastllm.ops._backend import native_has
+
+    model = _model("tiny-llama")
+    caches, real = [], _decoder.decode_plan
+
+    def spy(blocks, cache):
+        caches.append(cache)
+        return real(blocks, cache)
+
+    monkeypatch.setattr(_decoder, "decode_plan", spy)
+    generate(model, [[1, 2, 3], [4]], 4, temperature=0.0)
+    assert len(caches) == 3 and all(c is caches[0] for c in caches) and caches[0].fixed_model
+    assert (caches[0].plan is not None) == native_has("decode_layer_fwd", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("lora", ["merge", "low_rank"])
