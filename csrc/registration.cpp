@@ -108,10 +108,11 @@ TORCH_LIBRARY_FRAGMENT(fastllm, m) {
   // inv_freq (D/2,) float32 -> rotated q (B, Hq, D).
   m.def("kv_append_rope_fwd(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor inv_freq) -> Tensor");
   // One Llama-family block's decode step in one call (CPU; csrc/cpu/decode_layer.cpp):
-  // x (B, H) float32, the block's norms and fused inference weights (q/k/v rows, gate/up rows),
-  // the layer's caches as for kv_append_rope_fwd -> the block's output (B, H).
-  m.def("decode_layer_fwd(Tensor x, Tensor norm1, float eps1, Tensor w_qkv, Tensor? b_qkv, Tensor w_o, "
-        "Tensor? b_o, Tensor norm2, float eps2, Tensor w_gate_up, Tensor? b_gate_up, Tensor w_down, "
+  // x (B, H) float32, the block's norms and inference weights (q/k/v rows and gate/up rows, each
+  // group one fused tensor or its parts), the layer's caches as for kv_append_rope_fwd -> the
+  // block's output (B, H).
+  m.def("decode_layer_fwd(Tensor x, Tensor norm1, float eps1, Tensor[] w_qkv, Tensor? b_qkv, Tensor w_o, "
+        "Tensor? b_o, Tensor norm2, float eps2, Tensor[] w_gate_up, Tensor? b_gate_up, Tensor w_down, "
         "Tensor? b_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor lengths, "
         "Tensor inv_freq, float scale) -> Tensor");
 }

@@ -7,8 +7,10 @@
 //   h = rms_norm(x, norm2);   g, u = h W_gate_up^T (+ b_gate_up)
 //   y = x + swiglu(g, u) W_down^T (+ b_down)
 //
-// x (B, H) float32; the weights are the block's inference weights (q/k/v and gate/up fused,
-// KVCache.fused_projection), float32 with unit stride along their input features. It runs
+// x (B, H) float32; the weights are the block's inference weights (KVCache.fused_projection),
+// float32 with unit stride along their input features: W_qkv and W_gate_up each one fused
+// tensor, or its parts (q, k, v; gate, up) as separate tensors, multiplied one by one (where one
+// row goes to BLAS, the cache keeps the parts: no concatenated copy per generate call). It runs
 // exactly the kernels the decode branch calls one by one (rms_norm_fwd, small_linear_fwd,
 // kv_append_rope_fwd, decode_attention_fwd, swiglu_fwd), in the same order, so its result
 // is the per-op branch's bit for bit. What it saves is the Python between them: at batch 1 a
@@ -48,6 +50,41 @@ std::vector<at::Tensor> linear(const at::Tensor& x, const at::Tensor& w, const O
   return op.call(x, w, b, split);
 }
 
+// x through a projection group given as one fused weight (split into `split` outputs) or as
+// its parts (one weight per output, the bias sliced to match).
+std::vector<at::Tensor> linear_parts(const at::Tensor& x, at::TensorList parts, const OptTensor& b,
+                                     c10::IntArrayRef split) {
+  if (parts.size() == 1) return linear(x, parts[0], b, split);
+  std::vector<at::Tensor> outs;
+  int64_t start = 0;
+  for (size_t s = 0; s < parts.size(); ++s) {
+    const int64_t n = parts[s].size(0);
+    const OptTensor bs = b.has_value() ? OptTensor(b->narrow(0, start, n)) : std::nullopt;
+    outs.push_back(std::move(linear(x, parts[s], bs, {n})[0]));
+    start += n;
+  }
+  return outs;
+}
+
+// The rows of a group given as one tensor or its parts, each part checked as a (rows, cols)
+// float32 matrix; `sizes` (when not empty) are the parts' expected rows.
+int64_t group_rows(at::TensorList parts, const char* name, int64_t cols, c10::IntArrayRef sizes) {
+  TORCH_CHECK(parts.size() == 1 || parts.size() == sizes.size(), name, ": expected one fused tensor or ",
+              sizes.size(), " parts, got ", parts.size(), " tensors");
+  int64_t rows = 0;
+  for (size_t s = 0; s < parts.size(); ++s) {
+    check_dim(parts[s], name, 2);
+    check_dtype(parts[s], name, {at::kFloat});
+    TORCH_CHECK(parts[s].size(1) == cols, name, ": expected ", cols, " columns, got shape ", parts[s].sizes());
+    if (parts.size() > 1) {
+      TORCH_CHECK(parts[s].size(0) == sizes[s], name, ": expected part ", s, " with ", sizes[s], " rows, got shape ",
+                  parts[s].sizes());
+    }
+    rows += parts[s].size(0);
+  }
+  return rows;
+}
+
 // y += x elementwise (y a fresh output of the same shape): the residual add, in the order the
 // per-op branch's x + y computes it (float addition commutes exactly).
 void add_into(at::Tensor& y, const at::Tensor& x) {
@@ -68,9 +105,9 @@ void check_weight(const at::Tensor& w, const char* name, int64_t rows, int64_t c
   }
 }
 
-at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& norm1, double eps1, const at::Tensor& w_qkv,
+at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& norm1, double eps1, at::TensorList w_qkv,
                             const OptTensor& b_qkv, const at::Tensor& w_o, const OptTensor& b_o,
-                            const at::Tensor& norm2, double eps2, const at::Tensor& w_gate_up,
+                            const at::Tensor& norm2, double eps2, at::TensorList w_gate_up,
                             const OptTensor& b_gate_up, const at::Tensor& w_down, const OptTensor& b_down,
                             at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& positions,
                             const at::Tensor& lengths, const at::Tensor& inv_freq, double scale) {
@@ -79,16 +116,30 @@ at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& norm1, double
   check_contiguous(x, "x");
   check_dim(k_cache, "k_cache", 4);
   const int64_t B = x.size(0), H = x.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK(w_qkv.dim() == 2 && w_qkv.size(0) > 2 * Hkv * D && (w_qkv.size(0) - 2 * Hkv * D) % D == 0,
-              "w_qkv: expected shape [(Hq + 2 * ", Hkv, ") * ", D, ", ", H,
-              "] (q, k and v rows; Hkv and head_dim from k_cache), got ", w_qkv.sizes());
-  const int64_t Hq = (w_qkv.size(0) - 2 * Hkv * D) / D;
-  check_weight(w_qkv, "w_qkv", (Hq + 2 * Hkv) * D, H, b_qkv, "b_qkv");
+  // Hq from the q rows (the first part, or the fused rows less k's and v's)
+  TORCH_CHECK(!w_qkv.empty() && w_qkv[0].dim() == 2, "w_qkv: expected one (rows, ", H, ") tensor or three, got ",
+              w_qkv.size(), " tensors");
+  const int64_t q_rows = w_qkv.size() == 3 ? w_qkv[0].size(0) : w_qkv[0].size(0) - 2 * Hkv * D;
+  TORCH_CHECK(q_rows > 0 && q_rows % D == 0, "w_qkv: expected (Hq + 2 * ", Hkv, ") * ", D, " rows of ", H,
+              " columns in all (q, k and v rows; Hkv and head_dim from k_cache), got ", w_qkv[0].sizes(),
+              w_qkv.size() == 3 ? " as q" : "");
+  const int64_t Hq = q_rows / D;
+  const int64_t qkv_rows = group_rows(w_qkv, "w_qkv", H, {Hq * D, Hkv * D, Hkv * D});
+  TORCH_CHECK(qkv_rows == (Hq + 2 * Hkv) * D, "w_qkv: expected ", (Hq + 2 * Hkv) * D, " rows in all, got ", qkv_rows);
+  if (b_qkv.has_value()) {
+    TORCH_CHECK(b_qkv->dim() == 1 && b_qkv->size(0) == qkv_rows, "b_qkv: expected shape [", qkv_rows, "], got ",
+                b_qkv->sizes());
+  }
   check_weight(w_o, "w_o", H, Hq * D, b_o, "b_o");
-  TORCH_CHECK(w_gate_up.dim() == 2 && w_gate_up.size(0) % 2 == 0, "w_gate_up: expected shape [2 * intermediate, ",
-              H, "] (gate rows, then up rows), got ", w_gate_up.sizes());
-  const int64_t inter = w_gate_up.size(0) / 2;
-  check_weight(w_gate_up, "w_gate_up", 2 * inter, H, b_gate_up, "b_gate_up");
+  TORCH_CHECK(!w_gate_up.empty() && w_gate_up[0].dim() == 2, "w_gate_up: expected one (rows, ", H,
+              ") tensor or two, got ", w_gate_up.size(), " tensors");
+  const int64_t inter = w_gate_up.size() == 2 ? w_gate_up[0].size(0) : w_gate_up[0].size(0) / 2;
+  TORCH_CHECK(group_rows(w_gate_up, "w_gate_up", H, {inter, inter}) == 2 * inter,
+              "w_gate_up: expected 2 * intermediate rows (gate rows, then up rows), got ", w_gate_up[0].sizes());
+  if (b_gate_up.has_value()) {
+    TORCH_CHECK(b_gate_up->dim() == 1 && b_gate_up->size(0) == 2 * inter, "b_gate_up: expected shape [", 2 * inter,
+                "], got ", b_gate_up->sizes());
+  }
   check_weight(w_down, "w_down", H, inter, b_down, "b_down");
 
   static const auto append_rope =
@@ -100,14 +151,14 @@ at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& norm1, double
   static const auto swiglu = fastllm_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("fastllm::swiglu_fwd");
 
   // attention
-  auto qkv = linear(rms_norm(x, norm1, eps1), w_qkv, b_qkv, {Hq * D, Hkv * D, Hkv * D});
+  auto qkv = linear_parts(rms_norm(x, norm1, eps1), w_qkv, b_qkv, {Hq * D, Hkv * D, Hkv * D});
   at::Tensor q = append_rope.call(qkv[0].view({B, Hq, D}), qkv[1].view({B, Hkv, D}), qkv[2].view({B, Hkv, D}),
                                   k_cache, v_cache, positions, inv_freq);
   at::Tensor a = attention.call(q, k_cache, v_cache, lengths, scale);
   at::Tensor h = std::move(linear(a.view({B, Hq * D}), w_o, b_o, {H})[0]);
   add_into(h, x);
   // MLP
-  auto gate_up = linear(rms_norm(h, norm2, eps2), w_gate_up, b_gate_up, {inter, inter});
+  auto gate_up = linear_parts(rms_norm(h, norm2, eps2), w_gate_up, b_gate_up, {inter, inter});
   at::Tensor y = std::move(linear(swiglu.call(gate_up[0], gate_up[1]), w_down, b_down, {H})[0]);
   add_into(y, h);
   return y;

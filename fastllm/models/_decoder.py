@@ -293,9 +293,10 @@ def decode_attention(
 def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | None) -> list[Tensor]:
     """x through owner.<name> for each name (one projection, or several that read the same
     input: q/k/v, gate/up). In an inference forward over a KVCache (no gradients) whose
-    projections are plain nn.Linear or LoRALinear, one matmul with their concatenated weight,
-    LoRA merged in or added as one low-rank term (kept by the cache, rebuilt when a weight
-    changes in place: KVCache.fused_projection): at decode batch sizes every matmul and
+    projections are plain nn.Linear or LoRALinear, one matmul with their concatenated weight
+    (or one per weight where the cache keeps the group as parts), LoRA merged in or added as one
+    low-rank term (kept by the cache, rebuilt when a weight changes in place:
+    KVCache.fused_projection): at decode batch sizes every matmul and
     module call costs more than its arithmetic. Otherwise (training, other wrappers) each
     module is called, a plain nn.Linear through fastllm.ops.linear. The parameters keep their
     Hugging Face names either way."""
@@ -305,6 +306,16 @@ def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | No
     if fused is None:
         return [_call(getattr(owner, name), x) for name in names]
     weight, bias, low_rank, sizes = fused
+    if isinstance(weight, tuple):  # the group kept as parts (KVCache.fused_projection): one product each
+        biases = [None] * len(weight) if bias is None else bias.split(sizes)
+        return [_project_one(w, b, x, step)[0] for w, b in zip(weight, biases)]
+    return _project_one(weight, bias, x, step, sizes, low_rank)
+
+
+def _project_one(weight: Tensor, bias: Tensor | None, x: Tensor, step: Step, sizes: list[int] | None = None,
+                low_rank: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
+    """x through one inference weight (fused or not) of `project`, as its parts (`sizes`)."""
+    sizes = sizes or [weight.shape[0]]
     # a decode step's few rows: the native kernel on the CPU, each part written contiguously;
     # called directly in the decode branch (small_linear's own checks cost more than its
     # arithmetic at these sizes: the fused weight is float32 and row-major, x is the step's)

@@ -13,8 +13,9 @@ single-token decode steps work with any lengths.
 A cache also serves the model's decode branch (`model.decode(tokens, positions, cache)`, one
 token per sequence at its own position, no host sync): it holds the inference kernels that
 branch calls, resolved once for its device (`kernels`), and the weights of an inference
-forward's projections (`fused_projection`: q/k/v and gate/up concatenated, LoRA adapters merged
-or stacked), which live as long as the cache, so a training step never carries them.
+forward's projections (`fused_projection`: q/k/v and gate/up concatenated, or kept as parts
+where one row goes to BLAS, LoRA adapters merged or stacked), which live as long as the cache,
+so a training step never carries them.
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ class DecodeKernels:
         self.decode_layer = (ops.decode_layer_fwd if self.small_linear is not None and self.rms_norm is not None
                              and self.swiglu is not None and _backend.native_has("decode_layer_fwd", device)
                              else None)
+        # One row on the BLAS engine (MKL on an Intel CPU): small_linear hands each product to BLAS,
+        # whose matrix-vector product costs about as much for q, k and v as three products as for
+        # one over their concatenation (+0.14 ms a SmolLM2 step), while concatenating a group's
+        # weights costs every generate call ~60 ms of copies into fresh pages (bench/README.md), so
+        # the groups are kept as parts (KVCache.fused_projection).
+        self.parts = (self.small_linear is not None and rows == 1 and hasattr(ops, "cpu_products")
+                      and ops.cpu_products() == "blas")
 
 
 class KVCache:
@@ -203,11 +211,13 @@ class KVCache:
 
     def fused_projection(
         self, owner: nn.Module, names: tuple[str, ...]
-    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None, list[int]] | None:
+    ) -> tuple[Tensor | tuple[Tensor, ...], Tensor | None, tuple[Tensor, Tensor] | None, list[int]] | None:
         """The projections owner.<name> (names; several when they read the same input) as
         one inference matmul: (weight (sum of out, in), bias or None, low_rank, split sizes),
         or None when a projection is neither a plain nn.Linear nor a module with
-        `inference_parts()` (LoRALinear) that can give one now.
+        `inference_parts()` (LoRALinear) that can give one now. Where the cache's kernels keep
+        groups as parts (`kernels.parts`: one row on the BLAS engine) and no low-rank term is
+        added, weight is the tuple of the projections' weights (out_i, in) instead, no copy.
 
         LoRA adapters (see `lora`): "merge" folds s B A into the weight (a copy of each adapted
         projection, one matmul per group); "low_rank" keeps the base weight and returns
@@ -226,7 +236,7 @@ class KVCache:
                 and sum([t._version for t in entry[2]]) == entry[3]
                 and (entry[4] is None or entry[4] == _states(modules))):
             return entry[5]
-        fused, tensors, states = _fuse(modules, self.lora), [], None
+        fused, tensors, states = _fuse(modules, self.lora, self.kernels.parts), [], None
         if fused is not None:
             tensors = [t for m in modules for t in m.parameters()]
             states = _states(modules) if any(type(m) is not nn.Linear for m in modules) else None
@@ -248,7 +258,7 @@ def _parts(module: nn.Module):
 
 
 @torch.no_grad()
-def _fuse(modules, lora: str):
+def _fuse(modules, lora: str, keep_parts: bool = False):
     parts = [_parts(m) for m in modules]
     if any(p is None for p in parts):
         return None
@@ -259,7 +269,13 @@ def _fuse(modules, lora: str):
             acc = torch.float64 if w.dtype == torch.float64 else torch.float32
             w = (w.to(acc) + low[1].to(acc) @ low[0].to(acc)).to(w.dtype)
         weights.append(w.detach())
-    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    low_rank_term = lora == "low_rank" and any(low is not None for _, _, low in parts)
+    if len(weights) == 1:
+        weight = weights[0]
+    elif keep_parts and not low_rank_term:
+        weight = tuple(weights)
+    else:
+        weight = torch.cat(weights)
     bias = None
     if any(b is not None for _, b, _ in parts):
         bias = torch.cat([b.detach() if b is not None else weights[0].new_zeros(n)

@@ -117,12 +117,16 @@ class LlamaDecoderLayer(nn.Module):
                  cache.fused_projection(mlp, ("gate_proj", "up_proj")),
                  cache.fused_projection(mlp, ("down_proj",)))
         for p in parts:
-            if p is None or p[2] is not None or p[0].dtype != torch.float32 or p[0].stride(-1) != 1:
+            if p is None or p[2] is not None:
                 return None
+            for w in p[0] if isinstance(p[0], tuple) else (p[0],):  # a group's weight, or its parts
+                if w.dtype != torch.float32 or w.stride(-1) != 1:
+                    return None
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
         if n1.weight.dtype != torch.float32 or n2.weight.dtype != torch.float32:
             return None
         (qkv, b_qkv, _, _), (o, b_o, _, _), (gu, b_gu, _, _), (down, b_down, _, _) = parts
+        qkv, gu = (list(w) if isinstance(w, tuple) else [w] for w in (qkv, gu))
         i = attn.layer_idx
         return ((n1.weight, n1.eps, qkv, b_qkv, o, b_o, n2.weight, n2.eps, gu, b_gu, down, b_down, cache.layer_k[i],
                  cache.layer_v[i]), 1.0 / math.sqrt(attn.head_dim))

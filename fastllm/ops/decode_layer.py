@@ -9,8 +9,9 @@ the layer's key/value caches (B, Smax, Hkv, D):
     h = rms_norm(x, norm2, eps2);  [g | u] = h w_gate_up^T + b_gate_up
     returns x + swiglu(g, u) w_down^T + b_down                               (B, H)
 
-w_qkv ((Hq + 2 Hkv) D, H): the q, k and v projections' rows stacked; w_gate_up (2 I, H): gate's
-rows, then up's; biases None or (rows,). Hkv and D come from the caches, Hq from w_qkv. The
+w_qkv ((Hq + 2 Hkv) D, H): the q, k and v projections' rows stacked, or the three as a list;
+w_gate_up (2 I, H): gate's rows, then up's, or the two as a list; biases None or (rows,) (a
+group's bias always fused). Hkv and D come from the caches, Hq from w_qkv. The
 caches are updated in place, lengths (B,) int32 are the keys each query attends to
 (positions + 1 in a decode step).
 
@@ -24,6 +25,7 @@ Python); `decode_layer` here is the checked entry. Inference only (no autograd),
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,7 @@ def decode_layer_reference(x: Tensor, norm1: Tensor, eps1: float, w_qkv: Tensor,
                            v_cache: Tensor, positions: Tensor, lengths: Tensor, inv_freq: Tensor,
                            scale: float) -> Tensor:
     """Plain PyTorch version (see the module docstring); updates the caches in place."""
+    w_qkv, w_gate_up = _fused(w_qkv), _fused(w_gate_up)
     B, _ = x.shape
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     Hq = w_qkv.shape[0] // D - 2 * Hkv
@@ -54,8 +57,38 @@ def decode_layer_reference(x: Tensor, norm1: Tensor, eps1: float, w_qkv: Tensor,
     return x + F.linear(swiglu_reference(g, u), w_down, b_down)
 
 
+def _parts(w: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    return [w] if isinstance(w, Tensor) else list(w)
+
+
+def _fused(w: Tensor | Sequence[Tensor]) -> Tensor:
+    """A projection group's weight as one tensor: itself, or its parts' rows stacked."""
+    parts = _parts(w)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _check_parts(name: str, parts: list[Tensor], sizes: list[int]) -> None:
+    """A group given as parts (their count already checked): each part's rows (sizes)."""
+    if len(parts) == 1:
+        return
+    for i, (w, n) in enumerate(zip(parts, sizes)):
+        if w.dim() != 2 or w.shape[0] != n:
+            raise ValueError(f"{name}: expected part {i} with {n} rows, got shape {list(w.shape)}")
+
+
 def _check(x, norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gate_up, b_gate_up, w_down, b_down, k_cache, v_cache,
            positions, lengths, inv_freq) -> None:
+    qkv_parts, gate_up_parts = _parts(w_qkv), _parts(w_gate_up)
+    for name, parts in (("w_qkv", qkv_parts), ("w_gate_up", gate_up_parts)):
+        for t in parts:
+            if t.dtype != torch.float32:
+                raise TypeError(f"{name}: expected dtype torch.float32, got {t.dtype}")
+            if t.dim() != 2 or t.shape[1] != x.shape[-1]:
+                raise ValueError(f"{name}: expected ({x.shape[-1]})-column matrices, got shape {list(t.shape)}")
+    for name, parts, count in (("w_qkv", qkv_parts, 3), ("w_gate_up", gate_up_parts, 2)):
+        if len(parts) not in (1, count):
+            raise ValueError(f"{name}: expected one fused tensor or {count} parts, got {len(parts)} tensors")
+    w_qkv, w_gate_up = torch.cat(qkv_parts), torch.cat(gate_up_parts)
     named = {"x": x, "norm1": norm1, "w_qkv": w_qkv, "b_qkv": b_qkv, "w_o": w_o, "b_o": b_o, "norm2": norm2,
              "w_gate_up": w_gate_up, "b_gate_up": b_gate_up, "w_down": w_down, "b_down": b_down,
              "k_cache": k_cache, "v_cache": v_cache}
@@ -69,14 +102,17 @@ def _check(x, norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gate_up, b_gate_up, w_down
         raise ValueError(f"k_cache, v_cache: expected equal shapes [{B}, Smax, Hkv, D], got "
                          f"{list(k_cache.shape)} and {list(v_cache.shape)}")
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
-    rows = w_qkv.shape[0] if w_qkv.dim() == 2 else -1
-    Hq = rows // D - 2 * Hkv if rows > 0 and rows % D == 0 else 0
-    inter = w_gate_up.shape[0] // 2 if w_gate_up.dim() == 2 else 0
+    # Hq from the q rows (the first part, or the fused rows less k's and v's), as the kernel does
+    q_rows = qkv_parts[0].shape[0] if len(qkv_parts) == 3 else w_qkv.shape[0] - 2 * Hkv * D
+    Hq = q_rows // D if q_rows > 0 and q_rows % D == 0 else 0
+    inter = gate_up_parts[0].shape[0] if len(gate_up_parts) == 2 else w_gate_up.shape[0] // 2
     for name, w, shape in (("w_qkv", w_qkv, [(Hq + 2 * Hkv) * D, H]), ("w_o", w_o, [H, Hq * D]),
                            ("w_gate_up", w_gate_up, [2 * inter, H]), ("w_down", w_down, [H, inter])):
         if Hq <= 0 or inter <= 0 or list(w.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape} (Hkv={Hkv} and head_dim={D} from k_cache), "
                              f"got {list(w.shape)}")
+    _check_parts("w_qkv", qkv_parts, [Hq * D, Hkv * D, Hkv * D])
+    _check_parts("w_gate_up", gate_up_parts, [inter, inter])
     for name, b, n in (("b_qkv", b_qkv, w_qkv.shape[0]), ("b_o", b_o, H), ("b_gate_up", b_gate_up, 2 * inter),
                        ("b_down", b_down, H)):
         if b is not None and list(b.shape) != [n]:
@@ -97,8 +133,9 @@ def _register_native_fake() -> None:
 _register_native_fake()
 
 
-def decode_layer(x: Tensor, norm1: Tensor, eps1: float, w_qkv: Tensor, b_qkv: Tensor | None, w_o: Tensor,
-                 b_o: Tensor | None, norm2: Tensor, eps2: float, w_gate_up: Tensor, b_gate_up: Tensor | None,
+def decode_layer(x: Tensor, norm1: Tensor, eps1: float, w_qkv: Tensor | Sequence[Tensor], b_qkv: Tensor | None,
+                 w_o: Tensor, b_o: Tensor | None, norm2: Tensor, eps2: float, w_gate_up: Tensor | Sequence[Tensor],
+                 b_gate_up: Tensor | None,
                  w_down: Tensor, b_down: Tensor | None, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
                  lengths: Tensor, inv_freq: Tensor, scale: float | None = None, *,
                  backend: str | None = None) -> Tensor:
@@ -114,4 +151,7 @@ def decode_layer(x: Tensor, norm1: Tensor, eps1: float, w_qkv: Tensor, b_qkv: Te
                              cuda_order=("native",), has_triton=False)
     if chosen == "reference":
         return decode_layer_reference(*args)
-    return torch.ops.fastllm.decode_layer_fwd(*(a.contiguous() if isinstance(a, Tensor) else a for a in args))
+    native = [a.contiguous() if isinstance(a, Tensor) else a for a in args]
+    native[3] = [w.contiguous() for w in _parts(w_qkv)]
+    native[9] = [w.contiguous() for w in _parts(w_gate_up)]
+    return torch.ops.fastllm.decode_layer_fwd(*native)

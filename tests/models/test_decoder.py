@@ -346,6 +346,44 @@ def test_decode_block_with_hooks_keeps_the_per_op_branch():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("lora", [None, "merge", "low_rank"])
+@pytest.mark.parametrize("one_call", [True, False])
+def test_one_row_on_blas_keeps_groups_as_parts(cpu_products, lora, one_call):
+    """With one row on the BLAS engine the cache keeps q/k/v and gate/up as parts (the
+    projections' own weights, or their merged copies: no concatenated copy), one product each;
+    elsewhere, or with a low-rank LoRA term, one concatenated weight. The decode steps match a
+    full forward, and the one-call block equals the per-op branch bit for bit."""
+    from fastllm.ops._backend import native_has
+
+    model = _lora_model() if lora else _model("tiny-llama", qkv_bias=True)
+    torch.manual_seed(8)
+    seq = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        out = []
+        for call in (one_call, False):
+            cache = model.new_kv_cache(batch=1, max_len=9)
+            cache.lora = lora or "merge"
+            if not call:
+                cache.kernels.decode_layer = None
+            model(seq[:, :5], kv_cache=cache)
+            steps = []
+            for p in range(5, 9):
+                hidden = model.decode(seq[:, p], torch.tensor([p], dtype=torch.int32), cache)
+                steps.append(model.logits(hidden))
+                assert_close(steps[-1][0], model.logits(model(seq[:, : p + 1]))[0, -1])
+            out.append(torch.stack(steps))
+    assert torch.equal(out[0], out[1])
+    blas_row = native_has("small_linear_fwd", torch.device("cpu")) and torch.ops.fastllm.cpu_products() == "blas"
+    assert cache.kernels.parts == blas_row
+    parts = blas_row and lora != "low_rank"
+    attn = model.model.layers[0].self_attn
+    weight = cache.fused_projection(attn, ("q_proj", "k_proj", "v_proj"))[0]
+    assert isinstance(weight, tuple) == parts
+    if parts and lora is None:  # the projections' own weights: nothing copied
+        assert [w.data_ptr() for w in weight] == [attn.q_proj.weight.data_ptr(), attn.k_proj.weight.data_ptr(),
+                                                  attn.v_proj.weight.data_ptr()]
+
+
 @pytest.mark.parametrize("fixed_model", [False, True])
 def test_decode_plan_built_every_step_or_once(monkeypatch, fixed_model):
     """The blocks' one-call arguments (decode_plan) are checked and built at every decode step,

@@ -42,6 +42,20 @@ def _clone(args):
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
 
 
+def _native(args, scale):
+    """The native op's positional arguments: the q/k/v and gate/up groups as lists."""
+    vals = list(args.values()) + [scale]
+    vals[3], vals[9] = [vals[3]], [vals[9]]
+    return vals
+
+
+def _as_parts(args, shape):
+    """The same arguments with the q/k/v and gate/up groups given as their parts."""
+    _, _, Hq, Hkv, D, inter, _ = shape
+    return dict(args, w_qkv=list(args["w_qkv"].split([Hq * D, Hkv * D, Hkv * D])),
+                w_gate_up=list(args["w_gate_up"].split([inter, inter])))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
@@ -81,8 +95,49 @@ def test_native_equals_the_decode_branch_kernels_one_by_one(shape):
                                 [inter, inter])
     (d,) = ops.small_linear_fwd(ops.swiglu_fwd(g, u), a["w_down"], a["b_down"], [H])
     want = h + d
-    out = ops.decode_layer_fwd(*a.values(), scale)
+    out = ops.decode_layer_fwd(*_native(a, scale))
     assert torch.equal(out, want)
+    assert torch.equal(a["k_cache"], kc) and torch.equal(a["v_cache"], vc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_groups_as_parts_match_reference(backend, shape, bias):
+    """q/k/v and gate/up given as separate weights (the cache's parts where one row goes to
+    BLAS): each part its own product, the same block output as the fused weights give."""
+    args = _inputs(*shape, bias)
+    ref = _clone(args)
+    out = decode_layer(**_as_parts(args, shape), backend=backend)
+    want = decode_layer_reference(**ref, scale=1.0 / math.sqrt(shape[4]))
+    assert_close(out, want)
+    assert_close(args["k_cache"], ref["k_cache"])
+    assert_close(args["v_cache"], ref["v_cache"])
+
+
+@pytest.mark.skipif(not NATIVE, reason="needs the compiled extension")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_native_parts_equal_their_products_one_by_one(shape):
+    """With parts the native call runs one small_linear_fwd per part, in the branch's order."""
+    ops = torch.ops.fastllm
+    a = _inputs(*shape, bias=True)
+    B, H, Hq, Hkv, D, inter, _ = shape
+    scale = 1.0 / math.sqrt(D)
+    p = _as_parts(a, shape)
+    kc, vc = a["k_cache"].clone(), a["v_cache"].clone()
+    h = ops.rms_norm_fwd(a["x"], a["norm1"], a["eps1"])
+    q, k, v = (ops.small_linear_fwd(h, w, b, [w.shape[0]])[0]
+               for w, b in zip(p["w_qkv"], a["b_qkv"].split([Hq * D, Hkv * D, Hkv * D])))
+    q = ops.kv_append_rope_fwd(q.view(B, Hq, D), k.view(B, Hkv, D), v.view(B, Hkv, D), kc, vc, a["positions"],
+                               a["inv_freq"])
+    attn = ops.decode_attention_fwd(q, kc, vc, a["lengths"], scale)
+    (o,) = ops.small_linear_fwd(attn.view(B, Hq * D), a["w_o"], a["b_o"], [H])
+    h = a["x"] + o
+    n2 = ops.rms_norm_fwd(h, a["norm2"], a["eps2"])
+    g, u = (ops.small_linear_fwd(n2, w, b, [inter])[0] for w, b in zip(p["w_gate_up"], a["b_gate_up"].split(inter)))
+    (d,) = ops.small_linear_fwd(ops.swiglu_fwd(g, u), a["w_down"], a["b_down"], [H])
+    vals = list(p.values()) + [scale]
+    assert torch.equal(ops.decode_layer_fwd(*vals), h + d)
     assert torch.equal(a["k_cache"], kc) and torch.equal(a["v_cache"], vc)
 
 
@@ -101,23 +156,42 @@ def test_errors_name_the_argument(backend):
     bad = dict(args, positions=args["positions"].long())
     with pytest.raises(ValueError, match="positions"):
         decode_layer(**bad, backend=backend)
+    parts = _as_parts(args, SHAPES[0])
+    bad = dict(parts, w_qkv=parts["w_qkv"][:2])  # two parts of three
+    with pytest.raises(ValueError, match="w_qkv"):
+        decode_layer(**bad, backend=backend)
+    bad = dict(parts, w_gate_up=[parts["w_gate_up"][0], parts["w_gate_up"][1][:-1]])  # up one row short
+    with pytest.raises(ValueError, match="w_gate_up"):
+        decode_layer(**bad, backend=backend)
 
 
 @pytest.mark.skipif(not NATIVE, reason="needs the compiled extension")
 def test_native_kernel_checks_shapes_itself():
     """The model's decode branch calls the kernel without the Python checks: it checks too."""
     a = _inputs(*SHAPES[0], bias=True)
-    vals = list(a.values()) + [0.125]
+    vals = _native(a, 0.125)
     vals[5] = a["w_o"][:, :-1].contiguous()  # w_o
     with pytest.raises(RuntimeError, match="w_o"):
         torch.ops.fastllm.decode_layer_fwd(*vals)
-    vals = list(a.values()) + [0.125]
-    vals[3] = a["w_qkv"][:-1].contiguous()  # w_qkv: not a whole number of heads
+    vals = _native(a, 0.125)
+    vals[3] = [a["w_qkv"][:-1].contiguous()]  # w_qkv: not a whole number of heads
     with pytest.raises(RuntimeError, match="w_qkv"):
+        torch.ops.fastllm.decode_layer_fwd(*vals)
+    _, _, Hq, Hkv, D, inter, _ = SHAPES[0]
+    vals = _native(a, 0.125)
+    q, k, v = a["w_qkv"].split([Hq * D, Hkv * D, Hkv * D])
+    vals[3] = [q, k, v[:-1]]  # v one row short
+    with pytest.raises(RuntimeError, match="w_qkv"):
+        torch.ops.fastllm.decode_layer_fwd(*vals)
+    vals = _native(a, 0.125)
+    vals[9] = list(a["w_gate_up"].split(inter)) + [a["w_gate_up"][:1]]  # three tensors
+    with pytest.raises(RuntimeError, match="w_gate_up"):
         torch.ops.fastllm.decode_layer_fwd(*vals)
 
 
 @pytest.mark.skipif(not NATIVE, reason="needs the compiled extension")
 def test_opcheck_native_kernel():
     a = _inputs(*SHAPES[0], bias=True)
-    torch.library.opcheck(torch.ops.fastllm.decode_layer_fwd.default, tuple(a.values()) + (0.125,))
+    torch.library.opcheck(torch.ops.fastllm.decode_layer_fwd.default, tuple(_native(a, 0.125)))
+    vals = list(_as_parts(a, SHAPES[0]).values()) + [0.125]
+    torch.library.opcheck(torch.ops.fastllm.decode_layer_fwd.default, tuple(vals))
