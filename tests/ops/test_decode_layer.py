@@ -77,26 +77,34 @@ def test_matches_reference(backend, shape, bias):
 
 @pytest.mark.skipif(not NATIVE, reason="needs the compiled extension")
 @pytest.mark.parametrize("shape", SHAPES)
-def test_native_equals_the_decode_branch_kernels_one_by_one(shape):
-    """The fused call runs the per-op branch's kernels in its order: equal bit for bit."""
+@pytest.mark.parametrize("parts", [False, True])
+def test_native_equals_the_decode_branch_kernels_one_by_one(shape, parts):
+    """The one call runs the per-op branch's kernels in its order: equal bit for bit. With the
+    q/k/v and gate/up groups as parts, one small_linear_fwd per part."""
     ops = torch.ops.fastllm
     a = _inputs(*shape, bias=True)
     B, H, Hq, Hkv, D, inter, _ = shape
     scale = 1.0 / math.sqrt(D)
+    p = _as_parts(a, shape)
+
+    def group(x, name, sizes):
+        if not parts:
+            return ops.small_linear_fwd(x, a[name], a["b" + name[1:]], sizes)
+        return [ops.small_linear_fwd(x, w, b, [w.shape[0]])[0] for w, b in zip(p[name], a["b" + name[1:]].split(sizes))]
+
     kc, vc = a["k_cache"].clone(), a["v_cache"].clone()
-    q, k, v = ops.small_linear_fwd(ops.rms_norm_fwd(a["x"], a["norm1"], a["eps1"]), a["w_qkv"], a["b_qkv"],
-                                   [Hq * D, Hkv * D, Hkv * D])
+    q, k, v = group(ops.rms_norm_fwd(a["x"], a["norm1"], a["eps1"]), "w_qkv", [Hq * D, Hkv * D, Hkv * D])
     q = ops.kv_append_rope_fwd(q.view(B, Hq, D), k.view(B, Hkv, D), v.view(B, Hkv, D), kc, vc, a["positions"],
                                a["inv_freq"])
     attn = ops.decode_attention_fwd(q, kc, vc, a["lengths"], scale)
     (o,) = ops.small_linear_fwd(attn.view(B, Hq * D), a["w_o"], a["b_o"], [H])
     h = a["x"] + o
-    g, u = ops.small_linear_fwd(ops.rms_norm_fwd(h, a["norm2"], a["eps2"]), a["w_gate_up"], a["b_gate_up"],
-                                [inter, inter])
+    g, u = group(ops.rms_norm_fwd(h, a["norm2"], a["eps2"]), "w_gate_up", [inter, inter])
     (d,) = ops.small_linear_fwd(ops.swiglu_fwd(g, u), a["w_down"], a["b_down"], [H])
-    want = h + d
-    out = ops.decode_layer_fwd(*_native(a, scale))
-    assert torch.equal(out, want)
+    args = list(p.values()) + [scale] if parts else _native(a, scale)
+    assert isinstance(args[3], list) and len(args[3]) == (3 if parts else 1)
+    out = ops.decode_layer_fwd(*args)
+    assert torch.equal(out, h + d)
     assert torch.equal(a["k_cache"], kc) and torch.equal(a["v_cache"], vc)
 
 
@@ -113,32 +121,6 @@ def test_groups_as_parts_match_reference(backend, shape, bias):
     assert_close(out, want)
     assert_close(args["k_cache"], ref["k_cache"])
     assert_close(args["v_cache"], ref["v_cache"])
-
-
-@pytest.mark.skipif(not NATIVE, reason="needs the compiled extension")
-@pytest.mark.parametrize("shape", SHAPES)
-def test_native_parts_equal_their_products_one_by_one(shape):
-    """With parts the native call runs one small_linear_fwd per part, in the branch's order."""
-    ops = torch.ops.fastllm
-    a = _inputs(*shape, bias=True)
-    B, H, Hq, Hkv, D, inter, _ = shape
-    scale = 1.0 / math.sqrt(D)
-    p = _as_parts(a, shape)
-    kc, vc = a["k_cache"].clone(), a["v_cache"].clone()
-    h = ops.rms_norm_fwd(a["x"], a["norm1"], a["eps1"])
-    q, k, v = (ops.small_linear_fwd(h, w, b, [w.shape[0]])[0]
-               for w, b in zip(p["w_qkv"], a["b_qkv"].split([Hq * D, Hkv * D, Hkv * D])))
-    q = ops.kv_append_rope_fwd(q.view(B, Hq, D), k.view(B, Hkv, D), v.view(B, Hkv, D), kc, vc, a["positions"],
-                               a["inv_freq"])
-    attn = ops.decode_attention_fwd(q, kc, vc, a["lengths"], scale)
-    (o,) = ops.small_linear_fwd(attn.view(B, Hq * D), a["w_o"], a["b_o"], [H])
-    h = a["x"] + o
-    n2 = ops.rms_norm_fwd(h, a["norm2"], a["eps2"])
-    g, u = (ops.small_linear_fwd(n2, w, b, [inter])[0] for w, b in zip(p["w_gate_up"], a["b_gate_up"].split(inter)))
-    (d,) = ops.small_linear_fwd(ops.swiglu_fwd(g, u), a["w_down"], a["b_down"], [H])
-    vals = list(p.values()) + [scale]
-    assert torch.equal(ops.decode_layer_fwd(*vals), h + d)
-    assert torch.equal(a["k_cache"], kc) and torch.equal(a["v_cache"], vc)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
