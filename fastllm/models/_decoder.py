@@ -463,9 +463,9 @@ def run_blocks(blocks, x: Tensor, *args, checkpoint: bool = False) -> Tensor:
     calls in a row, without the blocks' module calls."""
     step = args[-1] if args else None
     if isinstance(step, Step) and step.decode is not None and x.dtype == torch.float32:
-        plan = decode_plan(blocks, step.kv_cache)
-        if plan is not None:
-            kernel, d = step.kv_cache.kernels.decode_layer, step.decode
+        plan, kernel = decode_plan(blocks, step.kv_cache), step.kv_cache.kernels.decode_layer
+        if plan is not None and kernel is not None:
+            d = step.decode
             positions, lengths, inv_freq = d.positions, d.lengths, d.inv_freq
             B, H = x.shape[0], x.shape[-1]
             y = x.view(B, H)
