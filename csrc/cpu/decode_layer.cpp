@@ -23,6 +23,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "fastllm/checks.h"
@@ -66,23 +67,26 @@ std::vector<at::Tensor> linear_parts(const at::Tensor& x, at::TensorList parts, 
   return outs;
 }
 
-// The rows of a group given as one tensor or its parts, each part checked as a (rows, cols)
-// float32 matrix; `sizes` (when not empty) are the parts' expected rows.
-int64_t group_rows(at::TensorList parts, const char* name, int64_t cols, c10::IntArrayRef sizes) {
+// A projection group's weight checked: one fused (sum of sizes, cols) float32 matrix, or one
+// (sizes[s], cols) matrix per part; its bias, if any, (sum of sizes,). A single projection is a
+// group of one (sizes = {rows}).
+void check_group(at::TensorList parts, const char* name, c10::IntArrayRef sizes, int64_t cols, const OptTensor& b,
+                 const char* bias_name) {
+  int64_t rows = 0;
+  for (int64_t n : sizes) rows += n;
   TORCH_CHECK(parts.size() == 1 || parts.size() == sizes.size(), name, ": expected one fused tensor or ",
               sizes.size(), " parts, got ", parts.size(), " tensors");
-  int64_t rows = 0;
   for (size_t s = 0; s < parts.size(); ++s) {
     check_dim(parts[s], name, 2);
     check_dtype(parts[s], name, {at::kFloat});
-    TORCH_CHECK(parts[s].size(1) == cols, name, ": expected ", cols, " columns, got shape ", parts[s].sizes());
-    if (parts.size() > 1) {
-      TORCH_CHECK(parts[s].size(0) == sizes[s], name, ": expected part ", s, " with ", sizes[s], " rows, got shape ",
-                  parts[s].sizes());
-    }
-    rows += parts[s].size(0);
+    const int64_t want = parts.size() == 1 ? rows : sizes[s];
+    TORCH_CHECK(parts[s].size(0) == want && parts[s].size(1) == cols, name, ": expected ",
+                parts.size() == 1 ? "shape [" : "part " + std::to_string(s) + " of shape [", want, ", ", cols,
+                "], got ", parts[s].sizes());
   }
-  return rows;
+  if (b.has_value()) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == rows, bias_name, ": expected shape [", rows, "], got ", b->sizes());
+  }
 }
 
 // y += x elementwise (y a fresh output of the same shape): the residual add, in the order the
@@ -92,17 +96,6 @@ void add_into(at::Tensor& y, const at::Tensor& x) {
   const float* in = x.const_data_ptr<float>();
   const int64_t n = y.numel();
   for (int64_t i = 0; i < n; ++i) out[i] = in[i] + out[i];
-}
-
-void check_weight(const at::Tensor& w, const char* name, int64_t rows, int64_t cols, const OptTensor& b,
-                  const char* bias_name) {
-  check_dim(w, name, 2);
-  check_dtype(w, name, {at::kFloat});
-  TORCH_CHECK(w.size(0) == rows && w.size(1) == cols, name, ": expected shape [", rows, ", ", cols, "], got ",
-              w.sizes());
-  if (b.has_value()) {
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == rows, bias_name, ": expected shape [", rows, "], got ", b->sizes());
-  }
 }
 
 at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& norm1, double eps1, at::TensorList w_qkv,
@@ -116,7 +109,8 @@ at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& norm1, double
   check_contiguous(x, "x");
   check_dim(k_cache, "k_cache", 4);
   const int64_t B = x.size(0), H = x.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
-  // Hq from the q rows (the first part, or the fused rows less k's and v's)
+  // Hq from the q rows (the first of three parts, or the fused rows less k's and v's); the
+  // intermediate size likewise from gate's rows
   TORCH_CHECK(!w_qkv.empty() && w_qkv[0].dim() == 2, "w_qkv: expected one (rows, ", H, ") tensor or three, got ",
               w_qkv.size(), " tensors");
   const int64_t q_rows = w_qkv.size() == 3 ? w_qkv[0].size(0) : w_qkv[0].size(0) - 2 * Hkv * D;
@@ -124,23 +118,13 @@ at::Tensor decode_layer_cpu(const at::Tensor& x, const at::Tensor& norm1, double
               " columns in all (q, k and v rows; Hkv and head_dim from k_cache), got ", w_qkv[0].sizes(),
               w_qkv.size() == 3 ? " as q" : "");
   const int64_t Hq = q_rows / D;
-  const int64_t qkv_rows = group_rows(w_qkv, "w_qkv", H, {Hq * D, Hkv * D, Hkv * D});
-  TORCH_CHECK(qkv_rows == (Hq + 2 * Hkv) * D, "w_qkv: expected ", (Hq + 2 * Hkv) * D, " rows in all, got ", qkv_rows);
-  if (b_qkv.has_value()) {
-    TORCH_CHECK(b_qkv->dim() == 1 && b_qkv->size(0) == qkv_rows, "b_qkv: expected shape [", qkv_rows, "], got ",
-                b_qkv->sizes());
-  }
-  check_weight(w_o, "w_o", H, Hq * D, b_o, "b_o");
+  check_group(w_qkv, "w_qkv", {Hq * D, Hkv * D, Hkv * D}, H, b_qkv, "b_qkv");
+  check_group(w_o, "w_o", {H}, Hq * D, b_o, "b_o");
   TORCH_CHECK(!w_gate_up.empty() && w_gate_up[0].dim() == 2, "w_gate_up: expected one (rows, ", H,
               ") tensor or two, got ", w_gate_up.size(), " tensors");
   const int64_t inter = w_gate_up.size() == 2 ? w_gate_up[0].size(0) : w_gate_up[0].size(0) / 2;
-  TORCH_CHECK(group_rows(w_gate_up, "w_gate_up", H, {inter, inter}) == 2 * inter,
-              "w_gate_up: expected 2 * intermediate rows (gate rows, then up rows), got ", w_gate_up[0].sizes());
-  if (b_gate_up.has_value()) {
-    TORCH_CHECK(b_gate_up->dim() == 1 && b_gate_up->size(0) == 2 * inter, "b_gate_up: expected shape [", 2 * inter,
-                "], got ", b_gate_up->sizes());
-  }
-  check_weight(w_down, "w_down", H, inter, b_down, "b_down");
+  check_group(w_gate_up, "w_gate_up", {inter, inter}, H, b_gate_up, "b_gate_up");
+  check_group(w_down, "w_down", {H}, inter, b_down, "b_down");
 
   static const auto append_rope =
       fastllm_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor, at::Tensor,

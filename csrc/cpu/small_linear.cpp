@@ -11,9 +11,10 @@
 // matrix-vector product streams the decode step's weights ~4% faster than this kernel there,
 // while from 2 rows on this kernel is faster (at M = 16, 35 against 47 ms a step).
 //
-// Here each tile of NR weight rows is read once from memory into L1 and multiplied there by every row of x, as dot products along
-// K (no packing, no transposed copy of W), MR rows of x x NR rows of W at a time in vector
-// accumulators, reduced across lanes at the end of the row. Threads split N.
+// Here each tile of NR weight rows is read once from memory into L1 and multiplied there by
+// every row of x, as dot products along K (no packing, no transposed copy of W), MR rows of x x
+// NR rows of W at a time in vector accumulators, reduced across lanes at the end of the row.
+// Threads split N.
 //
 // The sums run in a different order from BLAS (lane-wise partial sums, then a tree across
 // lanes), so results match F.linear to float32 rounding, not bit for bit.

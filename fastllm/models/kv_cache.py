@@ -77,8 +77,7 @@ class DecodeKernels:
         # one over their concatenation (+0.14 ms a SmolLM2 step), while concatenating a group's
         # weights costs every generate call ~60 ms of copies into fresh pages (bench/README.md), so
         # the groups are kept as parts (KVCache.fused_projection).
-        self.parts = (self.small_linear is not None and rows == 1 and hasattr(ops, "cpu_products")
-                      and ops.cpu_products() == "blas")
+        self.parts = self.small_linear is not None and rows == 1 and ops.cpu_products() == "blas"
 
 
 class KVCache:
@@ -269,7 +268,8 @@ def _fuse(modules, lora: str, keep_parts: bool = False):
             acc = torch.float64 if w.dtype == torch.float64 else torch.float32
             w = (w.to(acc) + low[1].to(acc) @ low[0].to(acc)).to(w.dtype)
         weights.append(w.detach())
-    low_rank_term = lora == "low_rank" and any(low is not None for _, _, low in parts)
+    lows = [(i, low) for i, (_, _, low) in enumerate(parts) if low is not None]
+    low_rank_term = bool(lows) and lora == "low_rank"
     if len(weights) == 1:
         weight = weights[0]
     elif keep_parts and not low_rank_term:
@@ -281,8 +281,7 @@ def _fuse(modules, lora: str, keep_parts: bool = False):
         bias = torch.cat([b.detach() if b is not None else weights[0].new_zeros(n)
                           for (_, b, _), n in zip(parts, sizes)])
     low_rank = None
-    lows = [(i, low) for i, (_, _, low) in enumerate(parts) if low is not None]
-    if lows and lora == "low_rank":
+    if low_rank_term:
         a = torch.cat([low[0].detach().to(weight.dtype) for _, low in lows])  # (R, in)
         b = weight.new_zeros(sum(sizes), a.shape[0])  # (sum of out, R), block-diagonal
         row, col = [0] + list(itertools.accumulate(sizes)), 0

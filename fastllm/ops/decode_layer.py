@@ -67,31 +67,29 @@ def _fused(w: Tensor | Sequence[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _check_parts(name: str, parts: list[Tensor], sizes: list[int]) -> None:
-    """A group given as parts (their count already checked): each part's rows (sizes)."""
-    if len(parts) == 1:
-        return
-    for i, (w, n) in enumerate(zip(parts, sizes)):
-        if w.dim() != 2 or w.shape[0] != n:
-            raise ValueError(f"{name}: expected part {i} with {n} rows, got shape {list(w.shape)}")
+def _check_group(name: str, parts: list[Tensor], sizes: list[int], cols: int, bias: Tensor | None,
+                 bias_name: str, hint: str = "") -> None:
+    """A projection group's weight: one fused (sum of sizes, cols) matrix, or one (sizes[i], cols)
+    matrix per part (the kernel's check_group); its bias, if any, (sum of sizes,). A single
+    projection is a group of one."""
+    rows = sum(sizes)
+    if len(parts) not in (1, len(sizes)):
+        raise ValueError(f"{name}: expected one fused tensor or {len(sizes)} parts, got {len(parts)} tensors")
+    for i, w in enumerate(parts):
+        want = [rows if len(parts) == 1 else sizes[i], cols]
+        if w.dtype != torch.float32:
+            raise TypeError(f"{name}: expected dtype torch.float32, got {w.dtype}")
+        if list(w.shape) != want:
+            what = "shape" if len(parts) == 1 else f"part {i} of shape"
+            raise ValueError(f"{name}: expected {what} {want}{hint}, got {list(w.shape)}")
+    if bias is not None and list(bias.shape) != [rows]:
+        raise ValueError(f"{bias_name}: expected shape [{rows}], got {list(bias.shape)}")
 
 
 def _check(x, norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gate_up, b_gate_up, w_down, b_down, k_cache, v_cache,
            positions, lengths, inv_freq) -> None:
-    qkv_parts, gate_up_parts = _parts(w_qkv), _parts(w_gate_up)
-    for name, parts in (("w_qkv", qkv_parts), ("w_gate_up", gate_up_parts)):
-        for t in parts:
-            if t.dtype != torch.float32:
-                raise TypeError(f"{name}: expected dtype torch.float32, got {t.dtype}")
-            if t.dim() != 2 or t.shape[1] != x.shape[-1]:
-                raise ValueError(f"{name}: expected ({x.shape[-1]})-column matrices, got shape {list(t.shape)}")
-    for name, parts, count in (("w_qkv", qkv_parts, 3), ("w_gate_up", gate_up_parts, 2)):
-        if len(parts) not in (1, count):
-            raise ValueError(f"{name}: expected one fused tensor or {count} parts, got {len(parts)} tensors")
-    w_qkv, w_gate_up = torch.cat(qkv_parts), torch.cat(gate_up_parts)
-    named = {"x": x, "norm1": norm1, "w_qkv": w_qkv, "b_qkv": b_qkv, "w_o": w_o, "b_o": b_o, "norm2": norm2,
-             "w_gate_up": w_gate_up, "b_gate_up": b_gate_up, "w_down": w_down, "b_down": b_down,
-             "k_cache": k_cache, "v_cache": v_cache}
+    named = {"x": x, "norm1": norm1, "b_qkv": b_qkv, "b_o": b_o, "norm2": norm2, "b_gate_up": b_gate_up,
+             "b_down": b_down, "k_cache": k_cache, "v_cache": v_cache}
     for name, t in named.items():
         if t is not None and t.dtype != torch.float32:
             raise TypeError(f"{name}: expected dtype torch.float32, got {t.dtype}")
@@ -102,21 +100,24 @@ def _check(x, norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gate_up, b_gate_up, w_down
         raise ValueError(f"k_cache, v_cache: expected equal shapes [{B}, Smax, Hkv, D], got "
                          f"{list(k_cache.shape)} and {list(v_cache.shape)}")
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
-    # Hq from the q rows (the first part, or the fused rows less k's and v's), as the kernel does
-    q_rows = qkv_parts[0].shape[0] if len(qkv_parts) == 3 else w_qkv.shape[0] - 2 * Hkv * D
+    qkv, gate_up = _parts(w_qkv), _parts(w_gate_up)
+    for name, group, count in (("w_qkv", qkv, 3), ("w_gate_up", gate_up, 2)):
+        if len(group) not in (1, count) or group[0].dim() != 2:
+            raise ValueError(f"{name}: expected one fused ({H})-column matrix or {count} parts, got shapes "
+                             f"{[list(w.shape) for w in group]}")
+    # Hq from the q rows (the first of three parts, or the fused rows less k's and v's), as the
+    # kernel does; the intermediate size likewise from gate's rows
+    q_rows = qkv[0].shape[0] if len(qkv) == 3 else qkv[0].shape[0] - 2 * Hkv * D
     Hq = q_rows // D if q_rows > 0 and q_rows % D == 0 else 0
-    inter = gate_up_parts[0].shape[0] if len(gate_up_parts) == 2 else w_gate_up.shape[0] // 2
-    for name, w, shape in (("w_qkv", w_qkv, [(Hq + 2 * Hkv) * D, H]), ("w_o", w_o, [H, Hq * D]),
-                           ("w_gate_up", w_gate_up, [2 * inter, H]), ("w_down", w_down, [H, inter])):
-        if Hq <= 0 or inter <= 0 or list(w.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape} (Hkv={Hkv} and head_dim={D} from k_cache), "
-                             f"got {list(w.shape)}")
-    _check_parts("w_qkv", qkv_parts, [Hq * D, Hkv * D, Hkv * D])
-    _check_parts("w_gate_up", gate_up_parts, [inter, inter])
-    for name, b, n in (("b_qkv", b_qkv, w_qkv.shape[0]), ("b_o", b_o, H), ("b_gate_up", b_gate_up, 2 * inter),
-                       ("b_down", b_down, H)):
-        if b is not None and list(b.shape) != [n]:
-            raise ValueError(f"{name}: expected shape [{n}], got {list(b.shape)}")
+    inter = gate_up[0].shape[0] if len(gate_up) == 2 else gate_up[0].shape[0] // 2
+    hint = f" (Hkv={Hkv} and head_dim={D} from k_cache)"
+    if Hq == 0:
+        raise ValueError(f"w_qkv: expected (Hq + 2 * {Hkv}) * {D} rows of {H} columns in all{hint}, got "
+                         f"{list(qkv[0].shape)}")
+    _check_group("w_qkv", qkv, [Hq * D, Hkv * D, Hkv * D], H, b_qkv, "b_qkv", hint)
+    _check_group("w_o", [w_o], [H], Hq * D, b_o, "b_o", hint)
+    _check_group("w_gate_up", gate_up, [inter, inter], H, b_gate_up, "b_gate_up")
+    _check_group("w_down", [w_down], [H], inter, b_down, "b_down")
     for name, t in (("positions", positions), ("lengths", lengths)):
         if t.dtype != torch.int32 or list(t.shape) != [B]:
             raise ValueError(f"{name}: expected shape [{B}] int32, got {list(t.shape)} {t.dtype}")
