@@ -34,6 +34,13 @@ from ._backend import native_has, new_output
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 CPU_MIN_ROWS = 256  # rows per logits block on the CPU: skinny chunks are memory-bound
+# On the CPU's BLAS products engine (MKL on an Intel CPU) every product packs the whole (V, H)
+# weight again, so larger chunks pay for it less often: SmolLM2's head (2048 x 576 hidden,
+# V = 49152), loss and gradients, 887 ms at 256 rows against 824 at 512 and 806 at 1024
+# (bench/README.md). Up to CPU_BLAS_ROWS rows there, while the logits block stays within
+# CPU_BLAS_BLOCK_BYTES (201 MB at SmolLM2's vocabulary; Llama 3's 128k vocabulary gets 512 rows).
+CPU_BLAS_ROWS = 1024
+CPU_BLAS_BLOCK_BYTES = 256 << 20
 
 
 def default_chunk_size(n_rows: int, hidden: int, vocab: int, min_rows: int = 128) -> int:
@@ -41,12 +48,24 @@ def default_chunk_size(n_rows: int, hidden: int, vocab: int, min_rows: int = 128
     logits block is about as large as the hidden states; Liger-Kernel's rule), but at
     least min_rows: every chunk re-reads and re-writes the whole (V, H) grad_weight, which
     small chunks turn into the bottleneck (a GPU needs more rows per byte of grad_weight
-    than a CPU: 256 there, 128 on the CPU). At most N. The CPU training step uses 256 rows
-    (CPU_MIN_ROWS): SmolLM2's head (V=49152, H=576) measured 3x faster than with 16."""
+    than a CPU: 256 there, 128 on the CPU). At most N. The CPU's loop passes cpu_min_rows: 256
+    (CPU_MIN_ROWS) on the tile kernel, where SmolLM2's head (V=49152, H=576) measured 3x faster
+    than with 16, and up to 1024 on BLAS."""
     ratio = max(1, -(-vocab // max(hidden, 1)))
     target = max(1, -(-n_rows // ratio))
     chunk = 1 << (target - 1).bit_length()
     return max(1, min(max(chunk, min_rows), n_rows))
+
+
+def cpu_min_rows(vocab: int, itemsize: int, tile: bool) -> int:
+    """The least rows per chunk on the CPU: CPU_MIN_ROWS where the products run on the tile
+    kernel (`tile`: fastllm's products engine is "tile"), else up to CPU_BLAS_ROWS (above)."""
+    if tile and torch.ops.fastllm.cpu_products() == "tile":
+        return CPU_MIN_ROWS
+    rows = CPU_BLAS_ROWS
+    while rows > CPU_MIN_ROWS and rows * vocab * itemsize > CPU_BLAS_BLOCK_BYTES:
+        rows //= 2
+    return rows
 
 
 def _tile_products(backend: str, hidden: Tensor, weight: Tensor) -> bool:
@@ -68,7 +87,11 @@ def run_chunks(
     other leaves them to torch."""
     N, H = hidden.shape
     V = weight.shape[0]
-    chunk = chunk_size if chunk_size > 0 else default_chunk_size(N, H, V, 256 if hidden.is_cuda else CPU_MIN_ROWS)
+    # float32 on the CPU: logits and grad_hidden through mm_f32_out_ (csrc/cpu/gemm.cpp), on the
+    # CPU's products engine
+    tile = _tile_products(backend, hidden, weight)
+    min_rows = 256 if hidden.is_cuda else cpu_min_rows(V, hidden.element_size(), tile)
+    chunk = chunk_size if chunk_size > 0 else default_chunk_size(N, H, V, min_rows)
     need_hidden, need_weight = compute_grad and need_hidden, compute_grad and need_weight
     need_bias = compute_grad and need_bias and bias is not None
     grad_hidden = (new_output(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden
@@ -80,9 +103,6 @@ def run_chunks(
     grad_weight = torch.empty((V, H), dtype=w_acc, device=weight.device) if need_weight else hidden.new_empty(0)
     b_acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     grad_bias = torch.zeros(V, dtype=b_acc, device=hidden.device) if need_bias else hidden.new_empty(0)
-    # float32 on the CPU: logits and grad_hidden through mm_f32_out_ (csrc/cpu/gemm.cpp), on the
-    # CPU's products engine
-    tile = _tile_products(backend, hidden, weight)
     weight_t = weight.t()
     # one logits block for every chunk, whichever product fills it: a (chunk, V) tensor per chunk
     # is a fresh allocation each time (on the CPU a fresh mapping: 50 MB for SmolLM2's head at 256

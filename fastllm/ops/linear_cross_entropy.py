@@ -216,7 +216,8 @@ def linear_cross_entropy(
     float64 inputs), or per-position losses shaped like labels for reduction="none".
     num_tokens: divide the "mean" by this (int or 0-dim tensor) instead of the number of
     valid labels, so micro-batches of a gradient-accumulation step add up to the mean
-    over the whole batch. chunk_size: rows per chunk (default: logits block ~ hidden size).
+    over the whole batch. chunk_size: rows per chunk (default: `_chunked.default_chunk_size`;
+    on the CPU at least 256 rows, and on the BLAS engine up to 1024 within a 256 MiB block).
     backend: None (auto), "reference", "triton" or "native".
     """
     check_linear(hidden, weight, bias)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastllm
 from fastllm.labels import next_token_labels
 from fastllm.ops import (
     linear_cross_entropy,
@@ -422,3 +423,18 @@ def test_cuda_triton_matches_reference(dtype):
         lp_low = torch.where(labels != -100, logp.gather(-1, labels.clamp(min=0)[:, None])[:, 0], 0)
         assert_lowp_rule(lp.to(dtype), lp_low, lp_ref, "logprob")
         assert_lowp_rule(ent.to(dtype), -(logp.exp() * logp).sum(-1), ent_ref, "entropy")
+
+
+def test_cpu_chunk_rows_follow_the_products_engine(cpu_products):
+    """256 rows per chunk where the products run on the tile kernel; on BLAS (torch's products,
+    or fastllm's engine set to BLAS) up to 1024 while the logits block stays within 256 MiB."""
+    from fastllm.ops._chunked import CPU_MIN_ROWS, cpu_min_rows
+
+    on_tile = cpu_products == "tile" or (cpu_products == "default" and fastllm.extension_available()
+                                         and torch.ops.fastllm.cpu_products() == "tile")
+    for vocab, itemsize, blas_rows in ((49152, 4, 1024), (128256, 4, 512), (151936, 4, 256),
+                                       (128256, 2, 1024), (10**6, 4, 256)):
+        assert cpu_min_rows(vocab, itemsize, tile=False) == blas_rows, (vocab, itemsize)
+        if fastllm.extension_available():
+            expected = CPU_MIN_ROWS if on_tile else blas_rows
+            assert cpu_min_rows(vocab, itemsize, tile=True) == expected, (vocab, itemsize)
