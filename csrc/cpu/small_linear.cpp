@@ -70,14 +70,21 @@ struct Problem {
 // ahead into L1 (prefetcht0) left the weight stream short of the memory: alternating processes on
 // the development CPU (2 threads, the SmolLM2 decode step's 121 products), 4 tiles ahead into L2
 // took batch 1 from 28-33 to 22-24 ms and batch 16 from 43-46 to 33-40 ms (bench/README.md).
+// From 5 rows of x on, each weight tile is multiplied in several passes (one per MR rows of x),
+// and the prefetches are spread over all of them: issued in the first pass only, they kept the
+// memory busy a quarter of the time at 16 rows. Spread, the SmolLM2 decode step's 121 products
+// took 31.3-31.6 against 46.4-46.9 ms at 16 rows, 102 against 144-151 ms at 64 and 25.5-26.7
+// against 29.5-29.8 ms at 8 (Intel Xeon, 2 threads; 2, 8 and 16 tiles ahead, and the other
+// locality hints, measured no better).
 constexpr int64_t kPrefetchTiles = 4;
 
 #ifdef FASTLLM_HAVE_VECTORS
-// y[i, j] for i < MR rows of x at x, j < NR rows of W at w. Prefetches the weight rows
+// y[i, j] for i < MR rows of x at x, j < NR rows of W at w: pass `phase` of the `phases` passes
+// (row tiles of x) over this weight tile. Prefetches its share of the weight tile
 // kPrefetchTiles tiles ahead as it goes (the stream the hardware prefetcher sees is NR
 // interleaved rows).
 template <class V, class I, int MR, int NR>
-FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n) {
+FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n, int64_t phase, int64_t phases) {
   const float* x = p.x + m * p.ldx;
   const float* w = p.w + n * p.ldw;
   const float* bias = p.bias ? p.bias + n : nullptr;
@@ -85,13 +92,24 @@ FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n) {
   const int64_t K = p.K;
   V acc[MR * NR];
   for (int a = 0; a < MR * NR; ++a) acc[a] = V{};
+  // The weight tile kPrefetchTiles ahead, NR rows of `row_lines` 64-byte lines, is prefetched
+  // over the `phases` passes every row tile of x makes over this weight tile: this pass issues
+  // its share, spread over its vector steps, so the memory stream runs during every pass.
+  const int64_t steps = K / L, row_lines = (K + 15) / 16, lines = NR * row_lines;
+  const int64_t slots = phases * steps;
+  const float* pf = w + kPrefetchTiles * NR * p.ldw;
+  int64_t num = phase * steps * lines;                      // slots so far * lines
+  int64_t line = slots > 0 ? (num + slots - 1) / slots : 0;  // this pass's first line
+  int64_t pj = line / row_lines, pc = line % row_lines;
   int64_t k = 0;
   for (; k + L <= K; k += L) {
-    V wv[NR];
-    for (int j = 0; j < NR; ++j) {
-      __builtin_prefetch(w + (kPrefetchTiles * NR + j) * p.ldw + k, 0, 2);
-      wv[j] = load<V>(w + j * p.ldw + k);
+    num += lines;
+    for (; line * slots < num; ++line) {
+      __builtin_prefetch(pf + pj * p.ldw + pc * 16, 0, 2);
+      if (++pc == row_lines) pc = 0, ++pj;
     }
+    V wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = load<V>(w + j * p.ldw + k);
     for (int i = 0; i < MR; ++i) {
       const V xv = load<V>(x + i * p.ldx + k);
       for (int j = 0; j < NR; ++j) acc[i * NR + j] += xv * wv[j];
@@ -116,17 +134,18 @@ FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n) {
 // W rows [n, n + NR) against every row of x, MR rows at a time, while the tile sits in L1.
 template <class V, class I, int MR, int NR>
 FASTLLM_ALWAYS_INLINE void tile_column(const Problem& p, int64_t n) {
+  const int64_t phases = (p.M + MR - 1) / MR;
   int64_t m = 0;
-  for (; m + MR <= p.M; m += MR) tile<V, I, MR, NR>(p, m, n);
+  for (; m + MR <= p.M; m += MR) tile<V, I, MR, NR>(p, m, n, m / MR, phases);
   const int64_t rest = p.M - m;
   if constexpr (MR > 3) {
-    if (rest == 3) tile<V, I, 3, NR>(p, m, n);
+    if (rest == 3) tile<V, I, 3, NR>(p, m, n, m / MR, phases);
   }
   if constexpr (MR > 2) {
-    if (rest == 2) tile<V, I, 2, NR>(p, m, n);
+    if (rest == 2) tile<V, I, 2, NR>(p, m, n, m / MR, phases);
   }
   if constexpr (MR > 1) {
-    if (rest == 1) tile<V, I, 1, NR>(p, m, n);
+    if (rest == 1) tile<V, I, 1, NR>(p, m, n, m / MR, phases);
   }
 }
 
