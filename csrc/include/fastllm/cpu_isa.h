@@ -54,6 +54,19 @@ inline const char* cpu_isa_name() {
   }
 }
 
+// Whether the CPU is Intel's (decided once).
+inline bool cpu_is_intel() {
+  static const bool intel = [] {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return bool(__builtin_cpu_is("intel"));
+#else
+    return false;
+#endif
+  }();
+  return intel;
+}
+
 // Who runs the CPU ops' large float32 products (csrc/cpu/gemm.cpp: the LoRA op's, fastllm.ops.linear's,
 // the chunked LM head's): the tile kernel (fastllm/tile_mm.h) or torch's BLAS. Side by side on the
 // development CPUs (bench/README.md): on an AMD Zen 4 the tile kernel ran on par with or up to 1.3x
@@ -66,12 +79,7 @@ inline const char* cpu_isa_name() {
 enum class CpuProducts { kTile = 0, kBlas = 1 };
 
 inline CpuProducts detect_cpu_products(bool mkl) {
-  bool intel = false;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  intel = __builtin_cpu_is("intel");
-#endif
-  CpuProducts best = (mkl && intel) || cpu_isa() == CpuIsa::kNone ? CpuProducts::kBlas : CpuProducts::kTile;
+  CpuProducts best = (mkl && cpu_is_intel()) || cpu_isa() == CpuIsa::kNone ? CpuProducts::kBlas : CpuProducts::kTile;
   const char* choice = std::getenv("FASTLLM_CPU_PRODUCTS");
   if (choice == nullptr || *choice == '\0') return best;
   if (std::strcmp(choice, "blas") == 0) return CpuProducts::kBlas;
