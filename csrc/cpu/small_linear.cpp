@@ -78,6 +78,25 @@ struct Problem {
 // locality hints, measured no better).
 constexpr int64_t kPrefetchTiles = 4;
 
+// s (MR x NR) into y[m:m+MR, n:n+NR]: straight into one output when the tile's columns lie in
+// one part of the split (every tile but those across a boundary), else value by value.
+template <int MR, int NR>
+FASTLLM_ALWAYS_INLINE void store_tile(const Problem& p, int64_t m, int64_t n, const float* s) {
+  int seg = 0;
+  while (seg + 1 < p.nseg && n >= p.start[seg + 1]) ++seg;
+  if (n + NR <= p.start[seg + 1]) {
+    const int64_t width = p.start[seg + 1] - p.start[seg];
+    float* y = p.out[seg] + m * width + (n - p.start[seg]);
+    for (int i = 0; i < MR; ++i) {
+      for (int j = 0; j < NR; ++j) y[i * width + j] = s[i * NR + j];
+    }
+    return;
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) *p.at(m + i, n + j) = s[i * NR + j];
+  }
+}
+
 #ifdef FASTLLM_HAVE_VECTORS
 // y[i, j] for i < MR rows of x at x, j < NR rows of W at w: pass `phase` of the `phases` passes
 // (row tiles of x) over this weight tile. Prefetches its share of the weight tile
@@ -97,16 +116,19 @@ FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n, int64_t 
   // its share, spread over its vector steps, so the memory stream runs during every pass.
   const int64_t steps = K / L, row_lines = (K + 15) / 16, lines = NR * row_lines;
   const int64_t slots = phases * steps;
-  const float* pf = w + kPrefetchTiles * NR * p.ldw;
-  int64_t num = phase * steps * lines;                      // slots so far * lines
-  int64_t line = slots > 0 ? (num + slots - 1) / slots : 0;  // this pass's first line
-  int64_t pj = line / row_lines, pc = line % row_lines;
+  // Line t goes out at the first vector step s of the passes with (s + 1) * lines > t * slots.
+  int64_t num = phase * steps * lines;                      // (steps so far) * lines
+  const int64_t line = slots > 0 ? (num + slots - 1) / slots : 0;  // this pass's first line
+  int64_t due = line * slots;                               // the next line's threshold
+  int64_t pc = line % row_lines;                            // its line within its row
+  const float* prow = w + (kPrefetchTiles * NR + line / row_lines) * p.ldw;
   int64_t k = 0;
   for (; k + L <= K; k += L) {
     num += lines;
-    for (; line * slots < num; ++line) {
-      __builtin_prefetch(pf + pj * p.ldw + pc * 16, 0, 2);
-      if (++pc == row_lines) pc = 0, ++pj;
+    while (due < num) {
+      __builtin_prefetch(prow + pc * 16, 0, 2);
+      due += slots;
+      if (++pc == row_lines) pc = 0, prow += p.ldw;
     }
     V wv[NR];
     for (int j = 0; j < NR; ++j) wv[j] = load<V>(w + j * p.ldw + k);
@@ -126,9 +148,10 @@ FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n, int64_t 
       for (int j = 0; j < NR; ++j) s[i * NR + j] += x[i * p.ldx + k] * w[j * p.ldw + k];
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) *p.at(m + i, n + j) = bias ? s[i * NR + j] + bias[j] : s[i * NR + j];
+  if (bias) {
+    for (int a = 0; a < MR * NR; ++a) s[a] += bias[a % NR];
   }
+  store_tile<MR, NR>(p, m, n, s);
 }
 
 // W rows [n, n + NR) against every row of x, MR rows at a time, while the tile sits in L1.
