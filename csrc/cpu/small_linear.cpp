@@ -59,9 +59,14 @@ struct Problem {
   int64_t start[kMaxSplit + 1];
   float* out[kMaxSplit];
 
-  inline float* at(int64_t m, int64_t n) const {
+  // the part holding output column n
+  inline int segment(int64_t n) const {
     int s = 0;
     while (s + 1 < nseg && n >= start[s + 1]) ++s;
+    return s;
+  }
+  inline float* at(int64_t m, int64_t n) const {
+    const int s = segment(n);
     return out[s] + m * (start[s + 1] - start[s]) + (n - start[s]);
   }
 };
@@ -82,8 +87,7 @@ constexpr int64_t kPrefetchTiles = 4;
 // one part of the split (every tile but those across a boundary), else value by value.
 template <int MR, int NR>
 FASTLLM_ALWAYS_INLINE void store_tile(const Problem& p, int64_t m, int64_t n, const float* s) {
-  int seg = 0;
-  while (seg + 1 < p.nseg && n >= p.start[seg + 1]) ++seg;
+  const int seg = p.segment(n);
   if (n + NR <= p.start[seg + 1]) {
     const int64_t width = p.start[seg + 1] - p.start[seg];
     float* y = p.out[seg] + m * width + (n - p.start[seg]);

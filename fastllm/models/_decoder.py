@@ -363,12 +363,17 @@ def decode_plan(blocks, cache: KVCache) -> list | None:
     return plan
 
 
-def decode_in_one_call(kernel, x: Tensor, block_args: tuple[tuple, float], step: Step) -> Tensor:
-    """A block's decode step through the native one-call kernel (fastllm.ops.decode_layer):
-    x (B, 1, H) float32 -> (B, 1, H); block_args from the block's `decode_args`."""
-    d, (weights, scale) = step.decode, block_args
+def decode_in_one_call(kernel, x: Tensor, plan: list[tuple[tuple, float]], step: Step) -> Tensor:
+    """Blocks' decode steps through the native one-call kernel (fastllm.ops.decode_layer), one
+    call per block in a row: x (B, 1, H) float32 -> (B, 1, H); plan: each block's arguments from
+    its `decode_args` (one block's, or every block's from `decode_plan`)."""
+    d = step.decode
+    positions, lengths, inv_freq = d.positions, d.lengths, d.inv_freq
     B, H = x.shape[0], x.shape[-1]
-    return kernel(x.view(B, H), *weights, d.positions, d.lengths, d.inv_freq, scale).view(B, 1, H)
+    y = x.view(B, H)
+    for weights, scale in plan:
+        y = kernel(y, *weights, positions, lengths, inv_freq, scale)
+    return y.view(B, 1, H)
 
 
 def _call(module: nn.Module, x: Tensor) -> Tensor:
@@ -465,13 +470,7 @@ def run_blocks(blocks, x: Tensor, *args, checkpoint: bool = False) -> Tensor:
     if isinstance(step, Step) and step.decode is not None and x.dtype == torch.float32:
         plan, kernel = decode_plan(blocks, step.kv_cache), step.kv_cache.kernels.decode_layer
         if plan is not None and kernel is not None:
-            d = step.decode
-            positions, lengths, inv_freq = d.positions, d.lengths, d.inv_freq
-            B, H = x.shape[0], x.shape[-1]
-            y = x.view(B, H)
-            for weights, scale in plan:
-                y = kernel(y, *weights, positions, lengths, inv_freq, scale)
-            return y.view(B, 1, H)
+            return decode_in_one_call(kernel, x, plan, step)
     for block in blocks:
         if checkpoint and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)

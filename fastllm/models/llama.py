@@ -89,7 +89,7 @@ class LlamaDecoderLayer(nn.Module):
         if step.decode is not None and x.dtype == torch.float32:
             args = self.decode_args(step.kv_cache)
             if args is not None:  # this block's decode step in one native call
-                return _decoder.decode_in_one_call(step.kv_cache.kernels.decode_layer, x, args, step)
+                return _decoder.decode_in_one_call(step.kv_cache.kernels.decode_layer, x, [args], step)
         # each norm's output is recomputed from its input (kept by the norm's backward) where
         # the projections' backward needs it, instead of kept
         x = x + _decoder.recompute_saved(_decoder.norm(self.input_layernorm, x, step),

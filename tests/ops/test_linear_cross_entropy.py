@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastllm
 from fastllm.labels import next_token_labels
 from fastllm.ops import (
     linear_cross_entropy,
@@ -430,11 +429,9 @@ def test_cpu_chunk_rows_follow_the_products_engine(cpu_products):
     or fastllm's engine set to BLAS) up to 1024 while the logits block stays within 256 MiB."""
     from fastllm.ops._chunked import CPU_MIN_ROWS, cpu_min_rows
 
-    on_tile = cpu_products == "tile" or (cpu_products == "default" and fastllm.extension_available()
-                                         and torch.ops.fastllm.cpu_products() == "tile")
     for vocab, itemsize, blas_rows in ((49152, 4, 1024), (128256, 4, 512), (151936, 4, 256),
                                        (128256, 2, 1024), (10**6, 4, 256)):
         assert cpu_min_rows(vocab, itemsize, tile=False) == blas_rows, (vocab, itemsize)
-        if fastllm.extension_available():
-            expected = CPU_MIN_ROWS if on_tile else blas_rows
+        if cpu_products != "default":  # "default": no extension, so no fastllm products engine
+            expected = CPU_MIN_ROWS if cpu_products == "tile" else blas_rows
             assert cpu_min_rows(vocab, itemsize, tile=True) == expected, (vocab, itemsize)
