@@ -80,7 +80,9 @@ struct Problem {
 // memory busy a quarter of the time at 16 rows. Spread, the SmolLM2 decode step's 121 products
 // took 31.3-31.6 against 46.4-46.9 ms at 16 rows, 102 against 144-151 ms at 64 and 25.5-26.7
 // against 29.5-29.8 ms at 8 (Intel Xeon, 2 threads; 2, 8 and 16 tiles ahead, and the other
-// locality hints, measured no better).
+// locality hints, measured no better). Whole rows (or row segments) per pass, with no
+// schedule kept in the loop, took 75.6-77.5 against 79.4-80.8 ms at 64 rows and 24.5-24.6
+// against 24.9-25.3 ms at 8, the same at 16 (bench/README.md).
 constexpr int64_t kPrefetchTiles = 4;
 
 // s (MR x NR) into y[m:m+MR, n:n+NR]: straight into one output when the tile's columns lie in
@@ -102,37 +104,27 @@ FASTLLM_ALWAYS_INLINE void store_tile(const Problem& p, int64_t m, int64_t n, co
 }
 
 #ifdef FASTLLM_HAVE_VECTORS
-// y[i, j] for i < MR rows of x at x, j < NR rows of W at w: pass `phase` of the `phases` passes
-// (row tiles of x) over this weight tile. Prefetches its share of the weight tile
-// kPrefetchTiles tiles ahead as it goes (the stream the hardware prefetcher sees is NR
-// interleaved rows).
-template <class V, class I, int MR, int NR>
-FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n, int64_t phase, int64_t phases) {
+// y[i, j] for i < MR rows of x at x, j < NR rows of W at w. While it multiplies, the pass
+// prefetches R rows of the weight tile kPrefetchTiles tiles ahead, from pf (row j at
+// pf + j * ldw), one 64-byte line of each per vector step while k < k_pf (pf == nullptr: none).
+// The loop holds nothing but its pointers and one bound: an earlier version kept a general
+// prefetch schedule in the loop, which spilled the row pointers to the stack (~45 instructions
+// per 16 multiply-adds, ~32 now).
+template <class V, class I, int MR, int NR, int R>
+FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n, const float* pf, int64_t k_pf) {
   const float* x = p.x + m * p.ldx;
   const float* w = p.w + n * p.ldw;
   const float* bias = p.bias ? p.bias + n : nullptr;
   constexpr int L = sizeof(V) / sizeof(float);
+  constexpr int kStep = 16 / L;  // lines are 16 floats: k advances a line every kStep steps
   const int64_t K = p.K;
   V acc[MR * NR];
   for (int a = 0; a < MR * NR; ++a) acc[a] = V{};
-  // The weight tile kPrefetchTiles ahead, NR rows of `row_lines` 64-byte lines, is prefetched
-  // over the `phases` passes every row tile of x makes over this weight tile: this pass issues
-  // its share, spread over its vector steps, so the memory stream runs during every pass.
-  const int64_t steps = K / L, row_lines = (K + 15) / 16, lines = NR * row_lines;
-  const int64_t slots = phases * steps;
-  // Line t goes out at the first vector step s of the passes with (s + 1) * lines > t * slots.
-  int64_t num = phase * steps * lines;                      // (steps so far) * lines
-  const int64_t line = slots > 0 ? (num + slots - 1) / slots : 0;  // this pass's first line
-  int64_t due = line * slots;                               // the next line's threshold
-  int64_t pc = line % row_lines;                            // its line within its row
-  const float* prow = w + (kPrefetchTiles * NR + line / row_lines) * p.ldw;
+  if (pf == nullptr) k_pf = 0;
   int64_t k = 0;
   for (; k + L <= K; k += L) {
-    num += lines;
-    while (due < num) {
-      __builtin_prefetch(prow + pc * 16, 0, 2);
-      due += slots;
-      if (++pc == row_lines) pc = 0, prow += p.ldw;
+    if (k < k_pf) {
+      for (int j = 0; j < R; ++j) __builtin_prefetch(pf + j * p.ldw + k * kStep, 0, 2);
     }
     V wv[NR];
     for (int j = 0; j < NR; ++j) wv[j] = load<V>(w + j * p.ldw + k);
@@ -158,21 +150,67 @@ FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n, int64_t 
   store_tile<MR, NR>(p, m, n, s);
 }
 
+// Where pass q of `phases` (MR rows of x each) over the weight tile at row n prefetches: from
+// *pf, R rows while k < *k_pf (see tile). The tile kPrefetchTiles ahead is prefetched over all
+// the passes, so the memory stream runs during every pass: pass q takes R = ceil(NR / phases)
+// whole rows of it (phases <= NR), or one segment of a row, phases / NR passes sharing each row
+// (phases > NR).
+template <int NR, int R>
+FASTLLM_ALWAYS_INLINE void prefetch_share(const Problem& p, int64_t n, int64_t q, int64_t phases, int lanes,
+                                          const float** pf, int64_t* k_pf) {
+  const int64_t row_lines = (p.K + 15) / 16;
+  const float* ahead = p.w + (n + kPrefetchTiles * NR) * p.ldw;
+  if (phases <= NR) {
+    const int64_t row = q * R;
+    *pf = row < NR ? ahead + row * p.ldw : nullptr;
+    *k_pf = row_lines * lanes;
+    return;
+  }
+  const int64_t share = (phases + NR - 1) / NR;  // passes per row
+  const int64_t seg_lines = (row_lines + share - 1) / share;
+  const int64_t first = (q % share) * seg_lines;
+  *pf = ahead + (q / share) * p.ldw + first * 16;
+  *k_pf = std::max<int64_t>(0, std::min(seg_lines, row_lines - first)) * lanes;
+}
+
 // W rows [n, n + NR) against every row of x, MR rows at a time, while the tile sits in L1.
+template <class V, class I, int MR, int NR, int R>
+FASTLLM_ALWAYS_INLINE void tile_passes(const Problem& p, int64_t n) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  const int64_t phases = (p.M + MR - 1) / MR;
+  const float* pf = nullptr;
+  int64_t k_pf = 0;
+  int64_t m = 0;
+  for (; m + MR <= p.M; m += MR) {
+    prefetch_share<NR, R>(p, n, m / MR, phases, L, &pf, &k_pf);
+    tile<V, I, MR, NR, R>(p, m, n, pf, k_pf);
+  }
+  const int64_t rest = p.M - m;
+  if (rest > 0) prefetch_share<NR, R>(p, n, m / MR, phases, L, &pf, &k_pf);
+  if constexpr (MR > 3) {
+    if (rest == 3) tile<V, I, 3, NR, R>(p, m, n, pf, k_pf);
+  }
+  if constexpr (MR > 2) {
+    if (rest == 2) tile<V, I, 2, NR, R>(p, m, n, pf, k_pf);
+  }
+  if constexpr (MR > 1) {
+    if (rest == 1) tile<V, I, 1, NR, R>(p, m, n, pf, k_pf);
+  }
+}
+
+// W rows [n, n + NR) against every row of x, with R, the rows of prefetch a pass issues per
+// vector step, fixed at compile time (the loop stays free of bookkeeping): all NR rows of the
+// tile ahead in one pass, half of them in each of 2-3 passes, one row (or a segment of one)
+// from 4 passes on.
 template <class V, class I, int MR, int NR>
 FASTLLM_ALWAYS_INLINE void tile_column(const Problem& p, int64_t n) {
   const int64_t phases = (p.M + MR - 1) / MR;
-  int64_t m = 0;
-  for (; m + MR <= p.M; m += MR) tile<V, I, MR, NR>(p, m, n, m / MR, phases);
-  const int64_t rest = p.M - m;
-  if constexpr (MR > 3) {
-    if (rest == 3) tile<V, I, 3, NR>(p, m, n, m / MR, phases);
-  }
-  if constexpr (MR > 2) {
-    if (rest == 2) tile<V, I, 2, NR>(p, m, n, m / MR, phases);
-  }
-  if constexpr (MR > 1) {
-    if (rest == 1) tile<V, I, 1, NR>(p, m, n, m / MR, phases);
+  if (NR == 1 || phases >= NR) {
+    tile_passes<V, I, MR, NR, 1>(p, n);
+  } else if (phases == 1) {
+    tile_passes<V, I, MR, NR, NR>(p, n);
+  } else {
+    tile_passes<V, I, MR, NR, (NR + 1) / 2>(p, n);
   }
 }
 
