@@ -214,12 +214,75 @@ FASTLLM_ALWAYS_INLINE void tile_column(const Problem& p, int64_t n) {
   }
 }
 
+// x too large to stay in L1 beside a weight tile (16 rows of 1536 features: 96 KiB; L1 holds
+// 48): every pass over a tile then reads its rows of x from L2 again. Where x is exactly one
+// pass per tile row (M = MR * NR) and K a whole number of 16-float lines, a block of
+// kPrefetchTiles tiles goes K-slice by K-slice instead: each slice of x (M x kSliceK) stays in
+// L1 for the block's tiles, and the accumulators wait in a scratch block between slices. Every
+// lane still sums its products in order of k, so the results are the one-slice order's bit
+// for bit. The block kPrefetchTiles tiles ahead is prefetched over all its slices and passes,
+// one line per vector step (row q of tile t, slice c, in pass q of tile t in slice c).
+constexpr int64_t kSliceK = 256;
+constexpr int64_t kSliceMinBytes = 40 * 1024;  // x at least this large goes by slices
+
+template <class V, int MR, int NR>
+inline bool use_slices(const Problem& p) {
+  return p.M == MR * NR && p.K % 16 == 0 && p.K % kSliceK == 0 &&
+         p.M * p.K * int64_t(sizeof(float)) >= kSliceMinBytes;
+}
+
+template <class V, class I, int MR, int NR>
+FASTLLM_ALWAYS_INLINE void block_by_slices(const Problem& p, int64_t n) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  constexpr int kStep = 16 / L;
+  constexpr int64_t T = kPrefetchTiles, A = MR * NR;  // tiles per block; accumulators per pass
+  alignas(64) V scratch[T * NR * A];
+  for (int64_t c0 = 0; c0 < p.K; c0 += kSliceK) {
+    for (int64_t t = 0; t < T; ++t) {
+      const float* w = p.w + (n + t * NR) * p.ldw;
+      for (int64_t q = 0; q < NR; ++q) {  // pass q: rows [q * MR, q * MR + MR) of x
+        V* keep = scratch + (t * NR + q) * A;
+        V acc[A];
+        for (int a = 0; a < A; ++a) acc[a] = c0 == 0 ? V{} : keep[a];
+        const float* x = p.x + q * MR * p.ldx;
+        const float* pf = p.w + (n + (T + t) * NR + q) * p.ldw + c0;
+        for (int64_t k = c0; k < c0 + kSliceK; k += L) {
+          if ((k - c0) * kStep < kSliceK) __builtin_prefetch(pf + (k - c0) * kStep, 0, 2);
+          V wv[NR];
+          for (int j = 0; j < NR; ++j) wv[j] = load<V>(w + j * p.ldw + k);
+          for (int i = 0; i < MR; ++i) {
+            const V xv = load<V>(x + i * p.ldx + k);
+            for (int j = 0; j < NR; ++j) acc[i * NR + j] += xv * wv[j];
+          }
+        }
+        if (c0 + kSliceK < p.K) {
+          for (int a = 0; a < A; ++a) keep[a] = acc[a];
+          continue;
+        }
+        float s[A];
+        if constexpr (A == L) {
+          reduce_all<V, I>(acc, s);
+        } else {
+          for (int a = 0; a < A; ++a) s[a] = lane_sum(acc[a]);
+        }
+        if (p.bias) {
+          for (int a = 0; a < A; ++a) s[a] += p.bias[n + t * NR + a % NR];
+        }
+        store_tile<MR, NR>(p, q * MR, n + t * NR, s);
+      }
+    }
+  }
+}
+
 // Every row of x against W rows [n0, n1): tiles of NR weight rows, the last ones one by one.
 // (Plain always-inline templates, no lambdas: a lambda is compiled for the default target and
 // would not get the caller's vector ISA.)
 template <class V, class I, int MR, int NR>
 FASTLLM_ALWAYS_INLINE void rows_range(const Problem& p, int64_t n0, int64_t n1) {
   int64_t n = n0;
+  if (use_slices<V, MR, NR>(p)) {
+    for (; n + kPrefetchTiles * NR <= n1; n += kPrefetchTiles * NR) block_by_slices<V, I, MR, NR>(p, n);
+  }
   for (; n + NR <= n1; n += NR) tile_column<V, I, MR, NR>(p, n);
   for (; n < n1; ++n) tile_column<V, I, MR, 1>(p, n);
 }

@@ -13,9 +13,10 @@ from fastllm.ops import SMALL_LINEAR_MAX_ROWS, linear, small_linear, small_linea
 
 pytestmark = pytest.mark.skipif(not fastllm.extension_available(), reason="needs the compiled extension")
 
-ROWS = [1, 2, 3, 4, 5, 7, 10, 12, 16, 17, 63, 64]  # every count of passes per weight tile, and tails
-# (N, K): below one vector, a K tail after whole vectors, N not a multiple of the tile, SmolLM2's
-SHAPES = [(1, 1), (5, 3), (17, 33), (4, 16), (37, 1000), (130, 576)]
+ROWS = [1, 2, 3, 4, 5, 7, 8, 10, 12, 16, 17, 63, 64]  # every count of passes per weight tile, and tails
+# (N, K): below one vector, a K tail after whole vectors, N not a multiple of the tile, SmolLM2's; K in
+# slices (x of 8 or 16 rows by 1536 features: too large for L1)
+SHAPES = [(1, 1), (5, 3), (17, 33), (4, 16), (37, 1000), (130, 576), (40, 1536)]
 
 
 def op(x, w, b=None):
