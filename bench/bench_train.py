@@ -19,8 +19,9 @@ line gives transformers' median over it: what transformers spends beyond its pro
 runs most of these products through its own kernel on the CPU (faster than the BLAS here), so
 its share can pass 100%. Both sides:
 the same config (fastllm preset -> HF LlamaConfig), float32 on the CPU and bfloat16 autocast
-on the GPU, SDPA attention for transformers, LoRA r=8, alpha=16 on q/k/v/o/gate/up/down with
-the base frozen, torch's fused AdamW (Hugging Face's Trainer default on torch >= 2.8).
+on the GPU, SDPA attention for transformers, LoRA rank 16 (--lora-rank; 8 before 2026-12-01),
+alpha twice the rank, on q/k/v/o/gate/up/down with the base frozen, torch's fused AdamW (Hugging
+Face's Trainer default on torch >= 2.8).
 
 --hf-compile adds a third provider, "transformers+compile", run after "transformers": the same
 model, LoRA setup, optimizer and batch with the model wrapped by torch.compile (Inductor, default
@@ -53,6 +54,7 @@ from fastllm.train.common import CausalLMLoss, autocast, build_optimizer  # noqa
 HF_COMPILE = "transformers+compile"  # opt-in: --hf-compile
 FLOOR = "linear floor"  # the step's products alone, through BLAS
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_RANK = 16  # the default of --lora-rank; alpha is twice the rank on both sides
 TINY = "tiny-llama"
 
 
@@ -70,7 +72,7 @@ def _batch(cfg, batch: int, seq: int, device):
     return ids.to(device), labels.to(device)
 
 
-def fastllm_step(cfg, mode, batch, seq, device, dtype):
+def fastllm_step(cfg, mode, batch, seq, device, dtype, lora_rank: int = LORA_RANK):
     torch.manual_seed(0)
     model = models.build_model(cfg).to(device)
     if mode == "lora":
@@ -80,7 +82,7 @@ def fastllm_step(cfg, mode, batch, seq, device, dtype):
             raise NotImplementedError("fastllm.peft is not available") from exc
         if not hasattr(peft, "apply_lora"):
             raise NotImplementedError("fastllm.peft.apply_lora is not available")
-        peft.apply_lora(model, target_modules=LORA_TARGETS, r=8, alpha=16)
+        peft.apply_lora(model, target_modules=LORA_TARGETS, r=lora_rank, alpha=2 * lora_rank)
         model.to(device)
     module = CausalLMLoss(model)
     opt = build_optimizer(module, lr=1e-4, weight_decay=0.0)
@@ -97,7 +99,7 @@ def fastllm_step(cfg, mode, batch, seq, device, dtype):
     return step
 
 
-def hf_step(cfg, mode, batch, seq, device, dtype, compile: bool = False):
+def hf_step(cfg, mode, batch, seq, device, dtype, compile: bool = False, lora_rank: int = LORA_RANK):
     try:
         import transformers
     except ImportError as exc:
@@ -110,7 +112,7 @@ def hf_step(cfg, mode, batch, seq, device, dtype, compile: bool = False):
             import peft
         except ImportError as exc:
             raise NotImplementedError("peft is not installed") from exc
-        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                                                            target_modules=LORA_TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -193,8 +195,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--hf-compile", action="store_true",
                    help=f"also run {HF_COMPILE}: transformers under torch.compile (slow to compile)")
+    p.add_argument("--lora-rank", type=int, default=LORA_RANK, help="LoRA rank in lora mode, both sides (alpha: 2x)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if args.lora_rank < 1:
+        p.error(f"--lora-rank: expected a positive integer, got {args.lora_rank}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -204,7 +209,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if gpu else torch.float32
     env = environment(device)
     print(f"\n## train step on {env['device']} (torch {env['torch']}, commit {env['commit']}), "
-          f"batch {batch} x seq {args.seq}, {dtype}, threads {torch.get_num_threads()}")
+          f"batch {batch} x seq {args.seq}, {dtype}, threads {torch.get_num_threads()}, LoRA rank {args.lora_rank}")
     header = (f"{'config':<14} {'mode':<5} {'provider':<20} {'median ms':>10} {'p20-p80 ms':>17} {'tokens/s':>9} "
               f"{'peak MiB':>9} {'x HF tok/s':>10} {'mem/HF':>7}")
     print(header)
@@ -217,7 +222,7 @@ def main(argv=None):
             steps, losses, compile_s = {}, {}, {}
             for pname, factory in providers.items():
                 try:
-                    step = factory(cfg, mode, batch, args.seq, device, dtype)
+                    step = factory(cfg, mode, batch, args.seq, device, dtype, lora_rank=args.lora_rank)
                 except NotImplementedError as exc:
                     print(f"{name:<14} {mode:<5} {pname:<20} n/a: {exc}")
                     continue
@@ -255,6 +260,7 @@ def main(argv=None):
                       + ("" if seconds is None else f"  compile {seconds:.1f} s"))
                 rows.append({"bench": "train", "case": f"{name} {mode} b{batch}x{args.seq}", "config": name,
                              "mode": mode, "provider": pname, "batch": batch,
+                             "lora_rank": args.lora_rank if mode == "lora" else None,
                              "seq": args.seq, "dtype": str(dtype), "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                              "reps": n, "tokens_per_s": tok_s, "peak_mib": peak, "tokens_per_s_vs_hf": speed,
                              "memory_vs_hf": mem, "speedup_vs_baseline": speed, "memory_vs_baseline": mem,
