@@ -104,27 +104,20 @@ FASTLLM_ALWAYS_INLINE void store_tile(const Problem& p, int64_t m, int64_t n, co
 }
 
 #ifdef FASTLLM_HAVE_VECTORS
-// y[i, j] for i < MR rows of x at x, j < NR rows of W at w. While it multiplies, the pass
-// prefetches R rows of the weight tile kPrefetchTiles tiles ahead, from pf (row j at
-// pf + j * ldw), one 64-byte line of each per vector step while k < k_pf (pf == nullptr: none).
-// The loop holds nothing but its pointers and one bound: an earlier version kept a general
-// prefetch schedule in the loop, which spilled the row pointers to the stack (~45 instructions
-// per 16 multiply-adds, ~32 now).
-template <class V, class I, int MR, int NR, int R>
-FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n, const float* pf, int64_t k_pf) {
-  const float* x = p.x + m * p.ldx;
-  const float* w = p.w + n * p.ldw;
-  const float* bias = p.bias ? p.bias + n : nullptr;
+// acc[i * NR + j] += x_i[k] * w_j[k], lane by lane, over the whole vectors k in [k0, k1): x_i
+// row i of x at x, w_j row j of W at w. While it multiplies it prefetches R weight rows from pf
+// (row j at pf + j * ldw), one 64-byte line of each per vector step while k - k0 < k_pf. The
+// loop holds nothing but its pointers and one bound: an earlier version kept a general prefetch
+// schedule in the loop, which spilled the row pointers to the stack (~45 instructions per 16
+// multiply-adds, ~32 now).
+template <class V, int MR, int NR, int R>
+FASTLLM_ALWAYS_INLINE void multiply(const Problem& p, const float* x, const float* w, int64_t k0, int64_t k1,
+                                    const float* pf, int64_t k_pf, V* acc) {
   constexpr int L = sizeof(V) / sizeof(float);
   constexpr int kStep = 16 / L;  // lines are 16 floats: k advances a line every kStep steps
-  const int64_t K = p.K;
-  V acc[MR * NR];
-  for (int a = 0; a < MR * NR; ++a) acc[a] = V{};
-  if (pf == nullptr) k_pf = 0;
-  int64_t k = 0;
-  for (; k + L <= K; k += L) {
-    if (k < k_pf) {
-      for (int j = 0; j < R; ++j) __builtin_prefetch(pf + j * p.ldw + k * kStep, 0, 2);
+  for (int64_t k = k0; k < k1; k += L) {
+    if (k - k0 < k_pf) {
+      for (int j = 0; j < R; ++j) __builtin_prefetch(pf + j * p.ldw + (k - k0) * kStep, 0, 2);
     }
     V wv[NR];
     for (int j = 0; j < NR; ++j) wv[j] = load<V>(w + j * p.ldw + k);
@@ -133,21 +126,43 @@ FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n, const fl
       for (int j = 0; j < NR; ++j) acc[i * NR + j] += xv * wv[j];
     }
   }
+}
+
+// y[m:m+MR, n:n+NR] from the tile's lane accumulators: summed across lanes, plus the products of
+// the K tail from k on (fewer than a vector), plus the bias.
+template <class V, class I, int MR, int NR>
+FASTLLM_ALWAYS_INLINE void finish(const Problem& p, int64_t m, int64_t n, const float* x, const float* w, int64_t k,
+                                  V* acc) {
+  constexpr int L = sizeof(V) / sizeof(float);
   float s[MR * NR];
   if constexpr (MR * NR == L) {
     reduce_all<V, I>(acc, s);
   } else {
     for (int a = 0; a < MR * NR; ++a) s[a] = lane_sum(acc[a]);
   }
-  for (; k < K; ++k) {
+  for (; k < p.K; ++k) {
     for (int i = 0; i < MR; ++i) {
       for (int j = 0; j < NR; ++j) s[i * NR + j] += x[i * p.ldx + k] * w[j * p.ldw + k];
     }
   }
-  if (bias) {
-    for (int a = 0; a < MR * NR; ++a) s[a] += bias[a % NR];
+  if (p.bias) {
+    for (int a = 0; a < MR * NR; ++a) s[a] += p.bias[n + a % NR];
   }
   store_tile<MR, NR>(p, m, n, s);
+}
+
+// y[i, j] for i < MR rows of x from row m, j < NR rows of W from row n, prefetching as
+// `multiply` does (pf == nullptr: no prefetch).
+template <class V, class I, int MR, int NR, int R>
+FASTLLM_ALWAYS_INLINE void tile(const Problem& p, int64_t m, int64_t n, const float* pf, int64_t k_pf) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  const float* x = p.x + m * p.ldx;
+  const float* w = p.w + n * p.ldw;
+  V acc[MR * NR];
+  for (int a = 0; a < MR * NR; ++a) acc[a] = V{};
+  const int64_t whole = p.K / L * L;
+  multiply<V, MR, NR, R>(p, x, w, 0, whole, pf, pf == nullptr ? 0 : k_pf, acc);
+  finish<V, I, MR, NR>(p, m, n, x, w, whole, acc);
 }
 
 // Where pass q of `phases` (MR rows of x each) over the weight tile at row n prefetches: from
@@ -216,7 +231,7 @@ FASTLLM_ALWAYS_INLINE void tile_column(const Problem& p, int64_t n) {
 
 // x too large to stay in L1 beside a weight tile (16 rows of 1536 features: 96 KiB; L1 holds
 // 48): every pass over a tile then reads its rows of x from L2 again. Where x is exactly one
-// pass per tile row (M = MR * NR) and K a whole number of 16-float lines, a block of
+// pass per tile row (M = MR * NR) and K a whole number of slices, a block of
 // kPrefetchTiles tiles goes K-slice by K-slice instead: each slice of x (M x kSliceK) stays in
 // L1 for the block's tiles, and the accumulators wait in a scratch block between slices. Every
 // lane still sums its products in order of k, so the results are the one-slice order's bit
@@ -225,16 +240,14 @@ FASTLLM_ALWAYS_INLINE void tile_column(const Problem& p, int64_t n) {
 constexpr int64_t kSliceK = 256;
 constexpr int64_t kSliceMinBytes = 40 * 1024;  // x at least this large goes by slices
 
-template <class V, int MR, int NR>
+template <int MR, int NR>
 inline bool use_slices(const Problem& p) {
-  return p.M == MR * NR && p.K % 16 == 0 && p.K % kSliceK == 0 &&
-         p.M * p.K * int64_t(sizeof(float)) >= kSliceMinBytes;
+  return p.M == MR * NR && p.K % kSliceK == 0 && p.M * p.K * int64_t(sizeof(float)) >= kSliceMinBytes;
 }
 
 template <class V, class I, int MR, int NR>
 FASTLLM_ALWAYS_INLINE void block_by_slices(const Problem& p, int64_t n) {
   constexpr int L = sizeof(V) / sizeof(float);
-  constexpr int kStep = 16 / L;
   constexpr int64_t T = kPrefetchTiles, A = MR * NR;  // tiles per block; accumulators per pass
   alignas(64) V scratch[T * NR * A];
   for (int64_t c0 = 0; c0 < p.K; c0 += kSliceK) {
@@ -245,30 +258,13 @@ FASTLLM_ALWAYS_INLINE void block_by_slices(const Problem& p, int64_t n) {
         V acc[A];
         for (int a = 0; a < A; ++a) acc[a] = c0 == 0 ? V{} : keep[a];
         const float* x = p.x + q * MR * p.ldx;
-        const float* pf = p.w + (n + (T + t) * NR + q) * p.ldw + c0;
-        for (int64_t k = c0; k < c0 + kSliceK; k += L) {
-          if ((k - c0) * kStep < kSliceK) __builtin_prefetch(pf + (k - c0) * kStep, 0, 2);
-          V wv[NR];
-          for (int j = 0; j < NR; ++j) wv[j] = load<V>(w + j * p.ldw + k);
-          for (int i = 0; i < MR; ++i) {
-            const V xv = load<V>(x + i * p.ldx + k);
-            for (int j = 0; j < NR; ++j) acc[i * NR + j] += xv * wv[j];
-          }
-        }
+        const float* pf = p.w + (n + (T + t) * NR + q) * p.ldw + c0;  // row q of tile t + T, slice c0
+        multiply<V, MR, NR, 1>(p, x, w, c0, c0 + kSliceK, pf, kSliceK * L / 16, acc);
         if (c0 + kSliceK < p.K) {
           for (int a = 0; a < A; ++a) keep[a] = acc[a];
-          continue;
-        }
-        float s[A];
-        if constexpr (A == L) {
-          reduce_all<V, I>(acc, s);
         } else {
-          for (int a = 0; a < A; ++a) s[a] = lane_sum(acc[a]);
+          finish<V, I, MR, NR>(p, q * MR, n + t * NR, x, w, p.K, acc);
         }
-        if (p.bias) {
-          for (int a = 0; a < A; ++a) s[a] += p.bias[n + t * NR + a % NR];
-        }
-        store_tile<MR, NR>(p, q * MR, n + t * NR, s);
       }
     }
   }
@@ -280,7 +276,7 @@ FASTLLM_ALWAYS_INLINE void block_by_slices(const Problem& p, int64_t n) {
 template <class V, class I, int MR, int NR>
 FASTLLM_ALWAYS_INLINE void rows_range(const Problem& p, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (use_slices<V, MR, NR>(p)) {
+  if (use_slices<MR, NR>(p)) {
     for (; n + kPrefetchTiles * NR <= n1; n += kPrefetchTiles * NR) block_by_slices<V, I, MR, NR>(p, n);
   }
   for (; n + NR <= n1; n += NR) tile_column<V, I, MR, NR>(p, n);
