@@ -93,7 +93,7 @@ FASTLLM_CLONES_X86_64_V3 double masked_sum(const float* __restrict e, const uint
   return s;
 }
 
-FASTLLM_CLONES_X86_64_V3 float row_max(const float* __restrict x, int64_t n) {
+FASTLLM_CLONES_X86_64_V4 float row_max(const float* __restrict x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
@@ -101,7 +101,7 @@ FASTLLM_CLONES_X86_64_V3 float row_max(const float* __restrict x, int64_t n) {
 }
 
 // sum exp(x[i] - m) with the float exp, in double.
-FASTLLM_CLONES_X86_64_V3 double sum_exp_shifted(const float* __restrict x, int64_t n, float m) {
+FASTLLM_CLONES_X86_64_V4 double sum_exp_shifted(const float* __restrict x, int64_t n, float m) {
   double s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += exp_neg_flush(x[i] - m);
@@ -345,10 +345,22 @@ bool sample_row(const float* row, int64_t V, float temperature, int64_t top_k, f
   return true;
 }
 
+// The index of the first x[i] == m, or n - 1 if there is none; 16 at a time (one compare and
+// one test per block), then one by one within the block that holds it.
+FASTLLM_CLONES_X86_64_V4 int64_t first_equal(const float* __restrict x, int64_t n, float m) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    int hit = 0;
+    for (int l = 0; l < 16; ++l) hit |= x[i + l] == m;
+    if (hit) break;
+  }
+  while (i < n - 1 && !(x[i] == m)) ++i;
+  return i;
+}
+
 void greedy_row(const float* row, int64_t V, int64_t* token, float* logprob) {
   const float m = row_max(row, V);
-  int64_t best = 0;
-  while (best < V - 1 && !(row[best] == m)) ++best;  // the first maximum
+  const int64_t best = first_equal(row, V, m);  // the first maximum
   if (!std::isfinite(m)) {  // as exact arithmetic gives it (inf - inf: NaN)
     double s = 0;
     for (int64_t i = 0; i < V; ++i) s += std::exp(double(row[i]) - double(m));

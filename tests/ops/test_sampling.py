@@ -67,6 +67,23 @@ def test_greedy_is_first_argmax(backend, device):
     torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0])
 
 
+@pytest.mark.parametrize("backend,device", PARAMS)
+def test_greedy_first_argmax_in_blocks_and_tail(backend, device):
+    """The native kernel finds the first maximum 16 values at a time, then within the block:
+    ties inside one block, across blocks, in the tail after the last whole block (70 = 4 * 16 + 6),
+    the last value, and rows of -inf (the first index)."""
+    logits = torch.randn(7, 70, device=device)
+    logits[0, 3] = logits[0, 9] = 9.0          # one block
+    logits[1, 31] = logits[1, 32] = 9.0        # across a block boundary
+    logits[2, 65] = logits[2, 68] = 9.0        # the tail
+    logits[3, 69] = 9.0                        # the last value
+    logits[4, 15] = logits[4, 64] = 9.0        # a block's last value, then the tail's first
+    logits[5] = float("-inf")
+    logits[6, 0] = 9.0
+    tokens, _ = sample(logits, 0.0, backend=backend)
+    assert tokens.tolist() == [3, 31, 65, 69, 15, 0, 0]
+
+
 def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     n = counts.sum()
     support = probs > 0
