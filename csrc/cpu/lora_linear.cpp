@@ -10,9 +10,9 @@
 // they are and adds the low-rank term in the same pass as the base product; the rank-r products
 // (r columns, or K = rows) on it ran 1.05-2.3x faster on an AMD Zen 4 than the BLAS calls they
 // replace, themselves already issued in BLAS's faster orientation (bench/README.md). On the BLAS
-// engine (MKL on an Intel CPU) each term is one ATen call, except the forward without dropout:
-// y = x (W + s B A)^T, one product on the merged weight (the only place B A is formed, in a buffer
-// the thread reuses). Everything else (other dtypes, CUDA tensors in builds with CUDA: cuBLAS
+// engine (MKL on an Intel CPU) each term is one ATen call, except the two base products without
+// dropout: y = x (W + s B A)^T and dx = dy (W + s B A), each one product on the merged weight (the
+// only place B A is formed, in a buffer the thread reuses). Everything else (other dtypes, CUDA tensors in builds with CUDA: cuBLAS
 // does the GEMMs) is ATen calls, one per term; the Triton kernel is the alternative on CUDA
 // (bench/bench_lora.py decides).
 #include <ATen/core/Tensor.h>
@@ -62,6 +62,23 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   }
 }
 
+// Whether a product on this CPU tensor goes through the merged weight W + s B A: on the BLAS
+// engine without dropout (see lora_linear_fwd_cpu and lora_linear_bwd_cpu).
+bool merge_on_blas(const at::Tensor& x, const std::optional<at::Tensor>& keep) {
+  return !keep.has_value() && x.device().is_cpu() && !tile_products();
+}
+
+// W + s B A in a buffer this thread reuses (the only place B A is formed): valid until the
+// thread's next call.
+const at::Tensor& merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                double scale) {
+  thread_local at::Tensor merged;
+  if (!merged.defined() || merged.scalar_type() != weight.scalar_type()) merged = at::empty({0}, weight.options());
+  merged.resize_(weight.sizes());
+  at::addmm_out(merged, weight, lora_b, lora_a, 1.0, scale);
+  return merged;
+}
+
 // x * keep / (1 - p), or x itself without a mask.
 at::Tensor dropped(const at::Tensor& x, const std::optional<at::Tensor>& keep, double p) {
   if (!keep.has_value()) return x;
@@ -82,17 +99,13 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   }
   at::Tensor u = tiled_mm({{dropped(x, keep, dropout_p), lora_a.t()}});  // (rows, r)
   at::Tensor y;
-  if (!keep.has_value() && x.device().is_cpu() && !tile_products()) {
-    // BLAS engine, no dropout: y = x (W + s B A)^T, one product on the merged weight, built in a
-    // buffer this thread reuses. A second product s u B^T added into y re-reads and re-writes all
-    // of y: at 576 -> 1536 over 2048 rows, 12.7 against 9.9 ms (bench/README.md). At B = 0 the
-    // merged weight is W exactly, so y is still its base layer's output bit for bit.
-    thread_local at::Tensor merged;
-    if (!merged.defined() || merged.scalar_type() != weight.scalar_type()) merged = at::empty({0}, weight.options());
-    merged.resize_(weight.sizes());
-    at::addmm_out(merged, weight, lora_b, lora_a, 1.0, scale);
+  if (merge_on_blas(x, keep)) {
+    // BLAS engine, no dropout: y = x (W + s B A)^T, one product on the merged weight. A second
+    // product s u B^T added into y re-reads and re-writes all of y: at 576 -> 1536 over 2048 rows,
+    // 12.7 against 9.9 ms (bench/README.md). At B = 0 the merged weight is W exactly, so y is
+    // still its base layer's output bit for bit.
     y = output_empty({x.size(0), weight.size(0)}, x.options());
-    at::mm_out(y, x, merged.t());
+    at::mm_out(y, x, merged_weight(weight, lora_a, lora_b, scale).t());
   } else {
     // y = x W^T + s u B^T in one pass when the tile kernel runs; b added after, as fastllm.ops.linear
     // does, so that at initialisation (B = 0) y is its base layer's output bit for bit
@@ -120,6 +133,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   if (keep.has_value()) {
     dx = tiled_mm({{grad_out, weight}});
     dx.add_(at::mm(g, lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
+  } else if (merge_on_blas(x, keep)) {
+    // dy W + s dy B A = dy (W + s B A): one product on the merged weight, as the forward, instead
+    // of g A added into dx, which re-reads and re-writes all of dx (bench/README.md)
+    dx = output_empty({grad_out.size(0), weight.size(1)}, grad_out.options());
+    at::mm_out(dx, grad_out, merged_weight(weight, lora_a, lora_b, scale));
   } else {
     dx = tiled_mm({{grad_out, weight}, {g, lora_a}});
   }
