@@ -15,6 +15,7 @@
 // only place B A is formed, in a buffer the thread reuses). Everything else (other dtypes, CUDA tensors in builds with CUDA: cuBLAS
 // does the GEMMs) is ATen calls, one per term; the Triton kernel is the alternative on CUDA
 // (bench/bench_lora.py decides).
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -22,11 +23,15 @@
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <optional>
 #include <tuple>
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_mm.h"
+#include "fastllm/cpu_simd.h"     // FASTLLM_CLONES_X86_64_V4
+#include "fastllm/grain.h"
+#include "fastllm/lane_reduce.h"  // v16, load
 
 namespace fastllm::cpu {
 namespace {
@@ -68,6 +73,41 @@ bool merge_on_blas(const at::Tensor& x, const std::optional<at::Tensor>& keep) {
   return !keep.has_value() && x.device().is_cpu() && !tile_products();
 }
 
+#ifdef FASTLLM_HAVE_VECTORS
+// Rows [n0, n1) of out = W + s B A, float32, in one pass: each row of W plus its r multiples of
+// A's rows (A, r x in, stays in L1), summed in order of r. In place of a copy of W and a BLAS
+// product added over the copy (two passes over it): the LoRA step's merges, two per adapted
+// projection, took ~130 ms of it that way (bench/README.md). At B = 0 every row is W's exactly.
+FASTLLM_CLONES_X86_64_V4 void merge_rows_f32(const float* w, const float* a, const float* b, int64_t r, float s,
+                                             float* out, int64_t n0, int64_t n1, int64_t in) {
+  float c[64];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t j = 0; j < r; ++j) c[j] = s * b[n * r + j];
+    const float* wr = w + n * in;
+    float* o = out + n * in;
+    int64_t i = 0;
+    for (; i + 64 <= in; i += 64) {  // four independent sums in flight (an FMA's latency)
+      v16 acc[4];
+      for (int q = 0; q < 4; ++q) acc[q] = load<v16>(wr + i + 16 * q);
+      for (int64_t j = 0; j < r; ++j) {
+        for (int q = 0; q < 4; ++q) acc[q] += c[j] * load<v16>(a + j * in + i + 16 * q);
+      }
+      std::memcpy(o + i, acc, sizeof(acc));
+    }
+    for (; i + 16 <= in; i += 16) {
+      v16 acc = load<v16>(wr + i);
+      for (int64_t j = 0; j < r; ++j) acc += c[j] * load<v16>(a + j * in + i);
+      std::memcpy(o + i, &acc, sizeof(acc));
+    }
+    for (; i < in; ++i) {
+      float acc = wr[i];
+      for (int64_t j = 0; j < r; ++j) acc += c[j] * a[j * in + i];
+      o[i] = acc;
+    }
+  }
+}
+#endif
+
 // W + s B A in a buffer this thread reuses (the only place B A is formed): valid until the
 // thread's next call.
 const at::Tensor& merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -75,6 +115,21 @@ const at::Tensor& merged_weight(const at::Tensor& weight, const at::Tensor& lora
   thread_local at::Tensor merged;
   if (!merged.defined() || merged.scalar_type() != weight.scalar_type()) merged = at::empty({0}, weight.options());
   merged.resize_(weight.sizes());
+#ifdef FASTLLM_HAVE_VECTORS
+  const int64_t r = lora_a.size(0);
+  if (weight.scalar_type() == at::kFloat && r <= 64) {
+    const at::Tensor w = weight.contiguous(), a = lora_a.contiguous(), b = lora_b.contiguous();
+    const int64_t out = w.size(0), in = w.size(1);
+    const float* wp = w.const_data_ptr<float>();
+    const float* ap = a.const_data_ptr<float>();
+    const float* bp = b.const_data_ptr<float>();
+    float* mp = merged.mutable_data_ptr<float>();
+    at::parallel_for(0, out, grain_for(in * (r + 2)), [&](int64_t n0, int64_t n1) {
+      merge_rows_f32(wp, ap, bp, r, static_cast<float>(scale), mp, n0, n1, in);
+    });
+    return merged;
+  }
+#endif
   at::addmm_out(merged, weight, lora_b, lora_a, 1.0, scale);
   return merged;
 }

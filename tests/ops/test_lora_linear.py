@@ -12,8 +12,9 @@ from tests.conftest import DEVICES, assert_close, assert_lowp_rule, compiled_bac
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in compiled_backends(d)]
 # (leading shape of x, in, out, r): rows and features that are not multiples of any block.
 # ((2, 100), 300, 131): the CPU tile kernel's row blocks, K slices and column remainders.
+# r = 72: above the 64 ranks the CPU merge kernel takes (BLAS merges it).
 SHAPES = [((5,), 8, 16, 1), ((2, 7), 37, 45, 5), ((3, 11), 80, 33, 16), ((65,), 40, 70, 24),
-          ((2, 100), 300, 131, 8)]
+          ((2, 100), 300, 131, 8), ((4,), 20, 12, 72)]
 
 
 def _marks(device):
