@@ -29,7 +29,6 @@ On CUDA the decode step is captured once in a CUDA graph and replayed (use_cuda_
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -261,12 +260,6 @@ def generate(
         every = sync_every or (8 if device.type == "cuda" else 1)
         if _decode_runs_inline(model, B, device):
             torch.set_num_threads(1)
-        # No cyclic garbage collection during the loop: a step allocates a few hundred short-lived
-        # objects and no reference cycles, yet every ~700 allocations start a collection, and the
-        # older generations' passes walk every object the process holds (b16 greedy SmolLM2 calls
-        # ~1% faster without them, bench/README.md). The collector's state is restored after.
-        collecting = gc.isenabled()
-        gc.disable()
         try:
             for i in range(max_new_tokens - 1):
                 if i % every == 0 and bool(state.finished.all()):
@@ -274,8 +267,6 @@ def generate(
                 torch.rand(B, generator=generator, device=device, out=uniforms)
                 runner()
         finally:
-            if collecting:
-                gc.enable()
             torch.set_num_threads(threads)
     finally:
         model.train(was_training)

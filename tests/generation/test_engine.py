@@ -11,7 +11,6 @@ import torch
 
 import fastllm
 from fastllm.generation import generate, generate_reference
-from fastllm.generation.engine import DecodeStep
 from fastllm.models import build_model, preset
 
 BACKENDS = ["reference"] + (["native"] if fastllm.extension_available() else [])
@@ -157,39 +156,6 @@ def test_training_mode_is_restored():
     model = _model("tiny-llama").train()
     generate(model, PROMPTS, 2)
     assert model.training
-
-
-def test_garbage_collection_is_off_in_the_loop_and_restored(monkeypatch):
-    """The decode loop runs with the cyclic collector off, and generate leaves it as it found it
-    (on stays on, off stays off), also when a step raises."""
-    import gc
-
-    model = _model("tiny-llama")
-    seen = []
-    step = DecodeStep.__call__
-
-    def spy(self):
-        seen.append(gc.isenabled())
-        return step(self)
-
-    monkeypatch.setattr(DecodeStep, "__call__", spy)
-    assert gc.isenabled()
-    generate(model, PROMPTS, 4)
-    assert seen == [False] * 3 and gc.isenabled()
-    gc.disable()
-    try:
-        generate(model, PROMPTS, 3)
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-
-    def boom(self):
-        raise RuntimeError("step failed")
-
-    monkeypatch.setattr(DecodeStep, "__call__", boom)
-    with pytest.raises(RuntimeError, match="step failed"):
-        generate(model, PROMPTS, 3)
-    assert gc.isenabled()
 
 
 @pytest.mark.gpu
