@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -23,58 +22,6 @@
 
 namespace fastllm::cpu {
 namespace {
-
-// float cos and sin of pos * inv_freq, per row, kept by each thread between calls: every layer of
-// a decode step rotates its rows at the same positions with the same frequencies, so the trig
-// (~20 us of libm calls for 16 rows of SmolLM2's 32 frequencies, against ~9 us for the rest of
-// the op) runs once a step instead of once a layer. A row is reused only where its position and
-// every frequency equal the ones it was computed from, so the values are always those of the
-// angles given. sincosf: the same values as cosf and sinf, in one call.
-struct TrigMemo {
-  std::vector<float> freq;     // the frequencies the rows were computed with
-  std::vector<int32_t> pos;    // per row: its position, -1 where not computed
-  std::vector<float> values;   // per row: half cosines, then half sines
-
-  const float* row(int64_t b, int32_t p, const float* inv_freq, int64_t half) {
-    if (static_cast<int64_t>(freq.size()) != half || std::memcmp(freq.data(), inv_freq, half * sizeof(float)) != 0) {
-      freq.assign(inv_freq, inv_freq + half);
-      pos.assign(pos.size(), -1);
-      values.resize(pos.size() * 2 * half);  // rows of the new width
-    }
-    if (static_cast<int64_t>(pos.size()) <= b) {
-      pos.resize(b + 1, -1);
-      values.resize((b + 1) * 2 * half);
-    }
-    float* cs = values.data() + b * 2 * half;
-    if (pos[b] != p) {
-      for (int64_t i = 0; i < half; ++i) {
-        const float angle = float(p) * inv_freq[i];
-#if defined(__GLIBC__)
-        sincosf(angle, cs + half + i, cs + i);
-#else
-        cs[i] = std::cos(angle);
-        cs[half + i] = std::sin(angle);
-#endif
-      }
-      pos[b] = p;
-    }
-    return cs;
-  }
-};
-thread_local TrigMemo trig_memo;
-
-// Row b's cosines then sines: float from the memo, double (float64 inputs) computed into cs.
-inline const float* row_trig(float*, int64_t b, int32_t p, const float* freq, int64_t half) {
-  return trig_memo.row(b, p, freq, half);
-}
-inline const double* row_trig(double* cs, int64_t, int32_t p, const float* freq, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const double angle = static_cast<double>(p) * static_cast<double>(freq[i]);
-    cs[i] = std::cos(angle);
-    cs[half + i] = std::sin(angle);
-  }
-  return cs;
-}
 
 template <typename scalar_t, typename acc_t>
 inline void rotate(const scalar_t* x, scalar_t* y, const acc_t* cos, const acc_t* sin, int64_t half) {
@@ -110,16 +57,19 @@ at::Tensor kv_append_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at
     scalar_t* vc = v_cache.mutable_data_ptr<scalar_t>();
     // A token's heads are little work: batch them so small steps run inline.
     at::parallel_for(0, B, grain_for((Hq + 2 * Hkv) * D), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> cs(2 * half);
+      std::vector<acc_t> cos(half), sin(half);
       for (int64_t b = begin; b < end; ++b) {
-        const acc_t* cos = row_trig(cs.data(), b, pos[b], freq, half);
-        const acc_t* sin = cos + half;
+        for (int64_t i = 0; i < half; ++i) {
+          const acc_t angle = static_cast<acc_t>(pos[b]) * static_cast<acc_t>(freq[i]);
+          cos[i] = std::cos(angle);
+          sin[i] = std::sin(angle);
+        }
         for (int64_t h = 0; h < Hq; ++h) {
-          rotate(qp + (b * Hq + h) * D, qo + (b * Hq + h) * D, cos, sin, half);
+          rotate(qp + (b * Hq + h) * D, qo + (b * Hq + h) * D, cos.data(), sin.data(), half);
         }
         const int64_t slot = (b * Smax + pos[b]) * Hkv * D;
         for (int64_t h = 0; h < Hkv; ++h) {
-          rotate(kp + (b * Hkv + h) * D, kc + slot + h * D, cos, sin, half);
+          rotate(kp + (b * Hkv + h) * D, kc + slot + h * D, cos.data(), sin.data(), half);
         }
         std::copy(vp + b * Hkv * D, vp + (b + 1) * Hkv * D, vc + slot);
       }
