@@ -5,20 +5,23 @@
 //             dx = dy W + g A (* keep / (1 - p))  one pass without dropout
 //             dA = g^T xd (r, in),  dB = s dy^T u (out, r)
 // xd = x * keep / (1 - p) when a dropout mask is given, else x. W and b are frozen: no dW.
-// Every product goes through tiled_mm (csrc/cpu/gemm.cpp), on the CPU's products engine. On the
+// The products go through tiled_mm (csrc/cpu/gemm.cpp), on the CPU's products engine. On the
 // tile kernel (fastllm/tile_mm.h) it reads W^T, A^T, B^T, g^T and dy^T as the transposed views
 // they are and adds the low-rank term in the same pass as the base product; the rank-r products
 // (r columns, or K = rows) on it ran 1.05-2.3x faster on an AMD Zen 4 than the BLAS calls they
 // replace, themselves already issued in BLAS's faster orientation (bench/README.md). On the BLAS
-// engine (MKL on an Intel CPU) each term is one ATen call, except the two base products without
-// dropout: y = x (W + s B A)^T and dx = dy (W + s B A), each one product on the merged weight (the
-// only place B A is formed, in a buffer the thread reuses). Everything else (other dtypes, CUDA tensors in builds with CUDA: cuBLAS
+// engine (MKL on an Intel CPU) each term is one ATen call, except without dropout: the two base
+// products y = x (W + s B A)^T and dx = dy (W + s B A), each one product on the merged weight (the
+// only place B A is formed, in a buffer the thread reuses), and, for float32 with r a multiple of
+// 16 up to 64, the backward's rank-r products g, dA and dB in one pass of our own (lora_aux).
+// Everything else (other dtypes, CUDA tensors in builds with CUDA: cuBLAS
 // does the GEMMs) is ATen calls, one per term; the Triton kernel is the alternative on CUDA
 // (bench/bench_lora.py decides).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
@@ -108,6 +111,140 @@ FASTLLM_CLONES_X86_64_V4 void merge_rows_f32(const float* w, const float* a, con
 }
 #endif
 
+#ifdef FASTLLM_HAVE_VECTORS
+// The backward's three rank-r products in one pass over the rows of dy and x (float32, r a
+// multiple of 16 up to 64, no dropout):
+//   g = s dy B (rows, r),   db = s dy^T u (out, r),   da = g^T x (r, in).
+// As BLAS calls they are three memory passes with K or N of r, two over all of dy and one over
+// all of x (~0.3 s of the SmolLM2 LoRA step, bench/README.md). Here rows go Q at a time: their g
+// (dy's Q rows against B, out x r, which stays in L2), then their multiples of u summed into db
+// and of x into da, while the Q rows of dy and x are in L1. A row of B, db or u is R vectors of
+// 16 lanes (R = r / 16). Rows are split across threads, each summing into its own db and da,
+// which are added up in thread order at the end.
+template <int Q, int R>
+FASTLLM_ALWAYS_INLINE void lora_aux_block(const float* dy, const float* x, const float* u, const float* b, float s,
+                                          int64_t out, int64_t in, float* g, float* db, float* da) {
+  constexpr int r = 16 * R;
+  // g and db together, each dy[q, n] broadcast once for both: g[q] += dy[q, n] B[n] (Q x R
+  // accumulators over n), db[n] += sum_q dy[q, n] (s u[q])
+  v16 acc[Q][R], us[Q][R];
+  for (int q = 0; q < Q; ++q) {
+    for (int c = 0; c < R; ++c) {
+      acc[q][c] = v16{};
+      us[q][c] = load<v16>(u + q * r + 16 * c) * s;
+    }
+  }
+  for (int64_t n = 0; n < out; ++n) {
+    v16 bn[R], dn[R];
+    for (int c = 0; c < R; ++c) {
+      bn[c] = load<v16>(b + n * r + 16 * c);
+      dn[c] = load<v16>(db + n * r + 16 * c);
+    }
+    for (int q = 0; q < Q; ++q) {
+      const float d = dy[q * out + n];
+      for (int c = 0; c < R; ++c) {
+        acc[q][c] += d * bn[c];
+        dn[c] += d * us[q][c];
+      }
+    }
+    std::memcpy(db + n * r, dn, sizeof(dn));
+  }
+  for (int q = 0; q < Q; ++q) {
+    for (int c = 0; c < R; ++c) {
+      const v16 gq = acc[q][c] * s;
+      std::memcpy(g + q * r + 16 * c, &gq, sizeof(gq));
+    }
+  }
+  // da[j, k] += sum_q g[q, j] x[q, k], two vectors of k at a time (each g[q, j] broadcast once
+  // for both)
+  int64_t k = 0;
+  for (; k + 32 <= in; k += 32) {
+    v16 xv[Q][2];
+    for (int q = 0; q < Q; ++q) xv[q][0] = load<v16>(x + q * in + k), xv[q][1] = load<v16>(x + q * in + k + 16);
+    for (int j = 0; j < r; ++j) {
+      v16 d0 = load<v16>(da + j * in + k), d1 = load<v16>(da + j * in + k + 16);
+      for (int q = 0; q < Q; ++q) {
+        const float gq = g[q * r + j];
+        d0 += gq * xv[q][0];
+        d1 += gq * xv[q][1];
+      }
+      std::memcpy(da + j * in + k, &d0, sizeof(d0));
+      std::memcpy(da + j * in + k + 16, &d1, sizeof(d1));
+    }
+  }
+  for (; k + 16 <= in; k += 16) {
+    v16 xv[Q];
+    for (int q = 0; q < Q; ++q) xv[q] = load<v16>(x + q * in + k);
+    for (int j = 0; j < r; ++j) {
+      v16 d = load<v16>(da + j * in + k);
+      for (int q = 0; q < Q; ++q) d += g[q * r + j] * xv[q];
+      std::memcpy(da + j * in + k, &d, sizeof(d));
+    }
+  }
+  for (; k < in; ++k) {
+    for (int j = 0; j < r; ++j) {
+      float d = da[j * in + k];
+      for (int q = 0; q < Q; ++q) d += g[q * r + j] * x[q * in + k];
+      da[j * in + k] = d;
+    }
+  }
+}
+
+// Rows [m0, m1) through lora_aux_block, 8 at a time, then one by one.
+template <int R>
+FASTLLM_ALWAYS_INLINE void lora_aux_rows(const float* dy, const float* x, const float* u, const float* b, float s,
+                                         int64_t out, int64_t in, int64_t m0, int64_t m1, float* g, float* db,
+                                         float* da) {
+  constexpr int r = 16 * R;
+  int64_t m = m0;
+  for (; m + 8 <= m1; m += 8) {
+    lora_aux_block<8, R>(dy + m * out, x + m * in, u + m * r, b, s, out, in, g + m * r, db, da);
+  }
+  for (; m < m1; ++m) lora_aux_block<1, R>(dy + m * out, x + m * in, u + m * r, b, s, out, in, g + m * r, db, da);
+}
+
+FASTLLM_CLONES_X86_64_V4 void lora_aux_f32(const float* dy, const float* x, const float* u, const float* b, float s,
+                                           int64_t out, int64_t in, int64_t r, int64_t m0, int64_t m1, float* g,
+                                           float* db, float* da) {
+  switch (r / 16) {
+    case 1: return lora_aux_rows<1>(dy, x, u, b, s, out, in, m0, m1, g, db, da);
+    case 2: return lora_aux_rows<2>(dy, x, u, b, s, out, in, m0, m1, g, db, da);
+    case 3: return lora_aux_rows<3>(dy, x, u, b, s, out, in, m0, m1, g, db, da);
+    default: return lora_aux_rows<4>(dy, x, u, b, s, out, in, m0, m1, g, db, da);
+  }
+}
+
+// Whether lora_aux_f32 takes a backward's rank-r products.
+bool fused_aux(const at::Tensor& grad_out, const at::Tensor& lora_a, const std::optional<at::Tensor>& keep) {
+  const int64_t r = lora_a.size(0);
+  return !keep.has_value() && grad_out.is_cpu() && grad_out.scalar_type() == at::kFloat && r % 16 == 0 && r <= 64;
+}
+
+// g (rows, r), da (r, in), db (out, r) through lora_aux_f32, rows split across threads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_aux(const at::Tensor& grad_out, const at::Tensor& x,
+                                                        const at::Tensor& u, const at::Tensor& lora_b, double scale) {
+  const at::Tensor dy = grad_out.contiguous(), xc = x.contiguous(), uc = u.contiguous(), b = lora_b.contiguous();
+  const int64_t rows = dy.size(0), out = dy.size(1), in = xc.size(1), r = uc.size(1);
+  at::Tensor g = at::empty({rows, r}, dy.options());
+  const int threads = at::get_num_threads();
+  at::Tensor db_parts = at::zeros({threads, out, r}, dy.options());
+  at::Tensor da_parts = at::zeros({threads, r, in}, dy.options());
+  const float* dyp = dy.const_data_ptr<float>();
+  const float* xp = xc.const_data_ptr<float>();
+  const float* up = uc.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* gp = g.mutable_data_ptr<float>();
+  float* dbp = db_parts.mutable_data_ptr<float>();
+  float* dap = da_parts.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, grain_for(r * (2 * out + in)), [&](int64_t m0, int64_t m1) {
+    const int64_t t = at::get_thread_num();
+    lora_aux_f32(dyp, xp, up, bp, static_cast<float>(scale), out, in, r, m0, m1, gp, dbp + t * out * r,
+                 dap + t * r * in);
+  });
+  return {g, da_parts.sum(0), db_parts.sum(0)};
+}
+#endif
+
 // W + s B A in a buffer this thread reuses (the only place B A is formed): valid until the
 // thread's next call.
 const at::Tensor& merged_weight(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -183,6 +320,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
               x.scalar_type(), " (same as x), got ", grad_out.scalar_type());
   TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == lora_a.size(0),
               "u: expected shape [", x.size(0), ", ", lora_a.size(0), "], got ", u.sizes());
+#ifdef FASTLLM_HAVE_VECTORS
+  if (merge_on_blas(x, keep) && fused_aux(grad_out, lora_a, keep)) {
+    // BLAS engine: dx on the merged weight, the rank-r products in one pass (lora_aux)
+    at::Tensor dx = output_empty({grad_out.size(0), weight.size(1)}, grad_out.options());
+    at::mm_out(dx, grad_out, merged_weight(weight, lora_a, lora_b, scale));
+    auto [g, da, db] = lora_aux(grad_out, x, u, lora_b, scale);
+    return {dx, da, db};
+  }
+#endif
   at::Tensor g = tiled_mm({{grad_out, lora_b, scale}});  // (rows, r), already scaled
   at::Tensor dx;                                          // (rows, in) = dy W + g A (* keep / (1 - p))
   if (keep.has_value()) {

@@ -12,9 +12,11 @@ from tests.conftest import DEVICES, assert_close, assert_lowp_rule, compiled_bac
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in compiled_backends(d)]
 # (leading shape of x, in, out, r): rows and features that are not multiples of any block.
 # ((2, 100), 300, 131): the CPU tile kernel's row blocks, K slices and column remainders.
-# r = 72: above the 64 ranks the CPU merge kernel takes (BLAS merges it).
+# r = 72: above the 64 ranks the CPU merge kernel takes (BLAS merges it). r = 16, 32, 64: the
+# CPU backward's fused rank-r pass (8 rows at a time, then one by one; 32 and 16 features of x at
+# a time, then one by one).
 SHAPES = [((5,), 8, 16, 1), ((2, 7), 37, 45, 5), ((3, 11), 80, 33, 16), ((65,), 40, 70, 24),
-          ((2, 100), 300, 131, 8), ((4,), 20, 12, 72)]
+          ((2, 100), 300, 131, 8), ((4,), 20, 12, 72), ((2, 13), 50, 21, 32), ((9,), 24, 10, 64)]
 
 
 def _marks(device):
