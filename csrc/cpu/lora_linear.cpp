@@ -26,7 +26,6 @@
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -34,7 +33,7 @@
 #include "fastllm/cpu_mm.h"
 #include "fastllm/cpu_simd.h"     // FASTLLM_CLONES_X86_64_V4
 #include "fastllm/grain.h"
-#include "fastllm/lane_reduce.h"  // v16, load
+#include "fastllm/lane_reduce.h"  // v16, load, store
 
 namespace fastllm::cpu {
 namespace {
@@ -95,12 +94,12 @@ FASTLLM_CLONES_X86_64_V4 void merge_rows_f32(const float* w, const float* a, con
       for (int64_t j = 0; j < r; ++j) {
         for (int q = 0; q < 4; ++q) acc[q] += c[j] * load<v16>(a + j * in + i + 16 * q);
       }
-      std::memcpy(o + i, acc, sizeof(acc));
+      for (int q = 0; q < 4; ++q) store<v16>(o + i + 16 * q, acc[q]);
     }
     for (; i + 16 <= in; i += 16) {
       v16 acc = load<v16>(wr + i);
       for (int64_t j = 0; j < r; ++j) acc += c[j] * load<v16>(a + j * in + i);
-      std::memcpy(o + i, &acc, sizeof(acc));
+      store<v16>(o + i, acc);
     }
     for (; i < in; ++i) {
       float acc = wr[i];
@@ -109,9 +108,7 @@ FASTLLM_CLONES_X86_64_V4 void merge_rows_f32(const float* w, const float* a, con
     }
   }
 }
-#endif
 
-#ifdef FASTLLM_HAVE_VECTORS
 // The backward's three rank-r products in one pass over the rows of dy and x (float32, r a
 // multiple of 16 up to 64, no dropout):
 //   g = s dy B (rows, r),   db = s dy^T u (out, r),   da = g^T x (r, in).
@@ -147,12 +144,11 @@ FASTLLM_ALWAYS_INLINE void lora_aux_block(const float* dy, const float* x, const
         dn[c] += d * us[q][c];
       }
     }
-    std::memcpy(db + n * r, dn, sizeof(dn));
+    for (int c = 0; c < R; ++c) store<v16>(db + n * r + 16 * c, dn[c]);
   }
   for (int q = 0; q < Q; ++q) {
     for (int c = 0; c < R; ++c) {
-      const v16 gq = acc[q][c] * s;
-      std::memcpy(g + q * r + 16 * c, &gq, sizeof(gq));
+      store<v16>(g + q * r + 16 * c, acc[q][c] * s);
     }
   }
   // da[j, k] += sum_q g[q, j] x[q, k], two vectors of k at a time (each g[q, j] broadcast once
@@ -168,8 +164,8 @@ FASTLLM_ALWAYS_INLINE void lora_aux_block(const float* dy, const float* x, const
         d0 += gq * xv[q][0];
         d1 += gq * xv[q][1];
       }
-      std::memcpy(da + j * in + k, &d0, sizeof(d0));
-      std::memcpy(da + j * in + k + 16, &d1, sizeof(d1));
+      store<v16>(da + j * in + k, d0);
+      store<v16>(da + j * in + k + 16, d1);
     }
   }
   for (; k + 16 <= in; k += 16) {
@@ -178,7 +174,7 @@ FASTLLM_ALWAYS_INLINE void lora_aux_block(const float* dy, const float* x, const
     for (int j = 0; j < r; ++j) {
       v16 d = load<v16>(da + j * in + k);
       for (int q = 0; q < Q; ++q) d += g[q * r + j] * xv[q];
-      std::memcpy(da + j * in + k, &d, sizeof(d));
+      store<v16>(da + j * in + k, d);
     }
   }
   for (; k < in; ++k) {
@@ -214,10 +210,10 @@ FASTLLM_CLONES_X86_64_V4 void lora_aux_f32(const float* dy, const float* x, cons
   }
 }
 
-// Whether lora_aux_f32 takes a backward's rank-r products.
-bool fused_aux(const at::Tensor& grad_out, const at::Tensor& lora_a, const std::optional<at::Tensor>& keep) {
+// Whether lora_aux_f32 takes the rank-r products of a backward that merge_on_blas runs.
+bool fused_aux(const at::Tensor& grad_out, const at::Tensor& lora_a) {
   const int64_t r = lora_a.size(0);
-  return !keep.has_value() && grad_out.is_cpu() && grad_out.scalar_type() == at::kFloat && r % 16 == 0 && r <= 64;
+  return grad_out.scalar_type() == at::kFloat && r % 16 == 0 && r <= 64;
 }
 
 // g (rows, r), da (r, in), db (out, r) through lora_aux_f32, rows split across threads.
@@ -320,26 +316,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
               x.scalar_type(), " (same as x), got ", grad_out.scalar_type());
   TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == lora_a.size(0),
               "u: expected shape [", x.size(0), ", ", lora_a.size(0), "], got ", u.sizes());
-#ifdef FASTLLM_HAVE_VECTORS
-  if (merge_on_blas(x, keep) && fused_aux(grad_out, lora_a, keep)) {
-    // BLAS engine: dx on the merged weight, the rank-r products in one pass (lora_aux)
-    at::Tensor dx = output_empty({grad_out.size(0), weight.size(1)}, grad_out.options());
-    at::mm_out(dx, grad_out, merged_weight(weight, lora_a, lora_b, scale));
-    auto [g, da, db] = lora_aux(grad_out, x, u, lora_b, scale);
-    return {dx, da, db};
-  }
-#endif
-  at::Tensor g = tiled_mm({{grad_out, lora_b, scale}});  // (rows, r), already scaled
-  at::Tensor dx;                                          // (rows, in) = dy W + g A (* keep / (1 - p))
-  if (keep.has_value()) {
-    dx = tiled_mm({{grad_out, weight}});
-    dx.add_(at::mm(g, lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
-  } else if (merge_on_blas(x, keep)) {
+  at::Tensor dx;  // (rows, in) = dy W + g A (* keep / (1 - p))
+  if (merge_on_blas(x, keep)) {
     // dy W + s dy B A = dy (W + s B A): one product on the merged weight, as the forward, instead
     // of g A added into dx, which re-reads and re-writes all of dx (bench/README.md)
     dx = output_empty({grad_out.size(0), weight.size(1)}, grad_out.options());
     at::mm_out(dx, grad_out, merged_weight(weight, lora_a, lora_b, scale));
-  } else {
+#ifdef FASTLLM_HAVE_VECTORS
+    if (fused_aux(grad_out, lora_a)) {  // the rank-r products in one pass
+      auto [g, da, db] = lora_aux(grad_out, x, u, lora_b, scale);
+      return {dx, da, db};
+    }
+#endif
+  }
+  at::Tensor g = tiled_mm({{grad_out, lora_b, scale}});  // (rows, r), already scaled
+  if (keep.has_value()) {
+    dx = tiled_mm({{grad_out, weight}});
+    dx.add_(at::mm(g, lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
+  } else if (!dx.defined()) {
     dx = tiled_mm({{grad_out, weight}, {g, lora_a}});
   }
   at::Tensor da = tiled_mm({{g.t(), dropped(x, keep, dropout_p)}});  // (r, in)

@@ -11,9 +11,8 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fastllm/checks.h"
@@ -22,7 +21,7 @@
 #include "fastllm/cpu_simd.h"  // FASTLLM_CLONES_X86_64_V4
 #include "fastllm/cpu_vec.h"
 #include "fastllm/grain.h"
-#include "fastllm/lane_reduce.h"  // v16, load, lane_sum
+#include "fastllm/lane_reduce.h"  // v16, load, store, lane_sum
 
 namespace fastllm::cpu {
 namespace {
@@ -46,13 +45,11 @@ FASTLLM_ALWAYS_INLINE float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-FASTLLM_ALWAYS_INLINE void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
-
 // y = x * r * w for one row.
 FASTLLM_CLONES_X86_64_V4 void rms_norm_row_f32(const float* x, const float* w, float* y, int64_t H, float eps) {
   const float r = 1.0f / std::sqrt(dot_f32(x, x, H) / float(H) + eps);
   int64_t i = 0;
-  for (; i + 16 <= H; i += 16) store16(y + i, load<v16>(x + i) * r * load<v16>(w + i));
+  for (; i + 16 <= H; i += 16) store<v16>(y + i, load<v16>(x + i) * r * load<v16>(w + i));
   for (; i < H; ++i) y[i] = x[i] * r * w[i];
 }
 
@@ -62,14 +59,14 @@ FASTLLM_CLONES_X86_64_V4 void rms_norm_bwd_row_f32(const float* dy, const float*
                                                    float* dw, float* gw, int64_t H, float eps) {
   const float r = 1.0f / std::sqrt(dot_f32(x, x, H) / float(H) + eps);
   int64_t i = 0;
-  for (; i + 16 <= H; i += 16) store16(gw + i, load<v16>(dy + i) * load<v16>(w + i));
+  for (; i + 16 <= H; i += 16) store<v16>(gw + i, load<v16>(dy + i) * load<v16>(w + i));
   for (; i < H; ++i) gw[i] = dy[i] * w[i];
   const float c = r * dot_f32(gw, x, H) / float(H);
   const float rc = r * c;
   for (i = 0; i + 16 <= H; i += 16) {
     const v16 xv = load<v16>(x + i);
-    store16(dx + i, r * load<v16>(gw + i) - r * rc * xv);
-    store16(dw + i, load<v16>(dw + i) + load<v16>(dy + i) * (xv * r));
+    store<v16>(dx + i, r * load<v16>(gw + i) - r * rc * xv);
+    store<v16>(dw + i, load<v16>(dw + i) + load<v16>(dy + i) * (xv * r));
   }
   for (; i < H; ++i) {
     dx[i] = r * gw[i] - r * rc * x[i];

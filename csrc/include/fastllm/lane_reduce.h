@@ -31,6 +31,11 @@ FASTLLM_ALWAYS_INLINE V load(const float* p) {
 }
 
 template <class V>
+FASTLLM_ALWAYS_INLINE void store(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <class V>
 FASTLLM_ALWAYS_INLINE float lane_sum(V v) {
   constexpr int L = sizeof(V) / sizeof(float);
   float lanes[L];
