@@ -20,8 +20,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "fastllm/decode_attention_checks.h"
+#include "fastllm/balanced_for.h"
 #include "fastllm/checks.h"
+#include "fastllm/decode_attention_checks.h"
 #include "fastllm/cpu_isa.h"
 #include "fastllm/cpu_simd.h"
 #include "fastllm/cpu_vec.h"
@@ -246,13 +247,13 @@ void decode_attention_rows(const scalar_t* q, const scalar_t* kc, const scalar_t
         // enough of them for the threads, else of single kv heads.
         const int64_t H = B >= 2 * at::get_num_threads() ? Hkv : 1;
         const int64_t per_seq = Hkv / H;
-        at::parallel_for(0, B * per_seq, std::max<int64_t>(1, grain / H), [&](int64_t begin, int64_t end) {
+        balanced_for(B * per_seq, std::max<int64_t>(1, grain / H), [&](int64_t begin, int64_t end, int64_t ahead) {
           std::vector<float> scratch(H * G * (D + kKeyBlock + 2));
           for (int64_t task = begin; task < end; ++task) {
             const int64_t b = task / per_seq, h = (task % per_seq) * H;
-            // the thread's next task, whose rows this one prefetches (none after its last)
+            // the thread's likely next task, whose rows this one prefetches (none after its last)
             const int64_t nb = (task + 1) / per_seq, nh = ((task + 1) % per_seq) * H;
-            const int64_t next_len = task + 1 < end ? lengths[nb] : 0;  // lengths checked >= 0
+            const int64_t next_len = task + 1 < ahead ? lengths[nb] : 0;  // lengths checked >= 0
             wide(q + (b * Hq + h * G) * D, kc + (b * Smax * Hkv + h) * D, vc + (b * Smax * Hkv + h) * D, Hkv * D,
                  lengths[b], G, H, static_cast<float>(scale), out + (b * Hq + h * G) * D,
                  scratch.data(), kc + (nb * Smax * Hkv + nh) * D, vc + (nb * Smax * Hkv + nh) * D, next_len);
@@ -261,7 +262,7 @@ void decode_attention_rows(const scalar_t* q, const scalar_t* kc, const scalar_t
         return;
       }
 #endif
-      at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+      balanced_for(B * Hkv, grain, [&](int64_t begin, int64_t end, int64_t) {
         std::vector<float> scratch(2 * G * D + G * kKeyBlock);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / Hkv, h = task % Hkv;

@@ -34,6 +34,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fastllm/balanced_for.h"
 #include "fastllm/checks.h"
 #include "fastllm/cpu_isa.h"
 #include "fastllm/cpu_mm.h"  // tile_products
@@ -384,7 +385,7 @@ std::vector<at::Tensor> small_linear_fwd_cpu(const at::Tensor& x, const at::Tens
   }
   // items: blocks of 16 weight rows (whole tiles for both bodies); work: multiply-adds / 8
   constexpr int64_t kBlock = 16;
-  at::parallel_for(0, (N + kBlock - 1) / kBlock, grain_for(kBlock * M * K / 8), [&](int64_t begin, int64_t end) {
+  balanced_for((N + kBlock - 1) / kBlock, grain_for(kBlock * M * K / 8), [&](int64_t begin, int64_t end, int64_t) {
     kBody(p, begin * kBlock, std::min(N, end * kBlock));
   });
   return outs;

@@ -98,6 +98,27 @@ def test_task_shapes_agree(threads, shape):
     assert_close(got, want, torch.float32)
 
 
+@pytest.mark.skipif(not fastllm.extension_available(), reason="needs fastllm._C")
+@pytest.mark.parametrize("shape", [(16, 9, 3, 64, 200), (5, 8, 2, 128, 130)])
+def test_threads_taking_each_others_tasks_agree(shape):
+    """A thread that is done takes over tasks another has not started (balanced_for): many calls
+    on 2-4 threads, with uneven lengths so that threads finish apart, each equal to the
+    one-thread result bit for bit."""
+    q, k, v, lengths = _inputs(*shape, torch.float32, "cpu")
+    op = torch.ops.fastllm.decode_attention_fwd
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(q, k, v, lengths, 0.125)
+        for threads in (2, 3, 4):
+            torch.set_num_threads(threads)
+            for _ in range(30):
+                assert torch.equal(op(q, k, v, lengths, 0.125), one)
+    finally:
+        torch.set_num_threads(before)
+    assert_close(one, decode_attention_reference(q, k, v, lengths, 0.125), torch.float32)
+
+
 def test_custom_scale():
     q, k, v, lengths = _inputs(3, 6, 2, 16, 37, torch.float32, "cpu")
     assert_close(decode_attention(q, k, v, lengths, 0.3), decode_attention_reference(q, k, v, lengths, 0.3))

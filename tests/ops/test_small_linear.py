@@ -54,17 +54,23 @@ def test_strided_rows(rows, cpu_products):
 
 
 def test_threads_give_identical_results():
-    """Threads split the output columns; each element is summed the same way on any count."""
-    x, w, b = torch.randn(9, 576), torch.randn(3072, 576), torch.randn(3072)
+    """Threads split the output columns, and a thread that is done takes over columns another has
+    not started (balanced_for): each element is summed the same way on any count, whichever
+    thread runs it. Many calls on 2-4 threads, so that threads finish apart and take from each
+    other, each equal to the one-thread result: a column run twice is harmless, one skipped or
+    run from the wrong rows is not."""
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(9, 576, generator=g), torch.randn(3072 + 13, 576, generator=g), torch.randn(3072 + 13)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = op(x, w, b)
-        torch.set_num_threads(2)
-        two = op(x, w, b)
+        for threads in (2, 3, 4):
+            torch.set_num_threads(threads)
+            for _ in range(40):
+                assert torch.equal(op(x, w, b), one)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
     check(one, x, w, b)
 
 
