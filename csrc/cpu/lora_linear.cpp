@@ -28,6 +28,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_mm.h"
@@ -216,8 +217,9 @@ bool fused_aux(const at::Tensor& grad_out, const at::Tensor& lora_a) {
   return grad_out.scalar_type() == at::kFloat && r % 16 == 0 && r <= 64;
 }
 
-// g (rows, r), da (r, in), db (out, r) through lora_aux_f32, rows split across threads.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_aux(const at::Tensor& grad_out, const at::Tensor& x,
+// da (r, in) and db (out, r) through lora_aux_f32 (g, rows x r, is its scratch), rows split
+// across threads.
+std::pair<at::Tensor, at::Tensor> lora_aux(const at::Tensor& grad_out, const at::Tensor& x,
                                                         const at::Tensor& u, const at::Tensor& lora_b, double scale) {
   const at::Tensor dy = grad_out.contiguous(), xc = x.contiguous(), uc = u.contiguous(), b = lora_b.contiguous();
   const int64_t rows = dy.size(0), out = dy.size(1), in = xc.size(1), r = uc.size(1);
@@ -237,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_aux(const at::Tensor& grad_o
     lora_aux_f32(dyp, xp, up, bp, static_cast<float>(scale), out, in, r, m0, m1, gp, dbp + t * out * r,
                  dap + t * r * in);
   });
-  return {g, da_parts.sum(0), db_parts.sum(0)};
+  return {da_parts.sum(0), db_parts.sum(0)};
 }
 #endif
 
@@ -324,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     at::mm_out(dx, grad_out, merged_weight(weight, lora_a, lora_b, scale));
 #ifdef FASTLLM_HAVE_VECTORS
     if (fused_aux(grad_out, lora_a)) {  // the rank-r products in one pass
-      auto [g, da, db] = lora_aux(grad_out, x, u, lora_b, scale);
+      auto [da, db] = lora_aux(grad_out, x, u, lora_b, scale);
       return {dx, da, db};
     }
 #endif
