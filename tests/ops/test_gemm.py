@@ -96,3 +96,41 @@ def test_pool_off_by_environment():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "FASTLLM_CPU_POOL_MB": "0", "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+def test_pooled_empty_serves_a_python_scratch_block_from_the_pool():
+    like = torch.empty(0, dtype=torch.float64)
+    block = torch.ops.fastllm.pooled_empty(like, [256, 1024])  # 2 MiB of float64
+    assert block.shape == (256, 1024) and block.dtype == torch.float64 and block.is_contiguous()
+    assert not block.untyped_storage().resizable()
+    ptr = block.data_ptr()
+    del block
+    assert torch.ops.fastllm.pooled_empty(like, [1024, 256]).data_ptr() == ptr  # same bytes, same block
+    small = torch.ops.fastllm.pooled_empty(like, [3, 5])  # under 1 MiB: the allocator's
+    assert small.shape == (3, 5) and small.untyped_storage().resizable()
+    with pytest.raises(RuntimeError, match="size: expected sizes >= 0"):
+        torch.ops.fastllm.pooled_empty(like, [4, -1])
+
+
+def test_the_logits_free_loss_takes_its_logits_block_from_the_pool(monkeypatch):
+    """The chunked loss's (chunk, V) logits block, made on every call, is a pooled block: the next
+    training step finds it mapped (a fresh 201 MB block was 49k page faults a SmolLM2 LoRA step)."""
+    from fastllm.ops import linear_cross_entropy
+
+    blocks = []
+    real = torch.ops.fastllm.pooled_empty
+
+    def spy(like, size):
+        out = real(like, size)
+        blocks.append((tuple(size), out.data_ptr()))
+        return out
+
+    monkeypatch.setattr(torch.ops.fastllm, "pooled_empty", spy)
+    h = torch.randn(300, 64, requires_grad=True)
+    w = torch.randn(2000, 64, requires_grad=True)
+    y = torch.randint(0, 2000, (300,))
+    for _ in range(2):
+        loss = linear_cross_entropy(h, w, y)
+        loss.backward()
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(h @ w.t(), y))
+    assert len(blocks) == 2 and blocks[0] == blocks[1], blocks  # the second call reused the first's block
