@@ -536,8 +536,16 @@ void store_key_grads(const Problem& pb, int64_t krow0, int64_t cols, int64_t hk,
   }
 }
 
+// The key tile's columns [0, n) that queries [m0, m0 + rows) can see, n <= cols: causally, the
+// first query tile on a key tile's diagonal sees only the keys up to its last query (64 of the
+// 128 columns at the default tiles), and the columns past them would only multiply zeros.
+inline int64_t visible_cols(const Problem& pb, const Seq& sq, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+  return std::clamp<int64_t>(pb.key_end(sq, m0 + rows) - n0, 0, cols);
+}
+
 // One (query tile, key tile) of the dK/dV accumulation for query head h: s <- P, dV += P^T dO,
-// dp <- dS, dK += scale dS^T q (the one-pass kernel then adds scale dS k to dQ from dp).
+// dp <- dS, dK += scale dS^T q (the one-pass kernel then adds scale dS k to dQ from dp). `cols`
+// is the visible part of the key tile (visible_cols).
 template <typename acc_t>
 void dkdv_tile(const Problem& pb, const Seq& sq, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
                const acc_t* qt, int64_t ldq, const acc_t* gt, int64_t lddo, const KeyTile<acc_t>& kv,
@@ -582,7 +590,9 @@ void bwd_dkdv_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q,
           const int64_t rows = std::min(BLOCK_M, sq.q_len - m0), row0 = sq.q_start + m0;
           const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
           const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
-          dkdv_tile<acc_t>(pb, sq, h, m0, rows, n0, cols, qt, ldq, gt, lddo, kv, lse, delta, s.data(), dp.data(),
+          const int64_t seen = visible_cols(pb, sq, m0, rows, n0, cols);
+          if (seen == 0) continue;
+          dkdv_tile<acc_t>(pb, sq, h, m0, rows, n0, seen, qt, ldq, gt, lddo, kv, lse, delta, s.data(), dp.data(),
                            dk_acc.data(), dv_acc.data());
         }
       }
@@ -643,7 +653,9 @@ void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q
               int64_t ldq, lddo;
               const acc_t* qt = tile<scalar_t, acc_t>(q, pb.q_row, row0, rows, h, D, qbuf, ldq);
               const acc_t* gt = tile<scalar_t, acc_t>(dout, pb.q_row, row0, rows, h, D, dobuf, lddo);
-              dkdv_tile<acc_t>(pb, sq, h, m0, rows, n0, cols, qt, ldq, gt, lddo, kv, lse, delta, s.data(),
+              const int64_t seen = visible_cols(pb, sq, m0, rows, n0, cols);
+              if (seen == 0) continue;
+              dkdv_tile<acc_t>(pb, sq, h, m0, rows, n0, seen, qt, ldq, gt, lddo, kv, lse, delta, s.data(),
                                dp.data(), dk_acc.data(), dv_acc.data());
               // dQ += scale dS K, into dq itself (float, double) or the task's float rows
               acc_t* dq_rows;
@@ -655,7 +667,7 @@ void bwd_fused_kernel(const Problem& pb, const scalar_t* dout, const scalar_t* q
                 dq_rows = dq_buf.data() + (g * sq.q_len + m0) * D;
                 ld_dq = D;
               }
-              gemm<acc_t>(false, false, rows, D, cols, scale, dp.data(), BLOCK_N, kv.k, kv.ldk, acc_t(1), dq_rows, ld_dq);
+              gemm<acc_t>(false, false, rows, D, seen, scale, dp.data(), BLOCK_N, kv.k, kv.ldk, acc_t(1), dq_rows, ld_dq);
             }
           }
           store_key_grads(pb, krow0, cols, hk, dk_acc.data(), dv_acc.data(), dk, dv);
