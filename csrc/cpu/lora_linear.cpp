@@ -121,7 +121,8 @@ FASTLLM_CLONES_X86_64_V4 void merge_rows_f32(const float* w, const float* a, con
 // which are added up in thread order at the end.
 template <int Q, int R>
 FASTLLM_ALWAYS_INLINE void lora_aux_block(const float* dy, const float* x, const float* u, const float* b, float s,
-                                          int64_t out, int64_t in, float* g, float* db, float* da) {
+                                          int64_t out, int64_t in, float* g, float* db, float* da,
+                                          const float* next_dy, const float* next_x) {
   constexpr int r = 16 * R;
   // g and db together, each dy[q, n] broadcast once for both: g[q] += dy[q, n] B[n] (Q x R
   // accumulators over n), db[n] += sum_q dy[q, n] (s u[q])
@@ -133,6 +134,7 @@ FASTLLM_ALWAYS_INLINE void lora_aux_block(const float* dy, const float* x, const
     }
   }
   for (int64_t n = 0; n < out; ++n) {
+    if (next_dy != nullptr && (n & 1) == 0) __builtin_prefetch(next_dy + n * Q, 0, 2);
     v16 bn[R], dn[R];
     for (int c = 0; c < R; ++c) {
       bn[c] = load<v16>(b + n * r + 16 * c);
@@ -156,6 +158,9 @@ FASTLLM_ALWAYS_INLINE void lora_aux_block(const float* dy, const float* x, const
   // for both)
   int64_t k = 0;
   for (; k + 32 <= in; k += 32) {
+    if (next_x != nullptr) {
+      for (int l = 0; l < 2 * Q; ++l) __builtin_prefetch(next_x + k * Q + 16 * l, 0, 2);
+    }
     v16 xv[Q][2];
     for (int q = 0; q < Q; ++q) xv[q][0] = load<v16>(x + q * in + k), xv[q][1] = load<v16>(x + q * in + k + 16);
     for (int j = 0; j < r; ++j) {
@@ -195,9 +200,13 @@ FASTLLM_ALWAYS_INLINE void lora_aux_rows(const float* dy, const float* x, const 
   constexpr int r = 16 * R;
   int64_t m = m0;
   for (; m + 8 <= m1; m += 8) {
-    lora_aux_block<8, R>(dy + m * out, x + m * in, u + m * r, b, s, out, in, g + m * r, db, da);
+    const bool more = m + 16 <= m1;  // the next block's rows, into L2 while this one is multiplied
+    lora_aux_block<8, R>(dy + m * out, x + m * in, u + m * r, b, s, out, in, g + m * r, db, da,
+                         more ? dy + (m + 8) * out : nullptr, more ? x + (m + 8) * in : nullptr);
   }
-  for (; m < m1; ++m) lora_aux_block<1, R>(dy + m * out, x + m * in, u + m * r, b, s, out, in, g + m * r, db, da);
+  for (; m < m1; ++m) {
+    lora_aux_block<1, R>(dy + m * out, x + m * in, u + m * r, b, s, out, in, g + m * r, db, da, nullptr, nullptr);
+  }
 }
 
 FASTLLM_CLONES_X86_64_V4 void lora_aux_f32(const float* dy, const float* x, const float* u, const float* b, float s,
