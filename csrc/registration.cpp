@@ -25,10 +25,10 @@ TORCH_LIBRARY(fastllm, m) {
   // row-major or a transposed view, c with unit column stride; the chunked logits-free ops'
   // products and fastllm.ops.linear's.
   m.def("mm_f32_out_(Tensor(a!) c, Tensor a, Tensor b, bool accumulate) -> ()");
-  // An uninitialised tensor of `like`'s dtype and device, from the CPU ops' output pool where it
-  // is one of at least 1 MiB (output_empty, fastllm/cpu_mm.h): for a large scratch block that a
-  // Python op makes on every call (the logits-free ops' logits block).
-  m.def("pooled_empty(Tensor like, int[] size) -> Tensor");
+  // An uninitialised CPU tensor, from the CPU ops' output pool where it is one of at least 1 MiB
+  // (output_empty, fastllm/cpu_mm.h): the Python ops' outputs and scratch blocks on the CPU
+  // (fastllm.ops._backend.new_output).
+  m.def("pooled_empty(int[] size, ScalarType dtype) -> Tensor", &fastllm::cpu::pooled_empty);
   // The vector ISA of the CPU kernels' dispatched bodies: "avx512", "avx2" or "none" (the CPU's
   // widest, capped by FASTLLM_CPU_ISA; csrc/include/fastllm/cpu_isa.h).
   m.def("cpu_isa() -> str", &cpu_isa_op);

@@ -209,16 +209,15 @@ void mm_f32_out_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, boo
   tiled_mm_into(c, {{a, b}}, accumulate);
 }
 
-at::Tensor pooled_empty_cpu(const at::Tensor& like, at::IntArrayRef size) {
-  for (int64_t s : size) TORCH_CHECK(s >= 0, "size: expected sizes >= 0, got ", size);
-  return output_empty(size, like.options());
-}
-
 }  // namespace
+
+at::Tensor pooled_empty(at::IntArrayRef size, at::ScalarType dtype) {
+  for (int64_t s : size) TORCH_CHECK(s >= 0, "size: expected sizes >= 0, got ", size);
+  return output_empty(size, at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
 
 TORCH_LIBRARY_IMPL(fastllm, CPU, m) {
   m.impl("mm_f32_out_", &mm_f32_out_cpu);
-  m.impl("pooled_empty", &pooled_empty_cpu);
 }
 
 }  // namespace fastllm::cpu

@@ -146,8 +146,15 @@ def poisoning() -> bool:
 
 
 def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, or a NaN-filled tensor under FASTLLM_POISON=1."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+    """torch.empty, or a NaN-filled tensor under FASTLLM_POISON=1. On the CPU with fastllm._C,
+    from the C++ ops' output pool (`torch.ops.fastllm.pooled_empty`; tensors of 1 MiB and up:
+    csrc/include/fastllm/cpu_mm.h), so that an output or scratch block made at every training
+    step finds the pages of the step before mapped (the chunked head's 201 MB logits block was
+    49k page faults a SmolLM2 LoRA step; bench/README.md)."""
+    if torch.device(device).type == "cpu" and _extension.available():
+        out = torch.ops.fastllm.pooled_empty([shape] if isinstance(shape, int) else list(shape), dtype)
+    else:
+        out = torch.empty(shape, dtype=dtype, device=device)
     if poisoning() and out.is_floating_point():
         out.fill_(float("nan"))
     return out

@@ -106,14 +106,9 @@ def run_chunks(
     weight_t = weight.t()
     # one logits block for every chunk, whichever product fills it: a (chunk, V) tensor per chunk
     # is a fresh allocation each time (on the CPU a fresh mapping: 50 MB for SmolLM2's head at 256
-    # rows, 12k first-touch page faults; bench/README.md). On the CPU it comes from the ops'
-    # output pool, so that the next call (the next training step) finds it mapped: a fresh
-    # 201 MB block was 49k page faults per SmolLM2 LoRA step.
-    block_shape = (min(chunk, N), V)
-    if hidden.device.type == "cpu" and native_has("pooled_empty", hidden.device):
-        block = torch.ops.fastllm.pooled_empty(hidden, block_shape)
-    else:
-        block = hidden.new_empty(block_shape)
+    # rows, 12k first-touch page faults; bench/README.md); new_output takes it from the CPU
+    # ops' pool, so the next call (the next training step) finds it mapped
+    block = new_output((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
         h = hidden[start:end]

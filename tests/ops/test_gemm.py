@@ -99,17 +99,26 @@ def test_pool_off_by_environment():
 
 
 def test_pooled_empty_serves_a_python_scratch_block_from_the_pool():
-    like = torch.empty(0, dtype=torch.float64)
-    block = torch.ops.fastllm.pooled_empty(like, [256, 1024])  # 2 MiB of float64
+    block = torch.ops.fastllm.pooled_empty([256, 1024], torch.float64)  # 2 MiB of float64
     assert block.shape == (256, 1024) and block.dtype == torch.float64 and block.is_contiguous()
-    assert not block.untyped_storage().resizable()
+    assert block.device.type == "cpu" and not block.untyped_storage().resizable()
     ptr = block.data_ptr()
     del block
-    assert torch.ops.fastllm.pooled_empty(like, [1024, 256]).data_ptr() == ptr  # same bytes, same block
-    small = torch.ops.fastllm.pooled_empty(like, [3, 5])  # under 1 MiB: the allocator's
+    assert torch.ops.fastllm.pooled_empty([1024, 256], torch.float64).data_ptr() == ptr  # same bytes, same block
+    small = torch.ops.fastllm.pooled_empty([3, 5], torch.float64)  # under 1 MiB: the allocator's
     assert small.shape == (3, 5) and small.untyped_storage().resizable()
     with pytest.raises(RuntimeError, match="size: expected sizes >= 0"):
-        torch.ops.fastllm.pooled_empty(like, [4, -1])
+        torch.ops.fastllm.pooled_empty([4, -1], torch.float64)
+
+
+def test_new_output_on_the_cpu_comes_from_the_pool(monkeypatch):
+    from fastllm.ops._backend import new_output
+
+    out = new_output((512, 1024), dtype=torch.float32, device=torch.device("cpu"))
+    assert out.shape == (512, 1024) and not out.untyped_storage().resizable()
+    assert new_output(7, dtype=torch.float32, device="cpu").shape == (7,)
+    monkeypatch.setenv("FASTLLM_POISON", "1")
+    assert new_output((512, 1024), dtype=torch.float32, device=torch.device("cpu")).isnan().all()
 
 
 def test_the_logits_free_loss_takes_its_logits_block_from_the_pool(monkeypatch):
@@ -120,9 +129,11 @@ def test_the_logits_free_loss_takes_its_logits_block_from_the_pool(monkeypatch):
     blocks = []
     real = torch.ops.fastllm.pooled_empty
 
-    def spy(like, size):
-        out = real(like, size)
-        blocks.append((tuple(size), out.data_ptr()))
+    def spy(size, dtype):
+        out = real(size, dtype)
+        # the (chunk, V) logits block; grad_hidden and the loss rows also come from the pool
+        if len(size) == 2 and size[1] == 2000:
+            blocks.append(out.data_ptr())
         return out
 
     monkeypatch.setattr(torch.ops.fastllm, "pooled_empty", spy)

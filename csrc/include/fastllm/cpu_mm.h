@@ -38,6 +38,10 @@ void tiled_mm_into(at::Tensor& c, std::initializer_list<MMTerm> terms, bool accu
 // non-CPU tensor, is at::empty.
 at::Tensor output_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// output_empty for a CPU tensor of `dtype`, checked: the op `fastllm::pooled_empty`, through which
+// the Python ops' outputs on the CPU come from the same pool (fastllm.ops._backend.new_output).
+at::Tensor pooled_empty(at::IntArrayRef size, at::ScalarType dtype);
+
 // The sum of the terms as a new (rows of a, columns of b) tensor, as tiled_mm_into decides.
 at::Tensor tiled_mm(std::initializer_list<MMTerm> terms);
 
