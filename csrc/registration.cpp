@@ -66,6 +66,13 @@ TORCH_LIBRARY(fastllm, m) {
   // Returns (grad_x, grad_lora_a, grad_lora_b); no gradient for the frozen weight and bias.
   m.def("lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
         "Tensor u, float scale, Tensor? keep, float dropout_p) -> (Tensor, Tensor, Tensor)");
+  // A group of LoRA linears on the same x (a layer's q/k/v, gate/up), no dropout: weights[i],
+  // biases[i], lora_a[i], lora_b[i], scales[i] as above. Returns [y_0 .. y_n-1, u_0 .. u_n-1];
+  // the backward [grad_x (summed over the group), grad_lora_a_0 .., grad_lora_b_0 ..].
+  m.def("lora_linear_group_fwd(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] lora_a, "
+        "Tensor[] lora_b, float[] scales) -> Tensor[]");
+  m.def("lora_linear_group_bwd(Tensor[] grad_outs, Tensor x, Tensor[] weights, Tensor[] lora_a, "
+        "Tensor[] lora_b, Tensor[] us, float[] scales) -> Tensor[]");
 
   // Attention (flash-style, online softmax) on the packed layout of
   // fastllm/ops/_attention_layout.py: q (total_q, Hq, D), k/v (total_k, Hkv, D) contiguous,

@@ -22,6 +22,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/core/List.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
@@ -29,6 +30,7 @@
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "fastllm/checks.h"
 #include "fastllm/cpu_mm.h"
@@ -358,17 +360,98 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   return {dx, da, db};
 }
 
+// A group of LoRA linears that read the same x (a layer's q/k/v, gate/up), without dropout. The
+// forward is each part's forward in one call. The backward sums the parts' input gradients as it
+// makes them: on the BLAS engine dx = dy_0 M_0 + dy_1 M_1 + ... (M_i the merged weights), each
+// product after the first accumulated into dx by BLAS itself (beta = 1), where separate calls
+// leave autograd to add the parts' dx, a pass over 3 x rows x in values per addition
+// (bench/README.md). Returns [y_0 .. y_n-1, u_0 .. u_n-1] and [dx, dA_0 .., dB_0 ..].
+void check_group(const at::Tensor& x, const at::TensorList& weights, const at::TensorList& lora_a,
+                 const at::TensorList& lora_b, const at::ArrayRef<double>& scales) {
+  const size_t n = weights.size();
+  TORCH_CHECK(n > 0, "weights: expected at least one projection, got none");
+  TORCH_CHECK(lora_a.size() == n && lora_b.size() == n && scales.size() == n,
+              "lora_a, lora_b, scales: expected one per weight (", n, "), got ", lora_a.size(), ", ",
+              lora_b.size(), ", ", scales.size());
+  for (size_t i = 0; i < n; ++i) check_common(x, weights[i], lora_a[i], lora_b[i], std::nullopt, 0.0);
+}
+
+std::vector<at::Tensor> lora_linear_group_fwd_cpu(const at::Tensor& x, at::TensorList weights,
+                                                  const c10::List<std::optional<at::Tensor>>& biases,
+                                                  at::TensorList lora_a, at::TensorList lora_b,
+                                                  at::ArrayRef<double> scales) {
+  check_group(x, weights, lora_a, lora_b, scales);
+  const size_t n = weights.size();
+  TORCH_CHECK(biases.size() == n, "biases: expected one per weight (", n, "), got ", biases.size());
+  std::vector<at::Tensor> out(2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    std::tie(out[i], out[n + i]) =
+        lora_linear_fwd_cpu(x, weights[i], biases.get(i), lora_a[i], lora_b[i], scales[i], std::nullopt, 0.0);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> lora_linear_group_bwd_cpu(at::TensorList grad_outs, const at::Tensor& x,
+                                                  at::TensorList weights, at::TensorList lora_a,
+                                                  at::TensorList lora_b, at::TensorList us,
+                                                  at::ArrayRef<double> scales) {
+  check_group(x, weights, lora_a, lora_b, scales);
+  const size_t n = weights.size();
+  TORCH_CHECK(grad_outs.size() == n && us.size() == n, "grad_outs, us: expected one per weight (", n,
+              "), got ", grad_outs.size(), ", ", us.size());
+  std::vector<at::Tensor> out(2 * n + 1);
+  at::Tensor& dx = out[0];
+#ifdef FASTLLM_HAVE_VECTORS
+  bool fast = merge_on_blas(x, std::nullopt);
+  for (size_t i = 0; i < n && fast; ++i) {
+    fast = grad_outs[i].dim() == 2 && grad_outs[i].size(0) == x.size(0) &&
+           grad_outs[i].size(1) == weights[i].size(0) && grad_outs[i].scalar_type() == x.scalar_type() &&
+           us[i].dim() == 2 && us[i].size(0) == x.size(0) && us[i].size(1) == lora_a[i].size(0) &&
+           fused_aux(grad_outs[i], lora_a[i]);
+  }
+  if (fast) {
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& merged = merged_weight(weights[i], lora_a[i], lora_b[i], scales[i]);
+      if (i == 0) {
+        dx = output_empty({x.size(0), x.size(1)}, x.options());
+        at::mm_out(dx, grad_outs[i], merged);
+      } else {
+        dx.addmm_(grad_outs[i], merged);  // dx += dy_i M_i, in BLAS's own pass
+      }
+      std::tie(out[1 + i], out[1 + n + i]) = lora_aux(grad_outs[i], x, us[i], lora_b[i], scales[i]);
+    }
+    return out;
+  }
+#endif
+  for (size_t i = 0; i < n; ++i) {
+    auto [dxi, da, db] = lora_linear_bwd_cpu(grad_outs[i], x, weights[i], lora_a[i], lora_b[i], us[i], scales[i],
+                                             std::nullopt, 0.0);
+    if (i == 0) {
+      dx = dxi;
+    } else {
+      dx.add_(dxi);
+    }
+    out[1 + i] = da;
+    out[1 + n + i] = db;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastllm, CPU, m) {
   m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
   m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
+  m.impl("lora_linear_group_fwd", &lora_linear_group_fwd_cpu);
+  m.impl("lora_linear_group_bwd", &lora_linear_group_bwd_cpu);
 }
 
 #ifdef FASTLLM_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastllm, CUDA, m) {
   m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
   m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
+  m.impl("lora_linear_group_fwd", &lora_linear_group_fwd_cpu);
+  m.impl("lora_linear_group_bwd", &lora_linear_group_bwd_cpu);
 }
 #endif
 

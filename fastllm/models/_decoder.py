@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from fastllm.labels import IGNORE_INDEX, check_shifted
 from fastllm.ops import linear as ops_linear
-from fastllm.ops import next_token_loss, small_linear, swiglu
+from fastllm.ops import lora_linear_group, next_token_loss, small_linear, swiglu
 from fastllm.ops.attention import attention
 
 from .kv_cache import KVCache
@@ -298,18 +298,40 @@ def project(owner: nn.Module, names: tuple[str, ...], x: Tensor, step: Step | No
     low-rank term (kept by the cache, rebuilt when a weight changes in place:
     KVCache.fused_projection): at decode batch sizes every matmul and
     module call costs more than its arithmetic. Otherwise (training, other wrappers) each
-    module is called, a plain nn.Linear through fastllm.ops.linear. The parameters keep their
+    module is called, a plain nn.Linear through fastllm.ops.linear, except a group of LoRA
+    projections, which runs as one fastllm.ops.lora_linear_group op (`_lora_group`). The parameters keep their
     Hugging Face names either way."""
     fused = None
     if step is not None and step.kv_cache is not None and not torch.is_grad_enabled():
         fused = step.kv_cache.fused_projection(owner, names)
     if fused is None:
-        return [_call(getattr(owner, name), x) for name in names]
+        modules = [getattr(owner, name) for name in names]
+        grouped = _lora_group(modules, x) if len(modules) > 1 else None
+        return grouped if grouped is not None else [_call(m, x) for m in modules]
     weight, bias, low_rank, sizes = fused
     if isinstance(weight, tuple):  # the group kept as parts (KVCache.fused_projection): one product each
         biases = [None] * len(weight) if bias is None else bias.split(sizes)
         return [_project_one(w, b, x, step)[0] for w, b in zip(weight, biases)]
     return _project_one(weight, bias, x, step, sizes, low_rank)
+
+
+def _lora_group(modules: list[nn.Module], x: Tensor) -> list[Tensor] | None:
+    """The modules' outputs on x through one fastllm.ops.lora_linear_group call, when each is a
+    LoRA linear whose forward is one part of it (`group_parts()`, see LoRALinear) with the same
+    backend and none carries forward hooks; else None. Its backward sums the parts' gradients
+    for x inside the op instead of leaving autograd one addition per extra part."""
+    if has_forward_hooks(*modules):
+        return None
+    parts = []
+    for module in modules:
+        get = getattr(module, "group_parts", None)
+        part = get() if get is not None else None
+        if part is None or (parts and part[5] != parts[0][5]):
+            return None
+        parts.append(part)
+    weights, biases, lora_a, lora_b, scales, backends = zip(*parts)
+    return lora_linear_group(x, list(weights), list(biases), [a.to(x.dtype) for a in lora_a],
+                             [b.to(x.dtype) for b in lora_b], list(scales), backend=backends[0])
 
 
 def _project_one(weight: Tensor, bias: Tensor | None, x: Tensor, step: Step, sizes: list[int] | None = None,

@@ -20,7 +20,7 @@ from .kv_append_rope import kv_append_rope, kv_append_rope_reference
 from .linear import linear, linear_reference
 from .linear_cross_entropy import linear_cross_entropy, mlm_loss, mlm_loss_reference, next_token_loss
 from .logprobs import token_logprobs, token_logprobs_and_entropy, token_logprobs_and_entropy_reference
-from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linear_reference
+from .lora_linear import lora_linear, lora_linear_backward_reference, lora_linear_group, lora_linear_reference
 from .rms_norm import RMSNorm, rms_norm, rms_norm_backward_reference, rms_norm_reference
 from .rope import apply_rope, rope, rope_backward_reference, rope_cos_sin, rope_inv_freq, rope_reference
 from .sampling import sample, sample_reference, sampling_params
@@ -42,6 +42,7 @@ __all__ = [
     "linear",
     "linear_reference",
     "lora_linear",
+    "lora_linear_group",
     "lora_linear_reference",
     "lora_linear_backward_reference",
     "RMSNorm",

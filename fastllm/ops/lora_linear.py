@@ -103,9 +103,13 @@ def _check(x, weight, bias, lora_a, lora_b, keep, dropout_p) -> None:
 
 
 def _choose(x: Tensor, backend: str) -> str:
+    return _choose_on(x.device, backend)
+
+
+def _choose_on(device: torch.device, backend: str) -> str:
     # On CUDA the native path is the same ATen composition on cuBLAS; it goes first until the
     # GPU benchmark (bench/bench_lora.py) shows the Triton kernel ahead.
-    return _backend.choose("lora_linear", x.device, backend, native_op="lora_linear_fwd",
+    return _backend.choose("lora_linear", device, backend, native_op="lora_linear_fwd",
                            cuda_order=("native", "triton"))
 
 
@@ -196,6 +200,68 @@ def _backward(ctx, grad_out, grad_u):
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# A group of LoRA linears that read the same x (a layer's q/k/v, gate/up), without dropout: one
+# forward call for the group, and a backward that sums the parts' dx as it makes them (on the CPU,
+# each product after the first accumulated by BLAS into dx), where separate ops leave autograd one
+# addition of a (rows, in) tensor per extra part and one autograd node per part. Native only:
+# `lora_linear_group` runs the parts as separate ops on the other backends.
+
+
+@torch.library.custom_op("fastllm::lora_linear_group", mutates_args=())
+def _lora_linear_group_op(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], lora_a: list[Tensor],
+                          lora_b: list[Tensor], scales: list[float]) -> list[Tensor]:
+    """Returns [y_0 (..., out_0), .., y_n-1, u_0 (rows, r_0), .., u_n-1]."""
+    x2 = _rows(x)
+    out = torch.ops.fastllm.lora_linear_group_fwd(x2, weights, biases, lora_a, lora_b, scales)
+    n = len(weights)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in out[:n]] + list(out[n:])
+
+
+@_lora_linear_group_op.register_fake
+def _(x, weights, biases, lora_a, lora_b, scales):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return ([x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+            + [x.new_empty((rows, a.shape[0])) for a in lora_a])
+
+
+@torch.library.custom_op("fastllm::lora_linear_group_backward", mutates_args=())
+def _lora_linear_group_backward_op(grad_outs: list[Tensor], x: Tensor, weights: list[Tensor], lora_a: list[Tensor],
+                                   lora_b: list[Tensor], us: list[Tensor], scales: list[float]) -> list[Tensor]:
+    """Returns [dx (..., in), dA_0, .., dA_n-1, dB_0, .., dB_n-1]."""
+    dys = [_rows(g.to(x.dtype)) for g in grad_outs]
+    out = torch.ops.fastllm.lora_linear_group_bwd(dys, _rows(x), weights, lora_a, lora_b, us, scales)
+    return [out[0].view(x.shape)] + list(out[1:])
+
+
+@_lora_linear_group_backward_op.register_fake
+def _(grad_outs, x, weights, lora_a, lora_b, us, scales):
+    return ([torch.empty_like(x, memory_format=torch.contiguous_format)]
+            + [torch.empty_like(a) for a in lora_a] + [torch.empty_like(b) for b in lora_b])
+
+
+def _group_setup_context(ctx, inputs, output):
+    x, weights, _, lora_a, lora_b, scales = inputs
+    n = len(weights)
+    ctx.save_for_backward(x, *weights, *lora_a, *lora_b, *output[n:])
+    ctx.n, ctx.scales = n, scales
+    # autograd wants the gradients in the inputs' structure: a list for a list of tensors, one
+    # None for a list that holds a None
+    ctx.bias_list = all(b is not None for b in inputs[2])
+
+
+def _group_backward(ctx, grads):
+    n = ctx.n
+    saved = ctx.saved_tensors
+    x, weights, lora_a, lora_b, us = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n], \
+        saved[1 + 3 * n:]
+    out = torch.ops.fastllm.lora_linear_group_backward(list(grads[:n]), x, list(weights), list(lora_a), list(lora_b),
+                                                       list(us), ctx.scales)
+    return out[0], [None] * n, [None] * n if ctx.bias_list else None, list(out[1:1 + n]), list(out[1 + n:]), None
+
+
+_lora_linear_group_op.register_autograd(_group_backward, setup_context=_group_setup_context)
+
+
 def _register_native_fakes() -> None:
     """Fake implementations of the C++ kernels, so opcheck and torch.compile can trace them."""
     from fastllm import _extension
@@ -212,6 +278,18 @@ def _register_native_fakes() -> None:
     @torch.library.register_fake("fastllm::lora_linear_bwd")
     def _(grad_out, x, weight, lora_a, lora_b, u, scale, keep, dropout_p):
         return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+    if not hasattr(torch.ops.fastllm, "lora_linear_group_fwd"):
+        return
+
+    @torch.library.register_fake("fastllm::lora_linear_group_fwd")
+    def _(x, weights, biases, lora_a, lora_b, scales):
+        return ([x.new_empty((x.shape[0], w.shape[0])) for w in weights]
+                + [x.new_empty((x.shape[0], a.shape[0])) for a in lora_a])
+
+    @torch.library.register_fake("fastllm::lora_linear_group_bwd")
+    def _(grad_outs, x, weights, lora_a, lora_b, us, scales):
+        return [torch.empty_like(x)] + [torch.empty_like(a) for a in lora_a] + [torch.empty_like(b) for b in lora_b]
 
 
 _register_native_fakes()
@@ -234,3 +312,33 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     y, _ = torch.ops.fastllm.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), keep, float(dropout_p),
                                          backend or "auto")
     return y
+
+
+@torch.compiler.assume_constant_result  # a fixed choice per device and backend: torch.compile need not trace it
+def _group_is_native(device: str, backend: str) -> bool:
+    """Whether lora_linear_group runs as its one native op on this device and backend."""
+    return _choose_on(torch.device(device), backend) == "native" and hasattr(torch.ops.fastllm, "lora_linear_group_fwd")
+
+
+def lora_linear_group(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], lora_a: list[Tensor],
+                      lora_b: list[Tensor], scales: list[float], *, backend: str | None = None) -> list[Tensor]:
+    """[lora_linear(x, weights[i], biases[i], lora_a[i], lora_b[i], scales[i]) for each i], without
+    dropout: a group of projections that read the same x (a layer's q/k/v, gate/up). On the
+    native backend one op for the group, whose backward sums the parts' gradients for x as it
+    makes them (no autograd addition per extra part); on the others the parts' own ops."""
+    n = len(weights)
+    if n == 0 or not len(biases) == len(lora_a) == len(lora_b) == len(scales) == n:
+        raise ValueError(f"weights, biases, lora_a, lora_b, scales: expected one of each per projection (at least "
+                         f"one), got {n}, {len(biases)}, {len(lora_a)}, {len(lora_b)}, {len(scales)}")
+    if not _group_is_native(str(x.device), backend or "auto"):
+        return [lora_linear(x, w, b, a, bb, s, backend=backend)
+                for w, b, a, bb, s in zip(weights, biases, lora_a, lora_b, scales)]
+    for w, b, a, bb in zip(weights, biases, lora_a, lora_b):
+        _check(x, w, b, a, bb, None, 0.0)
+        if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
+            raise ValueError("weights, biases: lora_linear_group treats the base linears as frozen and computes no "
+                             "gradient for them; got a weight or bias that requires grad (call requires_grad_(False) "
+                             "on it)")
+    out = torch.ops.fastllm.lora_linear_group(x, list(weights), list(biases), list(lora_a), list(lora_b),
+                                              [float(s) for s in scales])
+    return list(out[:n])

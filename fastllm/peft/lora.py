@@ -167,6 +167,19 @@ class LoRALinear(nn.Module):
         return lora_linear(x, self.weight, self.bias, a, b, cfg.scaling, keep=keep,
                            dropout_p=cfg.dropout if keep is not None else 0.0, backend=self.backend)
 
+    def group_parts(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float, str | None] | None:
+        """This module's forward as one part of fastllm.ops.lora_linear_group (several projections
+        on the same input in one op: the models' q/k/v and gate/up): (weight, bias, A, B, scale,
+        backend) of the active adapter; None where the forward is something else (no adapter,
+        disabled, merged, dropout in training)."""
+        name = self.active_adapter
+        if name is None or self.disabled or self.merged is not None:
+            return None
+        cfg = self.configs[name]
+        if self.training and cfg.dropout > 0:
+            return None
+        return self.weight, self.bias, self.lora_A[name], self.lora_B[name], cfg.scaling, self.backend
+
     def inference_parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None] | None:
         """What an inference forward (no gradients) computes, for callers that fuse several
         projections into one matmul (the models' KVCache.fused_projection): (weight, bias,

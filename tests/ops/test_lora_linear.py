@@ -185,3 +185,128 @@ def test_at_initialisation_the_output_is_the_base_layers_bit_for_bit(bias, cpu_p
     a, bb = torch.randn(8, 96), torch.zeros(160, 8)
     y = lora_linear(x, w, b, a, bb, 2.0, backend="native")
     assert torch.equal(y, linear(x, w, b))
+
+
+# --------------------------------------------------------------------------- groups (q/k/v, gate/up)
+
+# (leading shape of x, in, [(out, r, bias) per projection]): ranks 16 and 32 take the CPU
+# backward's fused rank-r pass (the group's dx accumulated by BLAS), 5 and 72 the per-part path;
+# a group may mix them and mix biased and unbiased parts.
+GROUPS = [((3, 11), 40, [(40, 16, True), (12, 16, True), (12, 16, True)]),
+          ((37,), 24, [(50, 32, False), (50, 16, False)]),
+          ((2, 9), 30, [(7, 5, True), (31, 72, False), (16, 16, True)]),
+          ((5,), 8, [(9, 16, False)])]
+
+
+def _group_inputs(lead, in_f, parts, dtype, device="cpu"):
+    x = torch.randn(*lead, in_f, dtype=dtype, device=device)
+    ws = [torch.randn(o, in_f, dtype=dtype, device=device) / in_f ** 0.5 for o, _, _ in parts]
+    bs = [torch.randn(o, dtype=dtype, device=device) if bias else None for o, _, bias in parts]
+    As = [torch.randn(r, in_f, dtype=dtype, device=device) / in_f ** 0.5 for _, r, _ in parts]
+    Bs = [torch.randn(o, r, dtype=dtype, device=device) for o, r, _ in parts]
+    scales = [0.5 + i for i in range(len(parts))]
+    dys = [torch.randn(*lead, o, dtype=dtype, device=device) for o, _, _ in parts]
+    return x, ws, bs, As, Bs, scales, dys
+
+
+def _run_group(fn, x, As, Bs, dys):
+    x = x.detach().clone().requires_grad_()
+    As = [a.detach().clone().requires_grad_() for a in As]
+    Bs = [b.detach().clone().requires_grad_() for b in Bs]
+    ys = fn(x, As, Bs)
+    grads = torch.autograd.grad(ys, [x, *As, *Bs], dys)
+    return list(ys), grads[0], list(grads[1:1 + len(As)]), list(grads[1 + len(As):])
+
+
+@pytest.mark.parametrize("backend", compiled_backends("cpu"))
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_matches_its_parts_reference(backend, group, dtype, cpu_products):
+    """lora_linear_group: each output, dx (the sum over the parts) and every part's dA and dB
+    against the parts' reference in float64."""
+    from fastllm.ops import lora_linear_group
+
+    lead, in_f, parts = group
+    x, ws, bs, As, Bs, scales, dys = _group_inputs(lead, in_f, parts, dtype)
+    ours = _run_group(lambda x_, a_, b_: lora_linear_group(x_, ws, bs, a_, b_, scales, backend=backend),
+                      x, As, Bs, dys)
+    ref = _run_group(lambda x_, a_, b_: [lora_linear_reference(x_, w.double(), None if b is None else b.double(),
+                                                               a.double(), bb.double(), s)
+                                         for w, b, a, bb, s in zip(ws, bs, a_, b_, scales, strict=True)],
+                     x.double(), As, Bs, [d.double() for d in dys])
+    rows = x.numel() // x.shape[-1]
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, o, r in (("y", ours[0], ref[0]), ("dA", ours[2], ref[2]), ("dB", ours[3], ref[3])):
+        assert len(o) == len(parts), name
+        for i, (oi, ri) in enumerate(zip(o, r, strict=True)):
+            assert oi.dtype == dtype and oi.shape == ri.shape, (name, i)
+            torch.testing.assert_close(oi.double(), ri.double(), rtol=tol, atol=tol * (1 if name == "y" else rows),
+                                       msg=f"{name}[{i}]")
+    assert ours[1].dtype == dtype and ours[1].shape == x.shape
+    torch.testing.assert_close(ours[1].double(), ref[1].double(), rtol=tol, atol=tol * len(parts), msg="dx")
+
+
+def test_group_native_takes_one_op_and_gradcheck_float64():
+    from fastllm.ops import lora_linear_group
+
+    if "native" not in compiled_backends("cpu"):
+        pytest.skip("needs the compiled extension")
+    x, ws, bs, As, Bs, scales, _ = _group_inputs((2, 3), 6, [(5, 2, True), (4, 16, False)], torch.float64)
+    x = x.requires_grad_()
+    As = [a.requires_grad_() for a in As]
+    Bs = [b.requires_grad_() for b in Bs]
+    assert torch.autograd.gradcheck(
+        lambda x_, a0, a1, b0, b1: tuple(lora_linear_group(x_, ws, bs, [a0, a1], [b0, b1], scales, backend="native")),
+        (x, *As, *Bs))
+    with torch.profiler.profile() as prof:
+        lora_linear_group(x, ws, bs, As, Bs, scales, backend="native")
+    names = [e.name for e in prof.events()]
+    assert "fastllm::lora_linear_group" in names and "fastllm::lora_linear" not in names
+
+
+def test_group_opcheck_and_compile():
+    from fastllm.ops import lora_linear_group
+
+    if "native" not in compiled_backends("cpu"):
+        pytest.skip("needs the compiled extension")
+    x, ws, bs, As, Bs, scales, dys = _group_inputs((6,), 32, [(32, 16, True), (8, 16, False), (8, 4, True)],
+                                                   torch.float32)
+    torch.library.opcheck(torch.ops.fastllm.lora_linear_group.default, (x, ws, bs, As, Bs, scales))
+    us = [x @ a.t() for a in As]
+    torch.library.opcheck(torch.ops.fastllm.lora_linear_group_backward.default, (dys, x, ws, As, Bs, us, scales))
+    torch.library.opcheck(torch.ops.fastllm.lora_linear_group_fwd.default, (x, ws, bs, As, Bs, scales))
+    torch.library.opcheck(torch.ops.fastllm.lora_linear_group_bwd.default, (dys, x, ws, As, Bs, us, scales))
+    torch._dynamo.reset()
+    As = [a.requires_grad_() for a in As]
+    fn = torch.compile(lambda x_: lora_linear_group(x_, ws, bs, As, Bs, scales, backend="native"), fullgraph=True,
+                       backend="aot_eager")
+    ys = fn(x)
+    ys2 = lora_linear_group(x, ws, bs, As, Bs, scales, backend="native")
+    for o, r in zip(torch.autograd.grad(ys, As, dys) + tuple(ys), torch.autograd.grad(ys2, As, dys) + tuple(ys2),
+                    strict=True):
+        torch.testing.assert_close(o, r)
+
+
+@pytest.mark.parametrize("backend", compiled_backends("cpu"))
+def test_group_bad_input_errors_name_the_argument(backend):
+    from fastllm.ops import lora_linear_group
+
+    x, ws, bs, As, Bs, scales, _ = _group_inputs((4,), 16, [(8, 2, True), (6, 2, False)], torch.float32)
+    with pytest.raises(ValueError, match="weights, biases, lora_a, lora_b, scales: expected one of each"):
+        lora_linear_group(x, ws, bs, As, Bs, scales[:1], backend=backend)
+    with pytest.raises(ValueError, match=r"lora_b: expected shape \[6, 2\]"):
+        lora_linear_group(x, ws, bs, As, [Bs[0], Bs[1][:, :1]], scales, backend=backend)
+    with pytest.raises(ValueError, match="weight, bias: lora_linear|weights, biases: lora_linear_group"):
+        lora_linear_group(x, [ws[0].requires_grad_(), ws[1]], bs, As, Bs, scales, backend=backend)
+
+
+def test_group_cpp_checks_name_the_argument():
+    if "native" not in compiled_backends("cpu"):
+        pytest.skip("needs the compiled extension")
+    x, ws, bs, As, Bs, scales, _ = _group_inputs((4,), 16, [(8, 2, True), (6, 2, False)], torch.float32)
+    with pytest.raises(RuntimeError, match="lora_a, lora_b, scales: expected one per weight"):
+        torch.ops.fastllm.lora_linear_group_fwd(x, ws, bs, As[:1], Bs, scales)
+    with pytest.raises(RuntimeError, match="biases: expected one per weight"):
+        torch.ops.fastllm.lora_linear_group_fwd(x, ws, bs[:1], As, Bs, scales)
+    with pytest.raises(RuntimeError, match="grad_outs, us: expected one per weight"):
+        torch.ops.fastllm.lora_linear_group_bwd([x], x, ws, As, Bs, [x @ a.t() for a in As], scales)

@@ -177,3 +177,48 @@ def test_torch_compile_fullgraph_through_lora_model():
     torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-5)
     for g, ge in zip(grads, grads_eager, strict=True):
         torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("r,dropout,groups", [(16, 0.0, 2), (4, 0.0, 2), (16, 0.1, 0)])
+def test_grouped_projections_match_module_calls(monkeypatch, r, dropout, groups):
+    """The decoder's q/k/v and gate/up LoRA projections run as one lora_linear_group op per
+    group (`groups` per layer; none with dropout while training): loss and every adapter
+    gradient as the per-module calls give them."""
+    from fastllm.models import _decoder
+
+    model = tiny_llama()
+    peft.apply_lora(model, target_modules=ALL, r=r, alpha=8, dropout=dropout, init=False)
+    ids, labels = successor_task(128, batch=2)
+    params = peft.adapter_parameters(model)
+
+    def run():
+        torch.manual_seed(3)  # the same dropout masks both ways
+        with torch.profiler.profile() as prof:
+            loss = model.loss(ids, labels)
+        names = [e.name for e in prof.events()]
+        return loss, torch.autograd.grad(loss, params), names.count("fastllm::lora_linear_group")
+
+    loss, grads, calls = run()
+    assert calls == groups * model.config.num_hidden_layers
+    monkeypatch.setattr(_decoder, "_lora_group", lambda modules, x: None)
+    loss_ref, grads_ref, calls_ref = run()
+    assert calls_ref == 0
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for g, gr in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-6)
+
+
+def test_group_skips_hooked_and_mixed_projections():
+    """A projection with a forward hook, or a group that is not all LoRA (targets q and v only),
+    runs module by module: the hook fires and the outputs are the modules' own."""
+    model = tiny_llama()
+    peft.apply_lora(model, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"], r=4, init=False)
+    seen = []
+    model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    ids, labels = successor_task(128, batch=2)
+    with torch.profiler.profile() as prof:
+        model.loss(ids, labels)
+    names = [e.name for e in prof.events()]
+    # only the gate/up groups of the layers without the hook are grouped
+    assert names.count("fastllm::lora_linear_group") == model.config.num_hidden_layers - 1
+    assert len(seen) == 1
