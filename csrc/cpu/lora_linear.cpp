@@ -316,8 +316,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(
   return {y, u};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+// One LoRA linear's backward with its input gradient dy W + g A (* keep / (1 - p)) written into a
+// new dx (dx undefined) or added into the given dx (a group's running sum: on the BLAS engine by
+// BLAS itself, beta = 1, not a second pass). Returns (dA, dB).
+std::pair<at::Tensor, at::Tensor> lora_linear_bwd_into(
+    at::Tensor& dx, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, double scale,
     const std::optional<at::Tensor>& keep, double dropout_p) {
   check_common(x, weight, lora_a, lora_b, keep, dropout_p);
@@ -329,25 +332,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
               x.scalar_type(), " (same as x), got ", grad_out.scalar_type());
   TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == lora_a.size(0),
               "u: expected shape [", x.size(0), ", ", lora_a.size(0), "], got ", u.sizes());
-  at::Tensor dx;  // (rows, in) = dy W + g A (* keep / (1 - p))
+  const bool accumulate = dx.defined();
+  bool dx_done = false;
   if (merge_on_blas(x, keep)) {
     // dy W + s dy B A = dy (W + s B A): one product on the merged weight, as the forward, instead
     // of g A added into dx, which re-reads and re-writes all of dx (bench/README.md)
-    dx = output_empty({grad_out.size(0), weight.size(1)}, grad_out.options());
-    at::mm_out(dx, grad_out, merged_weight(weight, lora_a, lora_b, scale));
-#ifdef FASTLLM_HAVE_VECTORS
-    if (fused_aux(grad_out, lora_a)) {  // the rank-r products in one pass
-      auto [da, db] = lora_aux(grad_out, x, u, lora_b, scale);
-      return {dx, da, db};
+    const at::Tensor& merged = merged_weight(weight, lora_a, lora_b, scale);
+    if (accumulate) {
+      dx.addmm_(grad_out, merged);
+    } else {
+      dx = output_empty({grad_out.size(0), weight.size(1)}, grad_out.options());
+      at::mm_out(dx, grad_out, merged);
     }
+    dx_done = true;
+#ifdef FASTLLM_HAVE_VECTORS
+    if (fused_aux(grad_out, lora_a)) return lora_aux(grad_out, x, u, lora_b, scale);  // rank-r products, one pass
 #endif
   }
   at::Tensor g = tiled_mm({{grad_out, lora_b, scale}});  // (rows, r), already scaled
-  if (keep.has_value()) {
-    dx = tiled_mm({{grad_out, weight}});
-    dx.add_(at::mm(g, lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
-  } else if (!dx.defined()) {
-    dx = tiled_mm({{grad_out, weight}, {g, lora_a}});
+  if (!dx_done) {  // no merged product above (the tile engine, dropout, other devices)
+    if (!accumulate) dx = output_empty({grad_out.size(0), weight.size(1)}, grad_out.options());
+    if (keep.has_value()) {
+      tiled_mm_into(dx, {{grad_out, weight}}, accumulate);
+      dx.add_(at::mm(g, lora_a).mul_(*keep), 1.0 / (1.0 - dropout_p));
+    } else {
+      tiled_mm_into(dx, {{grad_out, weight}, {g, lora_a}}, accumulate);
+    }
   }
   at::Tensor da = tiled_mm({{g.t(), dropped(x, keep, dropout_p)}});  // (r, in)
   // db (out, r) = s dy^T u. The tile kernel reads dy^T as the transposed view it is. Through BLAS
@@ -357,15 +367,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   const bool on_tile = tile_products() && grad_out.is_cpu() && grad_out.scalar_type() == at::kFloat;
   at::Tensor db = on_tile ? tiled_mm({{grad_out.t(), u, scale}})                  // (out, r)
                           : tiled_mm({{u.t(), grad_out, scale}}).t().contiguous();
+  return {da, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& u, double scale,
+    const std::optional<at::Tensor>& keep, double dropout_p) {
+  at::Tensor dx;
+  auto [da, db] = lora_linear_bwd_into(dx, grad_out, x, weight, lora_a, lora_b, u, scale, keep, dropout_p);
   return {dx, da, db};
 }
 
 // A group of LoRA linears that read the same x (a layer's q/k/v, gate/up), without dropout. The
 // forward is each part's forward in one call. The backward sums the parts' input gradients as it
-// makes them: on the BLAS engine dx = dy_0 M_0 + dy_1 M_1 + ... (M_i the merged weights), each
-// product after the first accumulated into dx by BLAS itself (beta = 1), where separate calls
-// leave autograd to add the parts' dx, a pass over 3 x rows x in values per addition
-// (bench/README.md). Returns [y_0 .. y_n-1, u_0 .. u_n-1] and [dx, dA_0 .., dB_0 ..].
+// makes them (lora_linear_bwd_into: on the BLAS engine dx = dy_0 M_0 + dy_1 M_1 + ..., M_i the
+// merged weights, each product after the first accumulated into dx by BLAS), where separate calls
+// leave autograd one addition of a (rows, in) tensor per extra part (bench/README.md). Returns
+// [y_0 .. y_n-1, u_0 .. u_n-1] and [dx, dA_0 .., dB_0 ..].
 void check_group(const at::Tensor& x, const at::TensorList& weights, const at::TensorList& lora_a,
                  const at::TensorList& lora_b, const at::ArrayRef<double>& scales) {
   const size_t n = weights.size();
@@ -373,7 +392,6 @@ void check_group(const at::Tensor& x, const at::TensorList& weights, const at::T
   TORCH_CHECK(lora_a.size() == n && lora_b.size() == n && scales.size() == n,
               "lora_a, lora_b, scales: expected one per weight (", n, "), got ", lora_a.size(), ", ",
               lora_b.size(), ", ", scales.size());
-  for (size_t i = 0; i < n; ++i) check_common(x, weights[i], lora_a[i], lora_b[i], std::nullopt, 0.0);
 }
 
 std::vector<at::Tensor> lora_linear_group_fwd_cpu(const at::Tensor& x, at::TensorList weights,
@@ -400,39 +418,9 @@ std::vector<at::Tensor> lora_linear_group_bwd_cpu(at::TensorList grad_outs, cons
   TORCH_CHECK(grad_outs.size() == n && us.size() == n, "grad_outs, us: expected one per weight (", n,
               "), got ", grad_outs.size(), ", ", us.size());
   std::vector<at::Tensor> out(2 * n + 1);
-  at::Tensor& dx = out[0];
-#ifdef FASTLLM_HAVE_VECTORS
-  bool fast = merge_on_blas(x, std::nullopt);
-  for (size_t i = 0; i < n && fast; ++i) {
-    fast = grad_outs[i].dim() == 2 && grad_outs[i].size(0) == x.size(0) &&
-           grad_outs[i].size(1) == weights[i].size(0) && grad_outs[i].scalar_type() == x.scalar_type() &&
-           us[i].dim() == 2 && us[i].size(0) == x.size(0) && us[i].size(1) == lora_a[i].size(0) &&
-           fused_aux(grad_outs[i], lora_a[i]);
-  }
-  if (fast) {
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& merged = merged_weight(weights[i], lora_a[i], lora_b[i], scales[i]);
-      if (i == 0) {
-        dx = output_empty({x.size(0), x.size(1)}, x.options());
-        at::mm_out(dx, grad_outs[i], merged);
-      } else {
-        dx.addmm_(grad_outs[i], merged);  // dx += dy_i M_i, in BLAS's own pass
-      }
-      std::tie(out[1 + i], out[1 + n + i]) = lora_aux(grad_outs[i], x, us[i], lora_b[i], scales[i]);
-    }
-    return out;
-  }
-#endif
   for (size_t i = 0; i < n; ++i) {
-    auto [dxi, da, db] = lora_linear_bwd_cpu(grad_outs[i], x, weights[i], lora_a[i], lora_b[i], us[i], scales[i],
-                                             std::nullopt, 0.0);
-    if (i == 0) {
-      dx = dxi;
-    } else {
-      dx.add_(dxi);
-    }
-    out[1 + i] = da;
-    out[1 + n + i] = db;
+    std::tie(out[1 + i], out[1 + n + i]) = lora_linear_bwd_into(out[0], grad_outs[i], x, weights[i], lora_a[i],
+                                                                lora_b[i], us[i], scales[i], std::nullopt, 0.0);
   }
   return out;
 }

@@ -297,6 +297,12 @@ _register_native_fakes()
 # --------------------------------------------------------------------------- public API
 
 
+def _check_frozen(weight: Tensor, bias: Tensor | None) -> None:
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError("weight, bias: lora_linear treats the base linear as frozen and computes no gradient "
+                         "for it; got a weight or bias that requires grad (call requires_grad_(False) on it)")
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float,
                 *, keep: Tensor | None = None, dropout_p: float = 0.0, backend: str | None = None) -> Tensor:
     """y = x W^T + b + scale * (dropout(x) A^T) B^T, with dropout(x) = x * keep / (1 - dropout_p).
@@ -306,9 +312,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     to x, lora_a and lora_b only; weight and bias must not require grad.
     backend: None (auto, or FASTLLM_BACKEND), "reference", "triton" or "native".
     """
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        raise ValueError("weight, bias: lora_linear treats the base linear as frozen and computes no gradient "
-                         "for it; got a weight or bias that requires grad (call requires_grad_(False) on it)")
+    _check_frozen(weight, bias)
     y, _ = torch.ops.fastllm.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), keep, float(dropout_p),
                                          backend or "auto")
     return y
@@ -335,10 +339,7 @@ def lora_linear_group(x: Tensor, weights: list[Tensor], biases: list[Tensor | No
                 for w, b, a, bb, s in zip(weights, biases, lora_a, lora_b, scales)]
     for w, b, a, bb in zip(weights, biases, lora_a, lora_b):
         _check(x, w, b, a, bb, None, 0.0)
-        if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
-            raise ValueError("weights, biases: lora_linear_group treats the base linears as frozen and computes no "
-                             "gradient for them; got a weight or bias that requires grad (call requires_grad_(False) "
-                             "on it)")
+        _check_frozen(w, b)
     out = torch.ops.fastllm.lora_linear_group(x, list(weights), list(biases), list(lora_a), list(lora_b),
                                               [float(s) for s in scales])
     return list(out[:n])
