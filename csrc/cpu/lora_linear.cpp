@@ -379,14 +379,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   return {dx, da, db};
 }
 
-// A group of LoRA linears that read the same x (a layer's q/k/v, gate/up), without dropout. The
-// forward is each part's forward in one call. The backward sums the parts' input gradients as it
-// makes them (lora_linear_bwd_into: on the BLAS engine dx = dy_0 M_0 + dy_1 M_1 + ..., M_i the
-// merged weights, each product after the first accumulated into dx by BLAS), where separate calls
-// leave autograd one addition of a (rows, in) tensor per extra part (bench/README.md). Returns
-// [y_0 .. y_n-1, u_0 .. u_n-1] and [dx, dA_0 .., dB_0 ..].
-void check_group(const at::Tensor& x, const at::TensorList& weights, const at::TensorList& lora_a,
-                 const at::TensorList& lora_b, const at::ArrayRef<double>& scales) {
+// The lists of a group's parts: one weight, A, B and scale per projection.
+void check_group(const at::TensorList& weights, const at::TensorList& lora_a, const at::TensorList& lora_b,
+                 const at::ArrayRef<double>& scales) {
   const size_t n = weights.size();
   TORCH_CHECK(n > 0, "weights: expected at least one projection, got none");
   TORCH_CHECK(lora_a.size() == n && lora_b.size() == n && scales.size() == n,
@@ -394,11 +389,17 @@ void check_group(const at::Tensor& x, const at::TensorList& weights, const at::T
               lora_b.size(), ", ", scales.size());
 }
 
+// A group of LoRA linears that read the same x (a layer's q/k/v, gate/up), without dropout. The
+// forward is each part's forward in one call. The backward sums the parts' input gradients as it
+// makes them (lora_linear_bwd_into: on the BLAS engine dx = dy_0 M_0 + dy_1 M_1 + ..., M_i the
+// merged weights, each product after the first accumulated into dx by BLAS), where separate calls
+// leave autograd one addition of a (rows, in) tensor per extra part (bench/README.md). Returns
+// [y_0 .. y_n-1, u_0 .. u_n-1] and [dx, dA_0 .., dB_0 ..].
 std::vector<at::Tensor> lora_linear_group_fwd_cpu(const at::Tensor& x, at::TensorList weights,
                                                   const c10::List<std::optional<at::Tensor>>& biases,
                                                   at::TensorList lora_a, at::TensorList lora_b,
                                                   at::ArrayRef<double> scales) {
-  check_group(x, weights, lora_a, lora_b, scales);
+  check_group(weights, lora_a, lora_b, scales);
   const size_t n = weights.size();
   TORCH_CHECK(biases.size() == n, "biases: expected one per weight (", n, "), got ", biases.size());
   std::vector<at::Tensor> out(2 * n);
@@ -413,7 +414,7 @@ std::vector<at::Tensor> lora_linear_group_bwd_cpu(at::TensorList grad_outs, cons
                                                   at::TensorList weights, at::TensorList lora_a,
                                                   at::TensorList lora_b, at::TensorList us,
                                                   at::ArrayRef<double> scales) {
-  check_group(x, weights, lora_a, lora_b, scales);
+  check_group(weights, lora_a, lora_b, scales);
   const size_t n = weights.size();
   TORCH_CHECK(grad_outs.size() == n && us.size() == n, "grad_outs, us: expected one per weight (", n,
               "), got ", grad_outs.size(), ", ", us.size());

@@ -153,15 +153,25 @@ class LoRALinear(nn.Module):
         self.weight.copy_(self.weight.to(delta.dtype) - delta)
         self.merged = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _live_adapter(self) -> str | None:
+        """The adapter whose low-rank term the forward adds, or None where the forward is the base
+        linear alone (no adapter, disabled, merged: the update is already in weight)."""
         name = self.active_adapter
-        if name is None or self.disabled or self.merged is not None:
+        return None if name is None or self.disabled or self.merged is not None else name
+
+    def _drops(self, name: str) -> bool:
+        """Whether the forward applies the adapter's dropout (training mode, dropout > 0)."""
+        return self.training and self.configs[name].dropout > 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        name = self._live_adapter()
+        if name is None:
             if self.disabled and self.merged is not None:
                 raise RuntimeError("disable_adapters: the adapter is merged into the weight; unmerge first")
-            return F.linear(x, self.weight, self.bias)  # merged: the update is already in weight
+            return F.linear(x, self.weight, self.bias)
         cfg = self.configs[name]
         keep = None
-        if self.training and cfg.dropout > 0:
+        if self._drops(name):
             keep = torch.rand(x.shape, device=x.device) >= cfg.dropout
         a, b = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
         return lora_linear(x, self.weight, self.bias, a, b, cfg.scaling, keep=keep,
@@ -172,13 +182,10 @@ class LoRALinear(nn.Module):
         on the same input in one op: the models' q/k/v and gate/up): (weight, bias, A, B, scale,
         backend) of the active adapter; None where the forward is something else (no adapter,
         disabled, merged, dropout in training)."""
-        name = self.active_adapter
-        if name is None or self.disabled or self.merged is not None:
+        name = self._live_adapter()
+        if name is None or self._drops(name):
             return None
-        cfg = self.configs[name]
-        if self.training and cfg.dropout > 0:
-            return None
-        return self.weight, self.bias, self.lora_A[name], self.lora_B[name], cfg.scaling, self.backend
+        return self.weight, self.bias, self.lora_A[name], self.lora_B[name], self.configs[name].scaling, self.backend
 
     def inference_parts(self) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None] | None:
         """What an inference forward (no gradients) computes, for callers that fuse several
@@ -186,13 +193,12 @@ class LoRALinear(nn.Module):
         low_rank) with y = x weight^T + bias + (x A^T) (s B)^T, low_rank = (A (r, in), s B (out, r))
         of the active adapter, or None when the base linear alone is the output (no adapter,
         disabled, merged). None in training mode with dropout (the forward is then random)."""
-        name = self.active_adapter
-        if name is None or self.disabled or self.merged is not None:
+        name = self._live_adapter()
+        if name is None:
             return self.weight, self.bias, None
-        cfg = self.configs[name]
-        if self.training and cfg.dropout > 0:
+        if self._drops(name):
             return None
-        return self.weight, self.bias, (self.lora_A[name], cfg.scaling * self.lora_B[name].detach())
+        return self.weight, self.bias, (self.lora_A[name], self.configs[name].scaling * self.lora_B[name].detach())
 
     def inference_state(self) -> tuple:
         """The settings besides tensor contents that decide inference_parts()."""
