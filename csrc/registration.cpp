@@ -57,6 +57,9 @@ TORCH_LIBRARY(fastllm, m) {
   // layout), bias (N,) or None, split: output widths summing to N ([]: one output). Returns
   // y = x weight^T + bias (M, N) as contiguous (M, split[i]) column blocks. Inference only.
   m.def("small_linear_fwd(Tensor x, Tensor weight, Tensor? bias, int[] split) -> Tensor[]");
+  // Whether small_linear_fwd hands a product of `rows` rows of x to torch's BLAS (one row on an
+  // Intel CPU whose products engine is BLAS; csrc/cpu/small_linear.cpp) instead of its own kernel.
+  m.def("small_linear_on_blas(int rows) -> bool", &fastllm::cpu::small_linear_on_blas);
 
   // LoRA linear: x (rows, in), weight (out, in), bias (out,) or None, lora_a (r, in),
   // lora_b (out, r), keep bool (rows, in) or None. y = x W^T + b + scale * (xd A^T) B^T with

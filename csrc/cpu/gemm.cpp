@@ -71,6 +71,8 @@ bool tile_products() {
 
 std::string cpu_products_name() { return tile_products() ? "tile" : "blas"; }
 
+bool small_linear_on_blas(int64_t rows) { return rows == 1 && !tile_products() && cpu_is_intel(); }
+
 void set_cpu_products(const std::string& name) {
   CpuProducts p;
   if (name == "tile") {

@@ -7,9 +7,11 @@
 // Why not BLAS: for these shapes the BLAS in the torch wheel reads the weights at ~12 GB/s at
 // M = 1 (a third of the machine's read bandwidth) and reaches ~45 GFLOP/s per core at M = 16
 // (half the FMA peak) on an AMD CPU; bench/README.md has the numbers. Where the CPU's products
-// engine is BLAS (MKL on an Intel CPU, fastllm/cpu_isa.h), one row (M = 1) goes to it: MKL's
+// engine is BLAS on an Intel CPU (MKL, fastllm/cpu_isa.h), one row (M = 1) goes to it: MKL's
 // matrix-vector product streams the decode step's weights ~4% faster than this kernel there,
-// while from 2 rows on this kernel is faster (at M = 16, 35 against 47 ms a step).
+// while from 2 rows on this kernel is faster (at M = 16, 35 against 47 ms a step). On an AMD
+// Zen 3 MKL's one-row product took 1.8x this kernel's time, so one row stays here
+// (small_linear_on_blas, fastllm/cpu_mm.h).
 //
 // Here each tile of NR weight rows is read once from memory into L1 and multiplied there by
 // every row of x, as dot products along K (no packing, no transposed copy of W), MR rows of x x
@@ -37,7 +39,7 @@
 #include "fastllm/balanced_for.h"
 #include "fastllm/checks.h"
 #include "fastllm/cpu_isa.h"
-#include "fastllm/cpu_mm.h"  // tile_products
+#include "fastllm/cpu_mm.h"  // small_linear_on_blas
 #include "fastllm/cpu_simd.h"  // FASTLLM_ALWAYS_INLINE
 #include "fastllm/grain.h"
 #include "fastllm/lane_reduce.h"  // load, lane_sum, reduce_all
@@ -356,7 +358,7 @@ std::vector<at::Tensor> small_linear_fwd_cpu(const at::Tensor& x, const at::Tens
   }
   TORCH_CHECK(total == N, "split: expected widths summing to ", N, " (weight rows), got ", split);
   std::vector<at::Tensor> outs;
-  if (M == 1 && N > 0 && K > 0 && !tile_products()) {  // one row on BLAS: see the top of the file
+  if (N > 0 && K > 0 && small_linear_on_blas(M)) {  // one row on BLAS: see the top of the file
     at::Tensor y = b ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
     int64_t start = 0;
     for (int64_t n : sizes) {

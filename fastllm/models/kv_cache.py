@@ -72,12 +72,12 @@ class DecodeKernels:
         self.decode_layer = (ops.decode_layer_fwd if self.small_linear is not None and self.rms_norm is not None
                              and self.swiglu is not None and _backend.native_has("decode_layer_fwd", device)
                              else None)
-        # One row on the BLAS engine (MKL on an Intel CPU): small_linear hands each product to BLAS,
-        # whose matrix-vector product costs about as much for q, k and v as three products as for
-        # one over their concatenation (+0.14 ms a SmolLM2 step), while concatenating a group's
+        # Where small_linear hands a step's products to BLAS (one row, MKL on an Intel CPU), BLAS's
+        # matrix-vector product costs about as much for q, k and v as three products as for one
+        # over their concatenation (+0.14 ms a SmolLM2 step), while concatenating a group's
         # weights costs every generate call ~60 ms of copies into fresh pages (bench/README.md), so
         # the groups are kept as parts (KVCache.fused_projection).
-        self.parts = self.small_linear is not None and rows == 1 and ops.cpu_products() == "blas"
+        self.parts = self.small_linear is not None and ops.small_linear_on_blas(rows)
 
 
 class KVCache:

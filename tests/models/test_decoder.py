@@ -373,7 +373,7 @@ def test_one_row_on_blas_keeps_groups_as_parts(cpu_products, lora, one_call):
                 assert_close(steps[-1][0], model.logits(model(seq[:, : p + 1]))[0, -1])
             out.append(torch.stack(steps))
     assert torch.equal(out[0], out[1])
-    blas_row = native_has("small_linear_fwd", torch.device("cpu")) and torch.ops.fastllm.cpu_products() == "blas"
+    blas_row = native_has("small_linear_fwd", torch.device("cpu")) and torch.ops.fastllm.small_linear_on_blas(1)
     assert cache.kernels.parts == blas_row
     parts = blas_row and lora != "low_rank"
     attn = model.model.layers[0].self_attn

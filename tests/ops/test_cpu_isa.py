@@ -91,11 +91,27 @@ def _intel() -> bool:
 
 
 def test_products_engine_default_follows_the_cpu_and_its_blas():
-    """MKL on an Intel CPU: BLAS; otherwise the tile kernel (where the ISA runs it)."""
+    """MKL: BLAS, except on a non-Intel CPU with AVX-512 (the tile kernel); no MKL: the tile
+    kernel (where the ISA runs it)."""
     out = _products(None)
     assert out.returncode == 0, out.stderr
-    blas = (torch.backends.mkl.is_available() and _intel()) or torch.ops.fastllm.cpu_isa() == "none"
+    isa = torch.ops.fastllm.cpu_isa()
+    tile_wins = isa == "avx512" and not _intel()
+    blas = (torch.backends.mkl.is_available() and not tile_wins) or isa == "none"
     assert out.stdout.strip().splitlines()[-1] == ("blas" if blas else "tile")
+
+
+def test_small_linear_gives_one_row_to_blas_only_on_intel_with_the_blas_engine(cpu_products):
+    """small_linear_fwd hands one row (never more) to BLAS where the products engine is BLAS on an
+    Intel CPU, and then its result is BLAS's own product, bit for bit."""
+    ops = torch.ops.fastllm
+    on_blas = ops.cpu_products() == "blas" and _intel()
+    assert ops.small_linear_on_blas(1) == on_blas
+    assert not any(ops.small_linear_on_blas(rows) for rows in (0, 2, 4, 16, 64))
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(1, 333, generator=g), torch.randn(71, 333, generator=g)
+    if on_blas:
+        assert torch.equal(ops.small_linear_fwd(x, w, None, [])[0], torch.mm(x, w.t()))
 
 
 @pytest.mark.parametrize("name", ["tile", "blas"])

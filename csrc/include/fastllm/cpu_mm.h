@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <string>
 
@@ -15,6 +16,12 @@ namespace fastllm::cpu {
 bool tile_products();
 std::string cpu_products_name();
 void set_cpu_products(const std::string& name);
+
+// Whether small_linear_fwd (csrc/cpu/small_linear.cpp) gives a product of `rows` rows of x to
+// BLAS: one row where the products engine is BLAS on an Intel CPU (MKL's matrix-vector product
+// streams the weights ~4% faster than the small-rows kernel there; on an AMD Zen 3 it took 1.8x
+// the kernel's time). Defined in gemm.cpp.
+bool small_linear_on_blas(int64_t rows);
 
 // One term alpha a b of a product sum.
 struct MMTerm {
