@@ -1,7 +1,7 @@
 // Decode attention on the CPU: one new query per sequence against a preallocated KV cache.
 //   out[b, hq] = softmax(scale * q[b, hq] . K[b, :len_b, hkv]) @ V[b, :len_b, hkv],
 //   hkv = hq / G with G = Hq / Hkv query heads per key/value head (grouped-query attention).
-// Work is split over (sequence, kv head) tasks (the AVX-512 body: whole sequences when there
+// Work is split over (sequence, kv head) tasks (the wide bodies: whole sequences when there
 // are at least two per thread); each task loads every key and value row of its heads once and
 // uses it for all G query heads of each group. Within a task the keys are
 // walked in blocks with an online softmax (running max m, running sum l, rescaled
@@ -125,13 +125,15 @@ FASTLLM_CLONES_AVX2 void decode_task_f32(const float* q, const float* kc, const 
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// float32 with D in {64, 128} on AVX-512 CPUs (picked at load time): the same attention on
-// 16-lane vectors with D a compile-time constant. Scores of 16 keys for one query head
-// accumulate in 16 vectors and are reduced together (lane_reduce.h) instead of one horizontal
-// sum per key and head; the output accumulator of a query head (D / 16 vectors) stays in
-// registers while a block's values stream through. ~2.5x fewer instructions per (key, head)
-// than the 8-lane body; the softmax between the two is the 8-lane code above, compiled for
-// this target.
+// float32 with D in {64, 128} on AVX-512 or AVX2 CPUs (picked at load time): the same attention
+// on the CPU's widest vectors (16 lanes, or 8) with D a compile-time constant. Scores of L keys
+// (L lanes) for one query head accumulate in L vectors and are reduced together
+// (lane_reduce.h) instead of one horizontal sum per key and head; the output accumulator of a
+// query head (D / L vectors) stays in registers while a block's values stream through. ~2.5x
+// fewer instructions per (key, head) than the 8-lane body at 16 lanes; the softmax between the
+// two is the 8-lane code above, compiled for each target. On an AMD Zen 3 (AVX2) the 8-lane
+// instance of this body read the SmolLM2 b16 cache ~Nx faster than the 8-lane body above
+// (bench/README.md).
 //
 // A task here is H consecutive kv heads of one sequence (H * G query heads): with every kv
 // head of the sequence, a task reads whole cache rows (H * D floats) in order, which the
@@ -152,11 +154,13 @@ FASTLLM_ALWAYS_INLINE void prefetch_rows(const float* base, int64_t stride, int6
   }
 }
 
-template <int D>
-__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void decode_task_f32_avx512(
-    const float* q, const float* kc, const float* vc, int64_t stride, int64_t len, int64_t G, int64_t H,
-    float scale, float* out, float* scratch, const float* next_k, const float* next_v, int64_t next_len) {
-  constexpr int C = D / 16;
+template <class V, class I, int D>
+FASTLLM_ALWAYS_INLINE void decode_task_wide(const float* q, const float* kc, const float* vc, int64_t stride,
+                                            int64_t len, int64_t G, int64_t H, float scale, float* out,
+                                            float* scratch, const float* next_k, const float* next_v,
+                                            int64_t next_len) {
+  constexpr int L = sizeof(V) / sizeof(float);
+  constexpr int C = D / L;
   const int64_t NQ = G * H;            // query heads of the task
   const int64_t lines = H * D / 16;    // cache lines (of 16 floats) per row of the task's heads
   float* acc = scratch;                // NQ * D
@@ -176,33 +180,33 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void decode_task_f
     prefetch_rows(next_v, stride, j0, std::min(next_len, j0 + n), lines);
     for (int64_t g = 0; g < NQ; ++g) {
       const float* kh = kc + (g / G) * D;
-      v16 qg[C];
-      for (int c = 0; c < C; ++c) qg[c] = load<v16>(q + g * D + 16 * c) * scale;
-      for (int64_t jj = 0; jj < n; jj += 16) {
-        const int64_t cnt = std::min<int64_t>(16, n - jj);
-        v16 a[16];
-        for (int t = 0; t < 16; ++t) {
+      V qg[C];
+      for (int c = 0; c < C; ++c) qg[c] = load<V>(q + g * D + L * c) * scale;
+      for (int64_t jj = 0; jj < n; jj += L) {
+        const int64_t cnt = std::min<int64_t>(L, n - jj);
+        V a[L];
+        for (int t = 0; t < L; ++t) {
           // rows past the block's end repeat its last key (read, never stored)
           const float* kr = kh + (j0 + jj + std::min<int64_t>(t, cnt - 1)) * stride;
-          v16 s = qg[0] * load<v16>(kr);
-          for (int c = 1; c < C; ++c) s += qg[c] * load<v16>(kr + 16 * c);
+          V s = qg[0] * load<V>(kr);
+          for (int c = 1; c < C; ++c) s += qg[c] * load<V>(kr + L * c);
           a[t] = s;
         }
-        float sums[16];
-        reduce_all<v16, i16v>(a, sums);
+        float sums[L];
+        reduce_all<V, I>(a, sums);
         std::memcpy(scores + g * kKeyBlock + jj, sums, cnt * sizeof(float));
       }
       float* s = scores + g * kKeyBlock;
       const float correction = softmax_step(s, n, m[g], l[g]);
       const float* vh = vc + (g / G) * D;
-      v16 o[C];
-      for (int c = 0; c < C; ++c) o[c] = load<v16>(acc + g * D + 16 * c) * correction;
+      V o[C];
+      for (int c = 0; c < C; ++c) o[c] = load<V>(acc + g * D + L * c) * correction;
       for (int64_t jv = 0; jv < n; ++jv) {
         const float* vr = vh + (j0 + jv) * stride;
         const float p = s[jv];
-        for (int c = 0; c < C; ++c) o[c] += p * load<v16>(vr + 16 * c);
+        for (int c = 0; c < C; ++c) o[c] += p * load<V>(vr + L * c);
       }
-      for (int c = 0; c < C; ++c) std::memcpy(acc + g * D + 16 * c, &o[c], sizeof(v16));
+      for (int c = 0; c < C; ++c) std::memcpy(acc + g * D + L * c, &o[c], sizeof(V));
     }
   }
   // the next task's rows past this one's length
@@ -214,17 +218,37 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void decode_task_f
   }
 }
 
+template <int D>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))) void decode_task_f32_avx512(
+    const float* q, const float* kc, const float* vc, int64_t stride, int64_t len, int64_t G, int64_t H,
+    float scale, float* out, float* scratch, const float* next_k, const float* next_v, int64_t next_len) {
+  decode_task_wide<v16, i16v, D>(q, kc, vc, stride, len, G, H, scale, out, scratch, next_k, next_v, next_len);
+}
+
+template <int D>
+__attribute__((target("avx2,fma"))) void decode_task_f32_avx2(const float* q, const float* kc, const float* vc,
+                                                              int64_t stride, int64_t len, int64_t G, int64_t H,
+                                                              float scale, float* out, float* scratch,
+                                                              const float* next_k, const float* next_v,
+                                                              int64_t next_len) {
+  decode_task_wide<v8, i8v, D>(q, kc, vc, stride, len, G, H, scale, out, scratch, next_k, next_v, next_len);
+}
+
 using DecodeTaskFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t, float,
                               float*, float*, const float*, const float*, int64_t);
 
-// The AVX-512 body for head size D on this CPU, or nullptr.
-DecodeTaskFn avx512_task(int64_t D) {
-  if (cpu_isa() != CpuIsa::kAvx512) return nullptr;
-  if (D == 64) return decode_task_f32_avx512<64>;
-  if (D == 128) return decode_task_f32_avx512<128>;
+// The wide body (AVX-512 or AVX2) for head size D on this CPU, or nullptr.
+DecodeTaskFn wide_task(int64_t D) {
+  if (cpu_isa() == CpuIsa::kAvx512) {
+    if (D == 64) return decode_task_f32_avx512<64>;
+    if (D == 128) return decode_task_f32_avx512<128>;
+  } else if (cpu_isa() == CpuIsa::kAvx2) {
+    if (D == 64) return decode_task_f32_avx2<64>;
+    if (D == 128) return decode_task_f32_avx2<128>;
+  }
   return nullptr;
 }
-#define FASTLLM_DECODE_F32_AVX512 1
+#define FASTLLM_DECODE_F32_WIDE 1
 #endif
 
 template <typename scalar_t>
@@ -241,8 +265,8 @@ void decode_attention_rows(const scalar_t* q, const scalar_t* kc, const scalar_t
 #ifdef FASTLLM_DECODE_F32_FAST
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (D % 8 == 0 && G <= 8) {
-#ifdef FASTLLM_DECODE_F32_AVX512
-      if (const DecodeTaskFn wide = avx512_task(D)) {
+#ifdef FASTLLM_DECODE_F32_WIDE
+      if (const DecodeTaskFn wide = wide_task(D)) {
         // Tasks of whole sequences (every kv head: whole cache rows in order) when there are
         // enough of them for the threads, else of single kv heads.
         const int64_t H = B >= 2 * at::get_num_threads() ? Hkv : 1;

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "fastllm/checks.h"
+#include "fastllm/cpu_isa.h"
 #include "fastllm/cpu_mm.h"
 #include "fastllm/cpu_simd.h"     // FASTLLM_CLONES_X86_64_V4
 #include "fastllm/grain.h"
@@ -222,10 +223,13 @@ FASTLLM_CLONES_X86_64_V4 void lora_aux_f32(const float* dy, const float* x, cons
   }
 }
 
-// Whether lora_aux_f32 takes the rank-r products of a backward that merge_on_blas runs.
+// Whether lora_aux_f32 takes the rank-r products of a backward that merge_on_blas runs: on an
+// AVX-512 CPU. Its blocks hold 2 Q R + 2 R 16-lane vectors (18 at Q = 8, R = 1): in AVX2's 16
+// 8-lane registers they spill, and on an AMD Zen 3 the pass took longer than the BLAS calls
+// it replaces (bench/README.md).
 bool fused_aux(const at::Tensor& grad_out, const at::Tensor& lora_a) {
   const int64_t r = lora_a.size(0);
-  return grad_out.scalar_type() == at::kFloat && r % 16 == 0 && r <= 64;
+  return cpu_isa() == CpuIsa::kAvx512 && grad_out.scalar_type() == at::kFloat && r % 16 == 0 && r <= 64;
 }
 
 // da (r, in) and db (out, r) through lora_aux_f32 (g, rows x r, is its scratch), rows split
