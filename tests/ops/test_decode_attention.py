@@ -16,8 +16,8 @@ BACKENDS = ["reference"] + (["native"] if fastllm.extension_available() else [])
 BACKEND_DEVICE = [(b, d) for d in DEVICES for b in BACKENDS]
 # (B, Hq, Hkv, D, Smax); the CPU kernel's vector path takes D % 8 == 0 and G <= 8 (D = 24: a
 # head size with an 8-wide tail after the 16-wide steps; G = 12 and D = 20: the generic path),
-# on AVX-512 CPUs D = 64 and 128 take the 16-lane body (G 1-8, lengths across several 64-key
-# blocks and with a partial 16-key chunk)
+# on AVX-512 and AVX2 CPUs D = 64 and 128 take the wide body (16 or 8 lanes; G 1-8, lengths
+# across several 64-key blocks and with a partial chunk of keys)
 SHAPES = [(3, 6, 2, 16, 37), (1, 4, 4, 80, 5), (5, 9, 3, 64, 130), (2, 8, 1, 128, 70), (3, 4, 2, 24, 70),
           (3, 12, 1, 40, 9), (3, 4, 2, 20, 66), (3, 4, 4, 64, 200), (3, 8, 2, 128, 150), (4, 4, 2, 64, 17)]
 
