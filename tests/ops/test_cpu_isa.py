@@ -91,13 +91,11 @@ def _intel() -> bool:
 
 
 def test_products_engine_default_follows_the_cpu_and_its_blas():
-    """MKL: BLAS, except on a non-Intel CPU with AVX-512 (the tile kernel); no MKL: the tile
-    kernel (where the ISA runs it)."""
+    """The tile kernel where the ISA runs it, except on an Intel CPU with MKL (BLAS)."""
     out = _products(None)
     assert out.returncode == 0, out.stderr
     isa = torch.ops.fastllm.cpu_isa()
-    tile_wins = isa == "avx512" and not _intel()
-    blas = (torch.backends.mkl.is_available() and not tile_wins) or isa == "none"
+    blas = (torch.backends.mkl.is_available() and _intel()) or isa == "none"
     assert out.stdout.strip().splitlines()[-1] == ("blas" if blas else "tile")
 
 

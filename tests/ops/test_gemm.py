@@ -16,9 +16,11 @@ pytestmark = [pytest.mark.skipif(not fastllm.extension_available(), reason="need
 # (M, K, N): one row, 6-row blocks and remainders, K over the 256-slice, N over a 64-column
 # panel with whole-vector, 8-lane (45, 1000) and scalar remainders, rows split into parts for the threads (97) or
 # for L2 (1001: three parts, the last shorter), panel groups with a shorter last group (1050
-# columns: 17 panels in groups of 4), the head's shapes
+# columns: 17 panels in groups of 4), the head's shapes; for the AVX2 strips: one 16-column
+# strip (a LoRA factor: the rows split for the threads instead), K in uneven 320-slices (700:
+# three of 234), columns over the 1024-column chunk with a 2-column strip left (2050)
 SHAPES = [(1, 1, 1), (5, 3, 17), (48, 256, 64), (97, 300, 131), (200, 513, 45), (256, 576, 1000),
-          (1001, 300, 1050)]
+          (1001, 300, 1050), (300, 700, 16), (7, 641, 2050)]
 
 
 def _check(c, a, b, c0=None):
@@ -40,6 +42,26 @@ def test_matches_float64_product(M, K, N, a_transposed, b_transposed, accumulate
     c = c0.clone()
     torch.ops.fastllm.mm_f32_out_(c, a, b, accumulate)
     _check(c, a, b, c0 if accumulate else None)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_rows_result_does_not_depend_on_the_other_rows(threads):
+    """On the tile kernel a row's sum is the same bits in a product of 1, 97 or 1001 rows, on one
+    thread or two (the split-invariance of the RL losses rests on it); BLAS promises nothing."""
+    if torch.ops.fastllm.cpu_products() != "tile":
+        pytest.skip("row invariance is the tile kernel's property")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, w = torch.randn(1001, 700), torch.randn(300, 700)
+        rows = {}
+        for m in (1, 97, 1001):
+            c = torch.empty(m, 300)
+            torch.ops.fastllm.mm_f32_out_(c, a[:m], w.t(), False)
+            rows[m] = c
+        assert torch.equal(rows[1], rows[1001][:1]) and torch.equal(rows[97], rows[1001][:97])
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_into_a_row_slice_of_a_larger_matrix():

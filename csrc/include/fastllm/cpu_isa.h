@@ -68,19 +68,19 @@ inline bool cpu_is_intel() {
 }
 
 // Who runs the CPU ops' large float32 products (csrc/cpu/gemm.cpp: the LoRA op's, fastllm.ops.linear's,
-// the chunked LM head's): the tile kernel (fastllm/tile_mm.h) or torch's BLAS. Side by side on the
-// development CPUs (bench/README.md): on an AMD Zen 4 (AVX-512) the tile kernel ran on par with or
-// up to 1.3x faster than torch's BLAS (MKL); on an Intel Xeon with AVX-512 MKL ran 1.6-2.3x faster
-// than the tile kernel, and on an AMD Zen 3 (AVX2 only) ~1.5x faster (the prefill's products:
-// 111-128 against 75-79 GFLOP/s on 2 cores). So the default is BLAS when torch's BLAS is MKL,
-// except on a non-Intel CPU with AVX-512, and the tile kernel otherwise (where it runs: AVX2 or
-// wider); FASTLLM_CPU_PRODUCTS = tile | blas overrides it. Decided once per process;
+// the chunked LM head's; and the attention's tiles, csrc/cpu/attention.cpp): the tile kernel
+// (fastllm/tile_mm.h) or torch's BLAS. Side by side on the development CPUs (bench/README.md): on
+// an AMD Zen 4 (AVX-512) the tile kernel ran on par with or up to 1.3x faster than torch's BLAS
+// (MKL); on an AMD Zen 3 (AVX2 only) its 16-column strips ran the training step's products
+// 1.0-1.3x and the LM head's 1.75x faster than MKL (MKL does not run its best code on AMD CPUs);
+// on an Intel Xeon with AVX-512 MKL ran 1.6-2.3x faster than the tile kernel. So the default is
+// BLAS on an Intel CPU when torch's BLAS is MKL, and the tile kernel otherwise (where it runs:
+// AVX2 or wider); FASTLLM_CPU_PRODUCTS = tile | blas overrides it. Decided once per process;
 // `torch.ops.fastllm.cpu_products()` reports the choice and
 // `torch.ops.fastllm.set_cpu_products("tile" | "blas" | "default")` changes it (csrc/cpu/gemm.cpp).
 enum class CpuProducts { kTile = 0, kBlas = 1 };
 inline CpuProducts detect_cpu_products(bool mkl) {
-  const bool tile_wins = cpu_isa() == CpuIsa::kAvx512 && !cpu_is_intel();
-  CpuProducts best = (mkl && !tile_wins) || cpu_isa() == CpuIsa::kNone ? CpuProducts::kBlas : CpuProducts::kTile;
+  CpuProducts best = (mkl && cpu_is_intel()) || cpu_isa() == CpuIsa::kNone ? CpuProducts::kBlas : CpuProducts::kTile;
   const char* choice = std::getenv("FASTLLM_CPU_PRODUCTS");
   if (choice == nullptr || *choice == '\0') return best;
   if (std::strcmp(choice, "blas") == 0) return CpuProducts::kBlas;
