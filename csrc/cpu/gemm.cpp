@@ -4,7 +4,8 @@
 // (tile_products(); fastllm/cpu_isa.h has the rule and the numbers behind it):
 // - the tile kernel (fastllm/tile_mm.h), all the terms in one pass: on an AMD Zen 4, side by
 //   side with torch's own BLAS call, the LM head's logits 1.3x faster, the step's products on
-//   par at 2048 rows and up to 1.25x faster at 64-512 rows (bench/README.md);
+//   par at 2048 rows and up to 1.25x faster at 64-512 rows; on an AMD Zen 3 (AVX2) the step's
+//   products 1.0-1.3x and the LM head's 1.75x faster (bench/README.md);
 // - torch's BLAS (ATen's mm/addmm, one call per term): on an Intel Xeon, MKL ran these products
 //   1.6-2.3x faster than the tile kernel.
 // For the tile kernel a and b are each row-major or a transposed view (either stride 1), c has

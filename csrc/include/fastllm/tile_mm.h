@@ -302,7 +302,8 @@ __attribute__((target("avx2,fma"))) inline void strips_task(int64_t i0, int64_t 
 // s u B^T, dy W + g A). Returns false (nothing done) where the tile kernel does not run (no
 // AVX2); the caller then uses BLAS.
 //
-// Tasks are groups of 64-column panels of B, split into parts of at most kMaxRows rows when the
+// On AVX2: 16-column strips (strips_task, the branch below). On AVX-512: tasks are groups of
+// 64-column panels of B, split into parts of at most kMaxRows rows when the
 // groups are too few to keep every thread busy (or the rows too many for L2). For each K slice
 // of kKC a task copies its panels of B into one contiguous buffer, panel-major (kKC rows of 64
 // floats per panel, which L2 holds; a transposed B is transposed in this copy), and the kernel
