@@ -47,6 +47,8 @@ FASTLLM_ALWAYS_INLINE void tmm_block(const TileMM& p, int64_t i0, int64_t j0) {
   }
   const float* a = p.a + i0 * p.a_rs;
   const float* b = p.b + j0;
+  // C's lines fetched as the products start, so that their misses overlap the sum
+  for (int i = 0; i < MR; ++i) __builtin_prefetch(p.c + (i0 + i) * p.ldc + j0, 1);
   for (int64_t kk = 0; kk < p.k; ++kk) {
     V bv[NV];
     for (int j = 0; j < NV; ++j) bv[j] = load<V>(b + kk * p.ldb + j * L);
@@ -190,14 +192,11 @@ inline const bool kTranspose8 = cpu_isa() != CpuIsa::kNone;
 inline const bool kTranspose8 = false;
 #endif
 
-// B's rows [k0, k0 + kc) x columns [n0, n0 + w) into dst as kc rows of ldd >= w floats, the
-// columns past w zero. A transposed B (b_rs == 1: a weight's or a LoRA factor's .t()) is read as
+// B's rows [k0, k0 + kc) x columns [n0, n0 + w) into dst as kc rows of w floats, ldd >= w
+// apart. A transposed B (b_rs == 1: a weight's or a LoRA factor's .t()) is read as
 // the rows of the matrix it views, in 8 x 8 blocks transposed in registers, so packing it costs
 // what packing a row-major B does.
 inline void pack_panel(float* dst, const GemmTerm& t, int64_t k0, int64_t kc, int64_t n0, int64_t w, int64_t ldd) {
-  if (ldd > w) {
-    for (int64_t kk = 0; kk < kc; ++kk) std::fill(dst + kk * ldd + w, dst + (kk + 1) * ldd, 0.0f);
-  }
   if (t.b_cs == 1) {
     for (int64_t kk = 0; kk < kc; ++kk) std::memcpy(dst + kk * ldd, t.b + (k0 + kk) * t.b_rs + n0, w * sizeof(float));
     return;
@@ -217,50 +216,12 @@ inline void pack_panel(float* dst, const GemmTerm& t, int64_t k0, int64_t kc, in
 }
 
 #if defined(FASTLLM_HAVE_VECTORS) && defined(__x86_64__)
-// The AVX2 products (gemm_f32 below): C's rows [0, MR) x one strip of 16 columns (w of them
-// real) = alpha A B (+ C), A read in place through its strides, B a packed strip (kc rows of 16
-// floats, contiguous: 16 KiB at kc 256, which L1 holds while the strip sweeps a block of A's
-// rows). C's lines are fetched as the products start, so their misses overlap the sum.
-template <int MR>
-FASTLLM_ALWAYS_INLINE void strip_block(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b, float* c,
-                                       int64_t ldc, int w, float alpha, bool accumulate) {
-  v8 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = v8{};
-  for (int i = 0; i < MR; ++i) {
-    __builtin_prefetch(c + i * ldc, 1);
-    __builtin_prefetch(c + i * ldc + w - 1, 1);
-  }
-  for (int64_t kk = 0; kk < kc; ++kk) {
-    const v8 b0 = load<v8>(b + kk * 16), b1 = load<v8>(b + kk * 16 + 8);
-    const float* ak = a + kk * a_cs;
-    for (int i = 0; i < MR; ++i) {
-      const float av = ak[i * a_rs];  // scalar times vector: one broadcast load
-      acc[i][0] += av * b0;
-      acc[i][1] += av * b1;
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    float* ci = c + i * ldc;
-    if (w == 16) {
-      for (int h = 0; h < 2; ++h) {
-        v8 r = acc[i][h] * alpha;
-        if (accumulate) r += load<v8>(ci + 8 * h);
-        std::memcpy(ci + 8 * h, &r, sizeof(v8));
-      }
-    } else {
-      float t[16];
-      std::memcpy(t, &acc[i][0], sizeof(v8));
-      std::memcpy(t + 8, &acc[i][1], sizeof(v8));
-      for (int j = 0; j < w; ++j) ci[j] = accumulate ? ci[j] + t[j] * alpha : t[j] * alpha;
-    }
-  }
-}
-
-// One task of the AVX2 products: C's rows [i0, i1) x columns [j0, j1) = the sum of the terms.
-// For each slice of kc of a term's K (kc from K alone, so a row's rounding never depends on how
-// many rows the product has or how they are split), the task packs its columns of B into strips
-// (`buf`), then sweeps blocks of kMC rows of A (L2 holds a block's slice), each strip over the
-// block's rows.
+// One task of the AVX2 products (gemm_f32 below): C's rows [i0, i1) x columns [j0, j1) = the sum
+// of the terms. For each slice of kc of a term's K (kc from K alone, so a row's rounding never
+// depends on how many rows the product has or how they are split), the task packs its columns
+// of B into strips of 16 (`buf`; kc x 16 contiguous, which L1 holds), then sweeps blocks of kMC
+// rows of A (L2 holds a block's slice), each strip over the block's rows through the tile
+// kernel's 6 x 16 register blocks, A read in place.
 __attribute__((target("avx2,fma"))) inline void strips_task(int64_t i0, int64_t i1, int64_t j0, int64_t j1,
                                                            const GemmTerm* terms, int nterms, float* c, int64_t ldc,
                                                            bool accumulate, int64_t kc_max, float* buf) {
@@ -273,21 +234,11 @@ __attribute__((target("avx2,fma"))) inline void strips_task(int64_t i0, int64_t 
       const int64_t kc = std::min(kc_even, term.k - k0);
       for (int64_t j = j0; j < j1; j += 16) pack_panel(buf + (j - j0) * kc, term, k0, kc, j, std::min<int64_t>(16, j1 - j), 16);
       for (int64_t ib = i0; ib < i1; ib += kMC) {
-        const int64_t ie = std::min(i1, ib + kMC);
+        const int64_t rows = std::min(kMC, i1 - ib);
         for (int64_t j = j0; j < j1; j += 16) {
-          const float* b = buf + (j - j0) * kc;
-          const int w = int(std::min<int64_t>(16, j1 - j));
-          int64_t i = ib;
-          auto at = [&](int64_t row) { return term.a + row * term.a_rs + k0 * term.a_cs; };
-          for (; i + 6 <= ie; i += 6) strip_block<6>(kc, at(i), term.a_rs, term.a_cs, b, c + i * ldc + j, ldc, w, term.alpha, acc);
-          switch (ie - i) {
-            case 5: strip_block<5>(kc, at(i), term.a_rs, term.a_cs, b, c + i * ldc + j, ldc, w, term.alpha, acc); break;
-            case 4: strip_block<4>(kc, at(i), term.a_rs, term.a_cs, b, c + i * ldc + j, ldc, w, term.alpha, acc); break;
-            case 3: strip_block<3>(kc, at(i), term.a_rs, term.a_cs, b, c + i * ldc + j, ldc, w, term.alpha, acc); break;
-            case 2: strip_block<2>(kc, at(i), term.a_rs, term.a_cs, b, c + i * ldc + j, ldc, w, term.alpha, acc); break;
-            case 1: strip_block<1>(kc, at(i), term.a_rs, term.a_cs, b, c + i * ldc + j, ldc, w, term.alpha, acc); break;
-            default: break;
-          }
+          tmm_all<v8, 2>(TileMM{rows, std::min<int64_t>(16, j1 - j), kc, term.alpha,
+                                term.a + ib * term.a_rs + k0 * term.a_cs, term.a_rs, term.a_cs, buf + (j - j0) * kc, 16,
+                                c + ib * ldc + j, ldc, acc});
         }
       }
       acc = true;
@@ -343,12 +294,8 @@ inline bool gemm_f32(int64_t M, int64_t N, const GemmTerm* terms, int nterms, fl
     if (M * N * K / 8 < 2 * kMinWorkPerThread) n_parts = m_parts = 1;  // not worth a fork
     const int64_t rows_per = ((M + m_parts - 1) / m_parts + 5) / 6 * 6;
     at::parallel_for(0, n_parts * m_parts, 1, [&](int64_t begin, int64_t end) {
-      thread_local std::unique_ptr<float[]> buf;
-      thread_local int64_t buf_size = 0;
-      if (buf_size < kKC * kNC) {
-        buf.reset(new float[kKC * kNC]);
-        buf_size = kKC * kNC;
-      }
+      thread_local std::unique_ptr<float[]> buf;  // the task's strips, kept for the thread's next product
+      if (!buf) buf.reset(new float[kKC * kNC]);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t np = task % n_parts, mp = task / n_parts;
         const int64_t i0 = std::min(M, mp * rows_per), i1 = std::min(M, i0 + rows_per);
