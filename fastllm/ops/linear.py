@@ -6,12 +6,12 @@ The models' plain projections call this (`fastllm.models._decoder.project`; a de
 a KV cache takes `small_linear` on fused weights instead). On the CPU in float32 with the
 compiled extension ("native") it is the registered op `fastllm::linear`, whose forward (x W^T,
 W given as its .t() view, which the kernel transposes in 8 x 8 register blocks as it packs it)
-and input gradient (dy W) are products of `torch.ops.fastllm.mm_f32_out_` (csrc/cpu/gemm.cpp):
-the tile kernel where it is the CPU's engine for large products (on an AMD Zen 4, against
-torch's own BLAS call in one process, on par for x W^T and 6-13% faster for dy W), torch's
-BLAS where that is faster (MKL on an Intel CPU; bench/README.md). The weight gradient dy^T x
-stays on BLAS (the tile kernel, reading a transposed dy across thousands of rows, measured no
-faster); the bias gradient is dy summed over rows.
+input gradient (dy W) and weight gradient (dy^T x, dy read transposed) are products of
+`torch.ops.fastllm.mm_f32_out_` (csrc/cpu/gemm.cpp): the tile kernel where it is the CPU's
+engine for large products, torch's BLAS where that is faster (MKL on an Intel CPU;
+bench/README.md). Against torch's own BLAS call in one process: on an AMD Zen 4 on par for
+x W^T and 6-13% faster for dy W; on an AMD Zen 5 x W^T 1.9-2.3x and dy^T x 1.3-1.9x faster
+(a full step 12-18%); on an AMD Zen 3 dy^T x on par. The bias gradient is dy summed over rows.
 The LoRA op's base product runs the same kernel on the same shapes (its low-rank term a second
 term of the same pass), so a LoRA layer at initialisation (B = 0) gives exactly its base
 layer's output.
@@ -75,8 +75,9 @@ def _backward(ctx, grad_out):
         dx = dy.new_empty((dy.shape[0], weight.shape[1]))
         torch.ops.fastllm.mm_f32_out_(dx, dy, weight.contiguous(), False)
         dx = dx.view(x.shape)
-    if need_w:  # dy^T x through BLAS: a transposed A over 2048+ rows runs no faster on the tile kernel
-        dw = torch.mm(dy.t(), _rows(x))
+    if need_w:  # dy^T x: A is dy read transposed, K the rows
+        dw = dy.new_empty((weight.shape[0], weight.shape[1]))
+        torch.ops.fastllm.mm_f32_out_(dw, dy.t(), _rows(x), False)
     if need_b and ctx.has_bias:
         db = dy.sum(0)
     return dx, dw, db
