@@ -72,7 +72,8 @@ inline bool cpu_is_intel() {
 // (fastllm/tile_mm.h) or torch's BLAS. Side by side on the development CPUs (bench/README.md): on
 // an AMD Zen 4 (AVX-512) the tile kernel ran on par with or up to 1.3x faster than torch's BLAS
 // (MKL); on an AMD Zen 3 (AVX2 only) its 16-column strips ran the training step's products
-// 1.0-1.3x and the LM head's 1.75x faster than MKL (MKL does not run its best code on AMD CPUs);
+// 1.0-1.3x and the LM head's 1.75x faster than MKL; on an AMD Zen 5 (AVX-512 on full-width
+// pipes) the step's products 1.9-2.3x faster (MKL does not run its best code on AMD CPUs);
 // on an Intel Xeon with AVX-512 MKL ran 1.6-2.3x faster than the tile kernel. So the default is
 // BLAS on an Intel CPU when torch's BLAS is MKL, and the tile kernel otherwise (where it runs:
 // AVX2 or wider); FASTLLM_CPU_PRODUCTS = tile | blas overrides it. Decided once per process;

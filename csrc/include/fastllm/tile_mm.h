@@ -261,10 +261,11 @@ __attribute__((target("avx2,fma"))) inline void strips_task(int64_t i0, int64_t 
 // sweeps each panel once per block of 6 of the part's rows, their A values coming from L2. So
 // each slice of B is read from memory once per part, however large B is, and the panels' rows
 // sit next to each other: read in place, a panel strides by B's row length, which for the LM
-// head transposed (196 KB) maps its rows onto a few cache sets. On the 2-core AVX-512
-// development CPU, side by side with torch's own BLAS call in one process: the head's 256-row
-// chunks at 180-188 GFLOP/s (BLAS 131-181), the training step's products on par to 10% faster at
-// 2048 rows and 3-25% faster at 64-512 rows (bench/README.md).
+// head transposed (196 KB) maps its rows onto a few cache sets. Side by side with torch's own
+// BLAS call (MKL) in one process, 2 cores: on an AMD Zen 4 the head's 256-row chunks at 180-188
+// GFLOP/s (BLAS 131-181), the training step's products on par to 10% faster at 2048 rows and
+// 3-25% faster at 64-512 rows; on an AMD Zen 5 the step's products at 2048 rows at 309-374
+// GFLOP/s (82-87% of the cores' FMA peak) against MKL's 164-187 (bench/README.md).
 inline bool gemm_f32(int64_t M, int64_t N, const GemmTerm* terms, int nterms, float* c, int64_t ldc,
                      bool accumulate) {
   if (kTileMM == nullptr) return false;
