@@ -76,7 +76,7 @@ def _backward(ctx, grad_out):
         torch.ops.fastllm.mm_f32_out_(dx, dy, weight.contiguous(), False)
         dx = dx.view(x.shape)
     if need_w:  # dy^T x: A is dy read transposed, K the rows
-        dw = dy.new_empty((weight.shape[0], weight.shape[1]))
+        dw = dy.new_empty(weight.shape)
         torch.ops.fastllm.mm_f32_out_(dw, dy.t(), _rows(x), False)
     if need_b and ctx.has_bias:
         db = dy.sum(0)

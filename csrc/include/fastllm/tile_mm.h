@@ -215,6 +215,15 @@ inline void pack_panel(float* dst, const GemmTerm& t, int64_t k0, int64_t kc, in
   }
 }
 
+// The calling thread's buffer for gemm_f32's packed B (kPackingFloats floats: the most either
+// layout packs at once), allocated on the thread's first product and kept for its next ones, so
+// no product allocates (or, past malloc's mmap threshold, maps and first-touches) its own.
+constexpr int64_t kPackingFloats = 320 * 1024;
+inline float* packing_buffer() {
+  thread_local std::unique_ptr<float[]> buf(new float[kPackingFloats]);
+  return buf.get();
+}
+
 #if defined(FASTLLM_HAVE_VECTORS) && defined(__x86_64__)
 // One task of the AVX2 products (gemm_f32 below): C's rows [i0, i1) x columns [j0, j1) = the sum
 // of the terms. For each slice of kc of a term's K (kc from K alone, so a row's rounding never
@@ -295,15 +304,15 @@ inline bool gemm_f32(int64_t M, int64_t N, const GemmTerm* terms, int nterms, fl
     if (M * N * K / 8 < 2 * kMinWorkPerThread) n_parts = m_parts = 1;  // not worth a fork
     const int64_t rows_per = ((M + m_parts - 1) / m_parts + 5) / 6 * 6;
     at::parallel_for(0, n_parts * m_parts, 1, [&](int64_t begin, int64_t end) {
-      thread_local std::unique_ptr<float[]> buf;  // the task's strips, kept for the thread's next product
-      if (!buf) buf.reset(new float[kKC * kNC]);
+      static_assert(kKC * kNC <= tile_mm_detail::kPackingFloats, "packing_buffer() holds the strips of one column chunk");
+      float* buf = tile_mm_detail::packing_buffer();
       for (int64_t task = begin; task < end; ++task) {
         const int64_t np = task % n_parts, mp = task / n_parts;
         const int64_t i0 = std::min(M, mp * rows_per), i1 = std::min(M, i0 + rows_per);
         const int64_t j0 = std::min(N, strips * np / n_parts * 16), j1 = std::min(N, strips * (np + 1) / n_parts * 16);
         for (int64_t jc = j0; jc < j1; jc += kNC) {
           tile_mm_detail::strips_task(i0, i1, jc, std::min(j1, jc + kNC), terms, nterms, c, ldc, accumulate, kKC,
-                                      buf.get());
+                                      buf);
         }
       }
     });
@@ -319,7 +328,8 @@ inline bool gemm_f32(int64_t M, int64_t N, const GemmTerm* terms, int nterms, fl
   const int64_t part_rows = ((M + parts - 1) / parts + 5) / 6 * 6;  // whole 6-row blocks
   parts = (M + part_rows - 1) / part_rows;
   at::parallel_for(0, groups * parts, grain_for(part_rows * per_group * kNP * K / 8), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> buf(new float[kc_max * per_group * kNP]);
+    static_assert(kKC * kMaxPanels * kNP <= tile_mm_detail::kPackingFloats, "packing_buffer() holds a task's panels");
+    float* buf = tile_mm_detail::packing_buffer();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i0 = task % parts * part_rows, rows = std::min(part_rows, M - i0);
       const int64_t p0 = task / parts * per_group, p1 = std::min(panels, p0 + per_group);
@@ -330,12 +340,12 @@ inline bool gemm_f32(int64_t M, int64_t N, const GemmTerm* terms, int nterms, fl
           const int64_t kc = std::min(kKC, term.k - k0);
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t w = std::min(kNP, N - p * kNP);
-            tile_mm_detail::pack_panel(buf.get() + (p - p0) * kc_max * kNP, term, k0, kc, p * kNP, w, w);
+            tile_mm_detail::pack_panel(buf + (p - p0) * kc_max * kNP, term, k0, kc, p * kNP, w, w);
           }
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t w = std::min(kNP, N - p * kNP);
             kTileMM(TileMM{rows, w, kc, term.alpha, term.a + i0 * term.a_rs + k0 * term.a_cs, term.a_rs, term.a_cs,
-                           buf.get() + (p - p0) * kc_max * kNP, w, c + i0 * ldc + p * kNP, ldc, acc});
+                           buf + (p - p0) * kc_max * kNP, w, c + i0 * ldc + p * kNP, ldc, acc});
           }
           acc = true;
         }
